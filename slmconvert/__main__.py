@@ -1,0 +1,3 @@
+from slmconvert.cli import main
+
+main()

@@ -1,0 +1,321 @@
+"""`collect`: log files in, invocations out (scrubbed by default), incrementally.
+
+A run reads only what is new: files whose content is unchanged since the last run are not
+read again, a JSONL file that grew is read from where it ended, and every invocation already
+in the workspace (same id) is counted as a duplicate and not stored twice. A changed
+collect/scrub configuration, or `force`, rebuilds the stage from all the listed files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from slmconvert.collect.formats import ParseContext, detect_format, get_format, log_formats
+from slmconvert.collect.records import RawError, expand_document, find_log_files, read_records
+from slmconvert.collect.tools import infer_tools, load_tools_file, merge_tools, toolset_key
+from slmconvert.config import PipelineConfig
+from slmconvert.errors import FormatError, StageError
+from slmconvert.invocation import Invocation, RecordError
+from slmconvert.io import read_jsonl, sha256_file, sha256_obj, write_json_atomic, write_jsonl_atomic
+from slmconvert.progress import NULL_PROGRESS, Progress
+from slmconvert.store import SHARD_PATTERNS, TOOLS_FILE, next_shard_no, read_table, write_shards
+from slmconvert.workspace import Manifest, Timer, Workspace, utcnow
+
+STAGE = "collect"
+QUARANTINE_FILE = "quarantine.jsonl"
+SAMPLE_SIZE = 20
+# Bump when readers change what they produce from the same bytes: forces a rebuild.
+READER_VERSION = 1
+
+
+class CollectStrictError(StageError):
+    pass
+
+
+def resolve_inputs(paths: list[str], recursive: bool) -> tuple[list[Path], list[Path]]:
+    if not paths:
+        raise StageError("collect needs at least one log file or folder (collect.paths, or PATH arguments)")
+    files, skipped, missing = [], [], []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if not p.exists():
+            missing.append(raw)
+            continue
+        f, s = find_log_files(p, recursive)
+        files.extend(f)
+        skipped.extend(s)
+    if missing:
+        raise StageError("log path not found: " + ", ".join(missing))
+    seen, unique = set(), []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    if not unique:
+        raise StageError(f"no log files (*.json, *.jsonl, *.ndjson, optionally .gz) under: {', '.join(paths)}")
+    return unique, skipped
+
+
+def _config_hash(config: PipelineConfig, tools_from_file: list[dict] | None) -> str:
+    cc = config.collect.model_dump(mode="json", exclude={"paths", "recursive", "strict"})
+    scrub = config.scrub.model_dump(mode="json", exclude={"batch_size"}) if config.scrub.enabled else {"enabled": False}
+    return sha256_obj({"collect": cc, "scrub": scrub, "tools": tools_from_file, "reader_version": READER_VERSION})
+
+
+def _plan(files: list[Path], prev_inputs: dict[str, Any]) -> list[dict[str, Any]]:
+    """What to read from each file: nothing (unchanged), its new tail (appended JSONL), or all."""
+    plan = []
+    for f in files:
+        key = str(f.resolve())
+        size = f.stat().st_size
+        sha = sha256_file(f)
+        old = prev_inputs.get(key)
+        entry = {"path": f, "key": key, "size": size, "sha256": sha, "mode": "full", "offset": 0, "line": 1}
+        if old and old["sha256"] == sha:
+            entry["mode"] = "unchanged"
+        elif (old and old.get("layout") == "lines" and not f.name.endswith(".gz") and size > old["size"]
+              and sha256_file(f, old["size"]) == old["sha256"]):
+            entry.update(mode="append", offset=old["size"], line=old.get("lines", 0) + 1)
+        plan.append(entry)
+    return plan
+
+
+class _Collector:
+    def __init__(self, config: PipelineConfig, progress: Progress):
+        self.cc = config.collect
+        self.progress = progress
+        self.invocations: list[Invocation] = []
+        self.quarantine: list[dict[str, Any]] = []
+        self.dropped: Counter[str] = Counter()
+        self.formats: Counter[str] = Counter()
+
+    def _quarantine(self, path: Path, locator: str, reason: str, code: str, fmt: str | None) -> None:
+        self.quarantine.append({"file": str(path), "locator": locator, "code": code, "reason": reason,
+                                "format": fmt, "at": utcnow()})
+        self.dropped[code] += 1
+
+    def read_file(self, entry: dict[str, Any]) -> dict[str, Any]:
+        path: Path = entry["path"]
+        layout, items = read_records(path, entry["offset"], entry["line"])
+        records: list[Any] = []
+        lines = entry["line"] - 1
+        for item in items:
+            if isinstance(item, RawError):
+                self._quarantine(path, item.locator, item.reason, item.code, None)
+                continue
+            if layout == "object":
+                values = expand_document(item.value)
+                records.extend(
+                    (v, item.locator if len(values) == 1 else f"index {i}") for i, v in enumerate(values)
+                )
+            else:
+                records.append((item.value, item.locator))
+        if layout == "lines":
+            lines = entry["line"] - 1 + _count_lines(path, entry["offset"])
+        info = {"size": entry["size"], "sha256": entry["sha256"], "layout": layout, "lines": lines}
+        if layout == "empty":
+            info["format"] = None
+            self.dropped["empty_file"] += 1
+            return info
+        fmt_name = self.cc.format or detect_format([r for r, _ in records[:SAMPLE_SIZE]])
+        if fmt_name is None:
+            if not records:
+                info["format"] = None
+                return info  # every record was quarantined already; nothing else to say
+            tried = ", ".join(log_formats.names())
+            raise FormatError(f"{path}: matches no known log format (tried: {tried}); pass --format NAME if you know it")
+        fmt = get_format(fmt_name)
+        info["format"] = fmt_name
+        self.formats[fmt_name] += 1
+        self.progress.start(f"reading {path.name}", len(records))
+        for value, locator in records:
+            ctx = ParseContext(path=str(path), locator=locator, format=fmt_name, agent=self.cc.agent, model=self.cc.model)
+            try:
+                self.invocations.extend(fmt.parse(value, ctx))
+            except RecordError as e:
+                self._quarantine(path, locator, e.reason, e.code, fmt_name)
+            self.dropped.update(ctx.dropped)
+            self.progress.advance()
+        self.progress.stop()
+        return info
+
+
+def _count_lines(path: Path, offset: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
+def _existing(stage_dir: Path, manifest: Manifest | None) -> tuple[set[str], set[str], list[tuple[str, str, dict]]]:
+    """Ids, message ids and (toolset, name, arguments) of the tool calls already stored."""
+    if manifest is None:
+        return set(), set(), []
+    inv = read_table(stage_dir, manifest.files, "invocations-")
+    msg = read_table(stage_dir, manifest.files, "messages-")
+    ids = set(inv["id"]) if inv is not None else set()
+    mids = set(msg["id"]) if msg is not None else set()
+    calls = []
+    if inv is not None:
+        sub = inv.select_columns(["toolset", "response_tool_calls"])
+        for ts, tcs in zip(sub["toolset"], sub["response_tool_calls"]):
+            if ts:
+                calls.extend((ts, c["name"], c["arguments"]) for c in json.loads(tcs))
+    return ids, mids, calls
+
+
+def _totals(stage_dir: Path, files: list[str]) -> dict[str, Any]:
+    inv = read_table(stage_dir, files, "invocations-")
+    if inv is None:
+        return {"invocations": 0, "tool_calls": 0, "text": 0, "sessions": 0, "tools": []}
+    sub = inv.select_columns(["session_id", "n_tool_calls", "response_tool_calls"])
+    n_calls = sub["n_tool_calls"]
+    tools = sorted({c["name"] for tcs, n in zip(sub["response_tool_calls"], n_calls) if n for c in json.loads(tcs)})
+    tool_calls = sum(1 for n in n_calls if n)
+    return {"invocations": len(inv), "tool_calls": tool_calls, "text": len(inv) - tool_calls,
+            "sessions": len(set(sub["session_id"])), "tools": tools}
+
+
+def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, progress: Progress = NULL_PROGRESS) -> Manifest:
+    cc = config.collect
+    if cc.format is not None:
+        log_formats.get(cc.format)  # unknown name -> clear error before any work
+    timer = Timer()
+    files, skipped_files = resolve_inputs(cc.paths, cc.recursive)
+    tools_from_file = load_tools_file(cc.tools_file) if cc.tools_file else None
+    config_hash = _config_hash(config, tools_from_file)
+    stage_dir = workspace.stage_dir(STAGE)
+
+    with workspace.lock():
+        prev = workspace.read_manifest(STAGE)
+        rebuild = force or prev is None or prev.config_hash != config_hash
+        base = None if rebuild else prev
+        workspace.remove_unlisted(STAGE, prev, SHARD_PATTERNS)
+        with timer.step("hash_s"):
+            plan = _plan(files, base.inputs if base else {})
+        todo = [e for e in plan if e["mode"] != "unchanged"]
+        if base is not None and not todo:
+            base.status = "skipped"
+            base.extra["last_run"] = {"at": utcnow(), "status": "skipped", "files_read": 0, "new_invocations": 0,
+                                      "duplicates": 0, "quarantined": 0}
+            workspace.write_manifest(base)
+            return base
+
+        collector = _Collector(config, progress)
+        inputs = dict(base.inputs) if base else {}
+        with timer.step("parse_s"):
+            for entry in todo:
+                inputs[entry["key"]] = collector.read_file(entry)
+
+        with timer.step("dedup_s"):
+            known_ids, known_mids, old_calls = _existing(stage_dir, base)
+            fresh, duplicates = [], 0
+            for inv in collector.invocations:
+                if inv.id in known_ids:
+                    duplicates += 1
+                    continue
+                known_ids.add(inv.id)
+                fresh.append(inv)
+            collector.dropped["duplicate"] += duplicates
+
+        new_quarantine = collector.quarantine
+        if cc.strict and new_quarantine:
+            qpath = stage_dir / "quarantine.strict.jsonl"
+            write_jsonl_atomic(qpath, new_quarantine)
+            raise CollectStrictError(
+                f"--strict: {len(new_quarantine)} bad record(s); nothing was stored. Reasons are in {qpath} "
+                f"(first: {new_quarantine[0]['file']} {new_quarantine[0]['locator']}: {new_quarantine[0]['reason']})"
+            )
+
+        scrub_info: dict[str, Any] = {"enabled": config.scrub.enabled}
+        if config.scrub.enabled and fresh:
+            from slmconvert.scrub import scrub_invocations
+
+            with timer.step("scrub_s"):
+                fresh, report = scrub_invocations(fresh, config.scrub, workspace, progress=progress)
+            scrub_info["report"] = report
+
+        with timer.step("tools_s"):
+            toolsets: dict[str, str | None] = {}
+            calls = list(old_calls)
+            for inv in fresh:
+                if inv.request.tools is None:
+                    key = toolset_key(inv.request.messages, inv.agent)
+                    toolsets[inv.id] = key
+                    inv.request.tools_source = "file" if tools_from_file else "inferred"
+                    calls.extend((key, c.name, c.arguments) for c in inv.response.tool_calls)
+            groups: dict[str, list[tuple[str, dict]]] = {}
+            for key, name, args in calls:
+                groups.setdefault(key, []).append((name, args))
+            for key in set(toolsets.values()) - set(groups):
+                groups[key] = []
+            tool_inventory = {k: merge_tools(infer_tools(v), tools_from_file) for k, v in groups.items()}
+
+        with timer.step("write_s"):
+            files_out = list(base.files) if base else []
+            if fresh:
+                files_out += write_shards(stage_dir, fresh, toolsets, known_mids, next_shard_no(prev))
+            write_json_atomic(stage_dir / TOOLS_FILE, tool_inventory)
+            if TOOLS_FILE not in files_out:
+                files_out.append(TOOLS_FILE)
+            full_reads = {str(e["path"]) for e in todo if e["mode"] == "full"}
+            old_q = [q for q in read_jsonl(stage_dir / QUARANTINE_FILE) if q["file"] not in full_reads] if base else []
+            quarantine = old_q + new_quarantine
+            write_jsonl_atomic(stage_dir / QUARANTINE_FILE, quarantine)
+            (stage_dir / "quarantine.strict.jsonl").unlink(missing_ok=True)
+
+        totals = _totals(stage_dir, files_out)
+        counts = {k: v for k, v in (base.counts if base else {}).items() if k.startswith("dropped_")}
+        for reason, n in collector.dropped.items():
+            counts[f"dropped_{reason}"] = counts.get(f"dropped_{reason}", 0) + n
+        counts.update({k: v for k, v in totals.items() if k != "tools"})
+        counts["quarantined"] = len(quarantine)
+        counts["files"] = len(inputs)
+        status = "ran" if base is None else "updated"
+        manifest = Manifest(
+            stage=STAGE,
+            config_hash=config_hash,
+            input_hash=sha256_obj({k: v["sha256"] for k, v in sorted(inputs.items())}),
+            inputs=inputs,
+            counts=counts,
+            timings=timer.total(),
+            files=files_out,
+            status=status,
+            created_at=base.created_at if base else utcnow(),
+            extra={
+                "tools": totals["tools"],
+                "formats": dict(collector.formats),
+                "scrub": scrub_info,
+                "skipped_files": [str(p) for p in skipped_files],
+                "last_run": {"at": utcnow(), "status": status, "files_read": len(todo),
+                             "appended_files": sum(1 for e in todo if e["mode"] == "append"),
+                             "new_invocations": len(fresh), "duplicates": duplicates,
+                             "quarantined": len(new_quarantine)},
+            },
+        )
+        workspace.write_manifest(manifest)
+        workspace.remove_unlisted(STAGE, manifest, SHARD_PATTERNS)
+        return manifest
+
+
+def summary(manifest: Manifest, workspace: Workspace) -> dict[str, Any]:
+    """The `--json` object of `slmconvert collect`."""
+    c = manifest.counts
+    last = manifest.extra.get("last_run", {})
+    return {
+        "invocations": c.get("invocations", 0),
+        "tool_calls": c.get("tool_calls", 0),
+        "text": c.get("text", 0),
+        "sessions": c.get("sessions", 0),
+        "tools": manifest.extra.get("tools", []),
+        "quarantined": c.get("quarantined", 0),
+        "duplicates": last.get("duplicates", 0),
+        "new_invocations": last.get("new_invocations", 0),
+        "status": manifest.status,
+        "scrubbed": bool(manifest.extra.get("scrub", {}).get("enabled")),
+        "workspace": str(workspace.root),
+    }

@@ -1,0 +1,194 @@
+"""Pipeline configuration: one typed section per stage, validated at load.
+
+Order of precedence: defaults < YAML file < `--set key=value`. Unknown keys and bad values
+are all reported at once, each with its key path. Renamed keys keep working for a while
+through `RENAMED_KEYS` and print a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from slmconvert.errors import ConfigError
+from slmconvert.io import sha256_obj
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors; `renamed_keys` maps an old key to its new name with a warning."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    renamed_keys: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_renames(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls.renamed_keys:
+            data = dict(data)
+            for old, new in cls.renamed_keys.items():
+                if old in data:
+                    warnings.warn(f"config key {old!r} is renamed {new!r}; please update your pipeline file", stacklevel=2)
+                    data.setdefault(new, data.pop(old))
+        return data
+
+
+class DemoDataConfig(StrictModel):
+    """Generate the synthetic sample log before `collect` (used by the quickstart)."""
+
+    output: str = Field("demo-data/agent_logs.jsonl", description="Where the generated log is written.")
+    sessions: int = Field(120, ge=2, description="Number of conversations to generate.")
+    seed: int = Field(0, description="Random seed: the same seed gives the same file.")
+    format: Literal["request-response", "trajectory"] = "request-response"
+
+
+class CollectConfig(StrictModel):
+    paths: list[str] = Field(default_factory=list, description="Log files or folders to ingest.")
+    format: str | None = Field(None, description="Log format name; auto-detected per file when unset.")
+    tools_file: str | None = Field(None, description="JSON file of OpenAI tool schemas; overrides inferred tools.")
+    strict: bool = Field(False, description="Fail (exit non-zero) when any record is quarantined.")
+    agent: str | None = Field(None, description="Agent name recorded on every invocation that has none.")
+    model: str | None = Field(None, description="LLM name recorded on every invocation whose log does not say.")
+    recursive: bool = Field(True, description="Descend into sub-folders of a folder path.")
+
+
+class ScrubConfig(StrictModel):
+    enabled: bool = Field(True, description="Scrub PII/PHI/secrets before anything is written. Switch off only knowingly.")
+    policy: str = Field("default", description="A policy name in configs/scrub/ or a path to a policy YAML file.")
+    surrogates: Literal["fake", "placeholder"] = Field("fake", description="Realistic fakes, or typed placeholders like <PERSON_1>.")
+    seed: int = Field(0, description="Seed of the surrogate generator.")
+    batch_size: int = Field(64, ge=1, description="Texts per spaCy batch.")
+
+
+class PipelineConfig(StrictModel):
+    workspace: str = Field("workspace", description="The workspace folder every stage reads and writes.")
+    demo_data: DemoDataConfig | None = None
+    collect: CollectConfig = Field(default_factory=CollectConfig)
+    scrub: ScrubConfig = Field(default_factory=ScrubConfig)
+
+    @field_validator("workspace")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a non-empty path")
+        return v
+
+    def section_hash(self, section: str) -> str:
+        return sha256_obj(getattr(self, section).model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key"
+    msg = err["msg"]
+    if "input" in err and err["type"] not in {"missing"}:
+        shown = repr(err["input"])
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        return f"{path}: {msg}, got {shown}"
+    return f"{path}: {msg}"
+
+
+def _suggest_unknown(problems: list[str], data: dict) -> list[str]:
+    """Add the valid keys to 'unknown key' problems so a typo is easy to fix."""
+    out = []
+    for p in problems:
+        if p.endswith(": unknown key"):
+            path = p[: -len(": unknown key")].split(".")
+            model: Any = PipelineConfig
+            for part in path[:-1]:
+                fld = getattr(model, "model_fields", {}).get(part)
+                ann = fld.annotation if fld else None
+                model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+                if model is None:
+                    break
+            if model is not None:
+                p += f" (valid: {', '.join(model.model_fields)})"
+        out.append(p)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError("--set", [f"{item!r}: expected KEY=VALUE, e.g. collect.strict=true"])
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError("--set", [f"{item!r}: empty key path"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    problems = []
+    for item in overrides:
+        try:
+            path, value = parse_override(item)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                problems.append(f"{'.'.join(path)}: {part!r} is not a section")
+                break
+            node = nxt
+        else:
+            node[path[-1]] = value
+    if problems:
+        raise ConfigError("--set", problems)
+    return data
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [f"not UTF-8 text (byte {e.start})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(str(path), [f"{where}invalid YAML ({getattr(e, 'problem', e)})"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [f"the top level must be a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def build_config(data: dict, source: str = "config") -> PipelineConfig:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        problems = [_format_error(err) for err in e.errors()]
+        raise ConfigError(source, _suggest_unknown(problems, data)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a pipeline file (or the defaults when None), apply `--set` overrides, validate.
+
+    Relative paths in the file (workspace, collect.paths, tools_file, demo_data.output) are
+    resolved against the current directory, like every other CLI argument.
+    """
+    data = load_yaml(Path(path)) if path else {}
+    data = apply_overrides(data, list(overrides or []))
+    return build_config(data, str(path) if path else "config")

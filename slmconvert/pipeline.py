@@ -1,0 +1,70 @@
+"""Run the stages of a pipeline in order; each one skips itself when its inputs and config are unchanged."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from slmconvert.config import PipelineConfig
+from slmconvert.errors import StageError
+from slmconvert.progress import NULL_PROGRESS, Progress
+from slmconvert.workspace import Workspace
+
+# Stages implemented so far, in pipeline order. `scrub` runs inside `collect` by default; as
+# its own stage it re-scrubs an existing workspace (see `slmconvert scrub`).
+PIPELINE_STAGES = ("demo-data", "collect")
+
+
+def _demo(config: PipelineConfig, ws: Workspace, force: bool, progress: Progress) -> tuple[str, str]:
+    from pathlib import Path
+
+    from slmconvert.demo import generate
+
+    dc = config.demo_data
+    if dc is None:
+        return "not configured", ""
+    out = Path(dc.output)
+    stamp = out.with_name(out.name + ".params.json")
+    import json
+
+    params = dc.model_dump(mode="json")
+    if not force and out.exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
+        return "skipped", f"{out} (unchanged)"
+    stats = generate(out, sessions=dc.sessions, seed=dc.seed, fmt=dc.format)
+    from slmconvert.io import write_json_atomic
+
+    write_json_atomic(stamp, params)
+    return "ran", f"{stats['records']} records, {stats['sessions']} sessions → {out}"
+
+
+def _collect(config: PipelineConfig, ws: Workspace, force: bool, progress: Progress) -> tuple[str, str]:
+    from slmconvert.collect.stage import run, summary
+
+    m = run(config, ws, force=force, progress=progress)
+    s = summary(m, ws)
+    return m.status, f"{s['invocations']} invocations ({s['tool_calls']} tool calls), {s['sessions']} sessions, {s['quarantined']} quarantined"
+
+
+RUNNERS: dict[str, Callable[[PipelineConfig, Workspace, bool, Progress], tuple[str, str]]] = {
+    "demo-data": _demo,
+    "collect": _collect,
+}
+
+
+def run_pipeline(config: PipelineConfig, ws: Workspace, *, start: str | None = None, stop: str | None = None,
+                 force: bool = False, progress: Progress = NULL_PROGRESS,
+                 on_stage: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    names = list(PIPELINE_STAGES)
+    for label, value in (("--from", start), ("--until", stop)):
+        if value is not None and value not in names:
+            raise StageError(f"{label} {value!r}: unknown stage (stages: {', '.join(names)})")
+    i = names.index(start) if start else 0
+    j = names.index(stop) + 1 if stop else len(names)
+    results = []
+    for name in names[i:j]:
+        if on_stage:
+            on_stage(name)
+        t = time.perf_counter()
+        status, summary = RUNNERS[name](config, ws, force, progress)
+        results.append({"stage": name, "status": status, "seconds": round(time.perf_counter() - t, 2), "summary": summary})
+    return results

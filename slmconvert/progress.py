@@ -1,0 +1,19 @@
+"""Progress reporting that stages can call without knowing about the terminal."""
+
+from __future__ import annotations
+
+
+class Progress:
+    """No-op reporter; the CLI passes a rich-backed one. Stages call `start`, `advance`, `stop`."""
+
+    def start(self, label: str, total: float | None = None) -> None:
+        pass
+
+    def advance(self, n: float = 1) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+NULL_PROGRESS = Progress()

@@ -1,0 +1,162 @@
+"""The workspace: one folder per stage, each holding its data files and a manifest.json.
+
+The manifest is the commit record of a stage. Data files are written first (each atomically,
+under a fresh name); the manifest that lists them is written last (atomically). A run that is
+interrupted before the manifest lands leaves only unlisted files, which the next run deletes:
+readers only ever see files a manifest lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from slmconvert import __version__
+from slmconvert.errors import StageError
+from slmconvert.io import write_json_atomic
+
+STAGES = ("collect", "scrub", "cluster", "select", "finetune", "evaluate")
+STAGE_DIRS = {
+    "collect": "invocations",
+    "scrub": "scrubbed",
+    "cluster": "clusters",
+    "select": "candidates",
+    "finetune": "models",
+    "evaluate": "eval",
+}
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Manifest:
+    stage: str
+    config_hash: str
+    input_hash: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # includes dropped_<reason> counts
+    timings: dict[str, float] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    status: str = "ran"  # ran | updated | skipped
+    version: str = __version__
+    created_at: str = field(default_factory=utcnow)
+    updated_at: str = field(default_factory=utcnow)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> bool:
+        return self.status == "skipped"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Manifest":
+        known = {k: v for k, v in d.items() if k in Manifest.__dataclass_fields__}
+        return Manifest(**known)
+
+
+class Timer:
+    """Collects named wall-clock timings for a manifest."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t, 4)
+
+    def total(self) -> dict[str, float]:
+        return {**self.timings, "total_s": round(time.perf_counter() - self._start, 4)}
+
+
+class Workspace:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.root)!r})"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / STAGE_DIRS[stage]
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "manifest.json"
+
+    def read_manifest(self, stage: str) -> Manifest | None:
+        path = self.manifest_path(stage)
+        if not path.exists():
+            return None
+        try:
+            return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise StageError(f"{path}: the manifest is unreadable ({e}); delete the folder or re-run the stage with --force") from None
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        manifest.updated_at = utcnow()
+        write_json_atomic(self.manifest_path(manifest.stage), manifest.to_dict())
+
+    def require_manifest(self, stage: str, needed_by: str) -> Manifest:
+        m = self.read_manifest(stage)
+        if m is None:
+            raise StageError(
+                f"{needed_by} needs the output of '{stage}', but {self.stage_dir(stage)} has none: "
+                f"run `slmconvert {stage} --workspace {self.root}` first"
+            )
+        return m
+
+    def remove_unlisted(self, stage: str, manifest: Manifest | None, patterns: tuple[str, ...]) -> list[str]:
+        """Delete data files no manifest lists (left by an interrupted run) and stray temp files."""
+        d = self.stage_dir(stage)
+        if not d.exists():
+            return []
+        listed = set(manifest.files) if manifest else set()
+        removed = []
+        for pattern in (*patterns, ".*.tmp"):
+            for p in d.glob(pattern):
+                if p.name not in listed:
+                    p.unlink(missing_ok=True)
+                    removed.append(p.name)
+        return removed
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One writer at a time per workspace: a second concurrent run fails fast, naming the holder."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        f = open(path, "a+")
+        try:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise StageError(f"{self.root} is in use by {holder}; wait for it to finish") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()}")
+            f.flush()
+            yield
+        finally:
+            f.close()
+
+    def invocation_stage(self) -> str:
+        """The stage whose invocations later stages read: `scrub` when it ran, else `collect`."""
+        if self.read_manifest("scrub") is not None:
+            return "scrub"
+        self.require_manifest("collect", "this stage")
+        return "collect"
