@@ -215,4 +215,4 @@ def load_invocations(workspace: Workspace, stage: str | None = None) -> list[Inv
         for mid, text in zip(msg_ds["id"], msg_ds["message"]):
             messages[mid] = json.loads(text)
     toolsets = load_tools(d)
-    return [row_to_invocation(row, messages, toolsets) for row in inv_ds]
+    return [row_to_invocation(row, messages, toolsets) for row in inv_ds.data.table.to_pylist()]

@@ -19,7 +19,7 @@ from slmconvert.errors import SlmconvertError
 from slmconvert.progress import Progress
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace folder (default: the pipeline's, else ./workspace).")
 ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML file (see pipelines/).", exists=False)
