@@ -61,6 +61,7 @@ class ScrubConfig(StrictModel):
     surrogates: Literal["fake", "placeholder"] = Field("fake", description="Realistic fakes, or typed placeholders like <PERSON_1>.")
     seed: int = Field(0, description="Seed of the surrogate generator.")
     batch_size: int = Field(64, ge=1, description="Texts per spaCy batch.")
+    n_process: int = Field(2, ge=1, description="spaCy worker processes for NER (used for large batches only).")
 
 
 class PipelineConfig(StrictModel):

@@ -79,6 +79,11 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
 
 
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not Path(path).exists():
         return []

@@ -12,7 +12,7 @@ from slmconvert.workspace import Workspace
 
 # Stages implemented so far, in pipeline order. `scrub` runs inside `collect` by default; as
 # its own stage it re-scrubs an existing workspace (see `slmconvert scrub`).
-PIPELINE_STAGES = ("demo-data", "collect")
+PIPELINE_STAGES = ("demo-data", "collect", "scrub")
 
 
 def _demo(config: PipelineConfig, ws: Workspace, force: bool, progress: Progress) -> tuple[str, str]:
@@ -45,9 +45,17 @@ def _collect(config: PipelineConfig, ws: Workspace, force: bool, progress: Progr
     return m.status, f"{s['invocations']} invocations ({s['tool_calls']} tool calls), {s['sessions']} sessions, {s['quarantined']} quarantined"
 
 
+def _scrub(config: PipelineConfig, ws: Workspace, force: bool, progress: Progress) -> tuple[str, str]:
+    if config.scrub.enabled:
+        m = ws.read_manifest("collect")
+        return "inside collect", "scrubbed while collecting" if m and m.extra.get("scrub", {}).get("enabled") else ""
+    return "off", "scrub.enabled is false: the workspace holds raw data"
+
+
 RUNNERS: dict[str, Callable[[PipelineConfig, Workspace, bool, Progress], tuple[str, str]]] = {
     "demo-data": _demo,
     "collect": _collect,
+    "scrub": _scrub,
 }
 
 

@@ -155,8 +155,17 @@ class Workspace:
             f.close()
 
     def invocation_stage(self) -> str:
-        """The stage whose invocations later stages read: `scrub` when it ran, else `collect`."""
-        if self.read_manifest("scrub") is not None:
-            return "scrub"
-        self.require_manifest("collect", "this stage")
-        return "collect"
+        """The stage whose invocations later stages read: `scrub` when it ran, else `collect`.
+
+        A scrubbed/ older than invocations/ is an error, not a silent fallback to raw data.
+        """
+        cm = self.require_manifest("collect", "this stage")
+        sm = self.read_manifest("scrub")
+        if sm is None:
+            return "collect"
+        from slmconvert.scrub.stage import collect_fingerprint
+
+        if sm.input_hash != collect_fingerprint(cm):
+            raise StageError(f"{self.stage_dir('scrub')} is older than {self.stage_dir('collect')}: "
+                             f"run `slmconvert scrub --workspace {self.root}` again")
+        return "scrub"

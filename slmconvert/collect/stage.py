@@ -19,13 +19,14 @@ from slmconvert.collect.tools import infer_tools, load_tools_file, merge_tools, 
 from slmconvert.config import PipelineConfig
 from slmconvert.errors import FormatError, StageError
 from slmconvert.invocation import Invocation, RecordError
-from slmconvert.io import read_jsonl, sha256_file, sha256_obj, write_json_atomic, write_jsonl_atomic
+from slmconvert.io import read_json, read_jsonl, sha256_file, sha256_obj, write_json_atomic, write_jsonl_atomic
 from slmconvert.progress import NULL_PROGRESS, Progress
 from slmconvert.store import SHARD_PATTERNS, TOOLS_FILE, next_shard_no, read_table, write_shards
 from slmconvert.workspace import Manifest, Timer, Workspace, utcnow
 
 STAGE = "collect"
 QUARANTINE_FILE = "quarantine.jsonl"
+SCRUB_REPORT = "scrub_report.json"
 SAMPLE_SIZE = 20
 # Bump when readers change what they produce from the same bytes: forces a rebuild.
 READER_VERSION = 1
@@ -232,12 +233,16 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             )
 
         scrub_info: dict[str, Any] = {"enabled": config.scrub.enabled}
+        report = None
+        if config.scrub.enabled:
+            scrub_info.update(policy=config.scrub.policy, surrogates=config.scrub.surrogates)
         if config.scrub.enabled and fresh:
             from slmconvert.scrub import scrub_invocations
 
             with timer.step("scrub_s"):
+                n_before = len(fresh)
                 fresh, report = scrub_invocations(fresh, config.scrub, workspace, progress=progress)
-            scrub_info["report"] = report
+            collector.dropped["scrub_policy"] += n_before - len(fresh)
 
         with timer.step("tools_s"):
             toolsets: dict[str, str | None] = {}
@@ -266,6 +271,13 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             old_q = [q for q in read_jsonl(stage_dir / QUARANTINE_FILE) if q["file"] not in full_reads] if base else []
             quarantine = old_q + new_quarantine
             write_jsonl_atomic(stage_dir / QUARANTINE_FILE, quarantine)
+            if report is not None:
+                report = _merge_reports(read_json(stage_dir / SCRUB_REPORT) if base else None, report)
+                write_json_atomic(stage_dir / SCRUB_REPORT, report)
+                if SCRUB_REPORT not in files_out:
+                    files_out.append(SCRUB_REPORT)
+            if config.scrub.enabled and (stage_dir / SCRUB_REPORT).exists():
+                scrub_info["entities"] = {k: v["values"] for k, v in read_json(stage_dir / SCRUB_REPORT)["entities"].items() if v["values"]}
             (stage_dir / "quarantine.strict.jsonl").unlink(missing_ok=True)
 
         totals = _totals(stage_dir, files_out)
@@ -300,6 +312,29 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         workspace.write_manifest(manifest)
         workspace.remove_unlisted(STAGE, manifest, SHARD_PATTERNS)
         return manifest
+
+
+def _merge_reports(old: dict | None, new: dict) -> dict:
+    """Cumulative scrub report across incremental runs (counts add up; latest examples kept)."""
+    if not old:
+        return new
+    out = dict(new)
+    for key in ("invocations", "sessions", "dropped_invocations", "units", "ner_units", "characters"):
+        out[key] = old.get(key, 0) + new.get(key, 0)
+    entities = {k: dict(v) for k, v in old.get("entities", {}).items()}
+    for k, v in new["entities"].items():
+        e = entities.setdefault(k, {"values": 0, "replaced": 0, "kept": 0, "action": v["action"]})
+        for f in ("values", "replaced", "kept"):
+            e[f] = e.get(f, 0) + v[f]
+        e["action"] = v["action"]
+    out["entities"] = dict(sorted(entities.items()))
+    fields = {k: dict(v) for k, v in old.get("fields", {}).items()}
+    for f, ents in new["fields"].items():
+        for k, n in ents.items():
+            fields.setdefault(f, {})[k] = fields.get(f, {}).get(k, 0) + n
+    out["fields"] = fields
+    out["examples"] = {**old.get("examples", {}), **new.get("examples", {})}
+    return out
 
 
 def summary(manifest: Manifest, workspace: Workspace) -> dict[str, Any]:

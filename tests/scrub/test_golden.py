@@ -1,0 +1,70 @@
+"""Golden before/after: literal text in, literal text out (typed placeholders, so the output is exact)."""
+
+import json
+
+from slmconvert.invocation import ToolCall
+from tests.scrub.conftest import make_inv
+
+USER = "Hi, I'm John Smith, email john.smith@acme.com, call +1 415-555-0132. My card is 4111 1111 1111 1111."
+TOOL_RESULT = ('{"name": {"first_name": "John", "last_name": "Smith"}, "email": "john.smith@acme.com", "dob": "1990-04-05", '
+               '"flight": "HAT136", "address": {"address1": "975 Sunset Drive", "city": "Austin", "zip": "78750"}}')
+CONVERSATION = [
+    {"role": "system", "content": "You are a travel agent."},
+    {"role": "user", "content": USER},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "id": "c1", "function": {"name": "get_user", "arguments": {"email": "john.smith@acme.com"}}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": TOOL_RESULT},
+]
+
+
+def test_golden_placeholders_text_json_and_arguments(scrub):
+    inv = make_inv(CONVERSATION, content="Thanks John, I found your profile.",
+                   tool_calls=[ToolCall("book", {"passenger": {"first_name": "John", "last_name": "Smith"}, "flight": "HAT136"})])
+    (out,), report = scrub([inv], surrogates="placeholder")
+    m = out.request.messages
+    assert m[0]["content"] == "You are a travel agent."
+    assert m[1]["content"] == ("Hi, I'm <PERSON_1> <PERSON_2>, email <EMAIL_ADDRESS_1>, call <PHONE_NUMBER_1>. "
+                               "My card is <CREDIT_CARD_1>.")
+    assert m[2]["tool_calls"][0]["function"]["arguments"] == {"email": "<EMAIL_ADDRESS_1>"}
+    assert m[3]["content"] == ('{"name": {"first_name": "<PERSON_1>", "last_name": "<PERSON_2>"}, "email": "<EMAIL_ADDRESS_1>", '
+                               '"dob": "<DATE_OF_BIRTH_1>", "flight": "HAT136", "address": {"address1": "<STREET_ADDRESS_1>", '
+                               '"city": "Austin", "zip": "<ZIP_CODE_1>"}}')
+    assert out.response.content == "Thanks <PERSON_1>, I found your profile."
+    assert out.response.tool_calls[0].arguments == {"passenger": {"first_name": "<PERSON_1>", "last_name": "<PERSON_2>"}, "flight": "HAT136"}
+    assert report["entities"]["PERSON"]["values"] == 2
+    assert report["fields"]["tool"]["EMAIL_ADDRESS"] == 1 and report["fields"]["user"]["CREDIT_CARD"] == 1
+
+
+def test_golden_secrets(scrub):
+    text = ("key sk-proj-abcdefghijklmnopqrstuvwxyz123456 and sk-ant-api03-abcdefghijklmnopqrstuvwx, AWS AKIAIOSFODNN7EXAMPLE, "
+            "gh ghp_abcdefghijklmnopqrstuvwxyz0123456789, Authorization: Bearer abcdef0123456789abcdef, "
+            "jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U "
+            "db postgres://admin:hunter22secret@db.internal:5432/x password=Sup3rS3cret!")
+    pem = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\n-----END RSA PRIVATE KEY-----"
+    inv = make_inv([{"role": "user", "content": text}, {"role": "tool", "content": pem}],
+                   content='{"api_key": "abc123xyz789", "password": "p@ssw0rd!"}')
+    (out,), _ = scrub([inv], surrogates="placeholder")
+    assert out.request.messages[0]["content"] == (
+        "key <API_KEY_1> and <API_KEY_2>, AWS <API_KEY_3>, gh <API_KEY_4>, Authorization: Bearer <AUTH_TOKEN_1>, "
+        "jwt <AUTH_TOKEN_2> db postgres://admin:<PASSWORD_1>@db.internal:5432/x password=<PASSWORD_2>")
+    assert out.request.messages[1]["content"] == "<PRIVATE_KEY_1>"
+    assert json.loads(out.response.content) == {"api_key": "<API_KEY_5>", "password": "<PASSWORD_3>"}
+
+
+def test_json_stays_valid_keys_untouched_and_layout_kept(scrub):
+    compact = '{"email":"ann@corp.example.com","items":[{"owner_name":"Ann Lee","note":"call 415-555-0199"}]}'
+    inv = make_inv([{"role": "tool", "content": compact}], content="ok")
+    (out,), _ = scrub([inv], surrogates="placeholder")
+    new = out.request.messages[0]["content"]
+    assert '":"' in new  # compact separators kept
+    parsed = json.loads(new)
+    assert list(parsed) == ["email", "items"] and list(parsed["items"][0]) == ["owner_name", "note"]
+    assert parsed["email"] == "<EMAIL_ADDRESS_1>" and parsed["items"][0]["note"] == "call <PHONE_NUMBER_1>"
+
+
+def test_no_pii_means_no_change(scrub):
+    msgs = [{"role": "user", "content": "What is the baggage allowance in economy?"},
+            {"role": "tool", "content": '{"flight": "HAT136", "date": "2024-05-20", "seats": 12}'}]
+    (out,), report = scrub([make_inv(msgs, content="Two bags.")])
+    assert out.request.messages == msgs and out.response.content == "Two bags."
+    assert all(e["values"] == 0 for e in report["entities"].values())
