@@ -69,7 +69,10 @@ def segments_of(text: str) -> list[tuple[int, str]]:
     return out
 _PHONE_CANDIDATE = re.compile(r"(?:\+|\b)\(?\d[\d ().\-/]{5,24}\d\b")
 _WORD = re.compile(r"[^\W\d_]+")
-_GAP = re.compile(r"^[\s,.\-]{0,4}$")
+_GAP = re.compile(r"^[\s,.\-]{0,8}$")
+# Lines after a street line: city, region, country, postcode, each after a comma or a line break.
+_ADDRESS_TAIL = re.compile(r"(?:[ \t]*[,\n][ \t\n]*(?:[A-ZÀ-Þ][\w'’.\-]*(?:[ \t]+[A-ZÀ-Þ][\w'’.\-]*){0,3}(?:[ \t]+\d{4,6}(?:-\d{4})?)?"
+                           r"|[A-Z]{2}(?:[ \t]+\d{4,6})?|\d{4,6}(?:-\d{4})?|[A-Z]\d[A-Z] ?\d[A-Z]\d)(?=[ \t]*(?:[,\n]|$))){1,4}")
 _POSTAL_TAIL = re.compile(r"^[\s,]{1,3}(?:[A-Z]{2}\s+)?(\d{4,6}(?:-\d{4})?|[A-Z]\d[A-Z] ?\d[A-Z]\d)\b")
 
 
@@ -104,9 +107,12 @@ def _merge_addresses(text: str, dets: list[Detection]) -> list[Detection]:
     merged = []
     for d in out:
         if d.entity == "STREET_ADDRESS":
-            m = _POSTAL_TAIL.match(text[d.end:])
+            m = _POSTAL_TAIL.match(text[d.end:]) or _ADDRESS_TAIL.match(text[d.end:])
             if m:
                 d = Detection(d.start, d.end + m.end(), d.entity, d.score)
+        if merged and merged[-1].entity == "STREET_ADDRESS" and d.start < merged[-1].end:
+            merged[-1] = Detection(merged[-1].start, max(d.end, merged[-1].end), "STREET_ADDRESS", merged[-1].score)
+            continue
         merged.append(d)
     return merged
 
@@ -189,8 +195,10 @@ class Scrubber:
         self._nlp = None
         self.stats = Counter()
         self.n_process = max(1, n_process)
-        # Words seen in lower case anywhere: a capitalised "Card" or "Arrival" is a word, not a name.
-        self.lower_words: set[str] = set()
+        # How often each word is seen in lower case and capitalised: a "Card" or "Arrival" that is
+        # mostly written in lower case is a word, not a name.
+        self.lower_counts: Counter = Counter()
+        self.cap_counts: Counter = Counter()
         self.ner_cache: dict[str, list[tuple[int, int, str]]] = {}
 
     # ------------------------------------------------------------------ detection
@@ -259,7 +267,9 @@ class Scrubber:
                 ner_texts.append(text)
             for w in _WORD.findall(text):
                 if w.islower():
-                    self.lower_words.add(w)
+                    self.lower_counts[w] += 1
+                elif w[:1].isupper():
+                    self.cap_counts[w.lower()] += 1
         if not ner_texts:
             return
         # NER runs per distinct sentence: agents repeat their sentences ("Could you please
@@ -284,7 +294,19 @@ class Scrubber:
                     rule = self.policy.rule(entity) if entity else None
                     if rule is not None and NER_SCORE >= rule.threshold and seg[start:end].strip() not in self.allow:
                         found.append(Detection(offset + start, offset + end, entity, NER_SCORE))
-            self.cache[(text, key)] = _merge_addresses(text, _resolve(self.cache[(text, key)] + found))
+            structured = self.cache[(text, key)]
+            # Structured detectors run first and win: NER only fills the gaps they leave.
+            # A longer NER span of the same type widens the structured one ("Naomi" -> "Naomi Ryan").
+            structured = list(structured)
+            gaps = []
+            for d in found:
+                hits = [i for i, o in enumerate(structured) if not (d.end <= o.start or d.start >= o.end)]
+                if not hits:
+                    gaps.append(d)
+                elif len(hits) == 1 and structured[hits[0]].entity == d.entity:
+                    o = structured[hits[0]]
+                    structured[hits[0]] = Detection(min(o.start, d.start), max(o.end, d.end), o.entity, o.score)
+            self.cache[(text, key)] = _merge_addresses(text, _resolve(structured + gaps))
 
     def _ner(self, texts: list[str], progress: Progress) -> list[list[tuple[int, int, str]]]:
         """Entities of each text. Large batches are split over forked workers that return only
@@ -321,7 +343,11 @@ class Scrubber:
             return False
         if hinted:
             return True
-        return not token.isupper() and token.lower() not in self.lower_words
+        low = token.lower()
+        # Safety over recall: replacing a real word everywhere in a session ("Card", "Arrival")
+        # corrupts the training data, while a name that is also written in lower case is rare.
+        common = self.lower_counts[low] >= 1 and self.lower_counts[low] * 2 >= self.cap_counts[low]
+        return not token.isupper() and not common
 
     def detections(self, text: str, key: str | None) -> list[Detection]:
         return self.cache.get((text, key), [])
@@ -593,3 +619,22 @@ def scrub_invocations(invocations: list[Invocation], config, workspace, progress
         "seconds": {"detect": round(t_detect, 3), "total": round(time.perf_counter() - t0, 3)},
     }
     return out, report
+
+
+def scrubbed_spans(scrubber: Scrubber, texts: list[str], progress: Progress = NULL_PROGRESS) -> list[list[tuple[int, int, str]]]:
+    """The (start, end, entity) ranges of each text that scrubbing replaces, each text its own session.
+
+    Same detection, session map and matching as `scrub_invocations`; used to measure the scrubber
+    against labelled spans without reverse-engineering its output.
+    """
+    units = [(t, None) for t in texts]
+    scrubber.detect_all(units, progress)
+    out = []
+    for i, text in enumerate(texts):
+        mapping, drops, _ = scrubber.session_map(f"s{i}", [(text, None)])
+        rep = SessionReplacer(scrubber, mapping, Counter(), {})
+        spans = [(m.start(), m.end(), mapping[m.group(0)][0]) for m in rep.pattern.finditer(text)] if rep.pattern else []
+        for v in drops:
+            spans += [(m.start(), m.end(), "DROPPED") for m in re.finditer(rf"(?<!\w){re.escape(v)}(?!\w)", text)]
+        out.append(sorted(spans))
+    return out
