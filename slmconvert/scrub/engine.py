@@ -67,6 +67,8 @@ def segments_of(text: str) -> list[tuple[int, str]]:
     if pos < len(text):
         out.append((pos, text[pos:]))
     return out
+# Dates, times and sums look like phone numbers to a digit matcher.
+_NOT_A_PHONE = re.compile(r"^\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|^\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}$|\d\s[-+*/]\s\d|^\d{1,2}:\d{2}")
 _PHONE_CANDIDATE = re.compile(r"(?:\+|\b)\(?\d[\d ().\-/]{5,24}\d\b")
 _WORD = re.compile(r"[^\W\d_]+")
 _GAP = re.compile(r"^[\s,.\-]{0,8}$")
@@ -245,6 +247,9 @@ class Scrubber:
             for offset, window in windows:
                 for res in r.analyze(window, entities=r.supported_entities, nlp_artifacts=None):
                     rule = self.policy.rule(res.entity_type)
+                    value = window[res.start:res.end]
+                    if res.entity_type == "PHONE_NUMBER" and _NOT_A_PHONE.search(value):
+                        continue
                     if rule is not None and res.score >= rule.threshold:
                         dets.append(Detection(offset + res.start, offset + res.end, res.entity_type, res.score))
         return dets

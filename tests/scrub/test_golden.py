@@ -68,3 +68,11 @@ def test_no_pii_means_no_change(scrub):
     (out,), report = scrub([make_inv(msgs, content="Two bags.")])
     assert out.request.messages == msgs and out.response.content == "Two bags."
     assert all(e["values"] == 0 for e in report["entities"].values())
+
+
+def test_dates_times_and_sums_are_not_phone_numbers(scrub):
+    msgs = [{"role": "system", "content": "The current time is 2024-05-15 15:00:00 EST."},
+            {"role": "user", "content": "Compute 1200 - 500 - 300 for me, and call me at 415-555-0132."}]
+    (out,), _ = scrub([make_inv(msgs, content="ok")], surrogates="placeholder")
+    assert out.request.messages[0]["content"] == msgs[0]["content"]
+    assert out.request.messages[1]["content"] == "Compute 1200 - 500 - 300 for me, and call me at <PHONE_NUMBER_1>."
