@@ -79,6 +79,11 @@ def _print_summary(result: dict, manifest) -> None:
                       f"{Path(result['workspace']) / 'invocations' / 'quarantine.jsonl'}")
     if not result["scrubbed"]:
         console.print("[yellow]not scrubbed[/]: run `slmconvert scrub` before sharing or training.")
+    else:
+        ents = manifest.extra.get("scrub", {}).get("entities", {})
+        shown = ", ".join(f"{k} {v:,}" for k, v in sorted(ents.items(), key=lambda kv: -kv[1])) or "nothing found"
+        console.print(f"scrubbed ({manifest.extra['scrub'].get('policy', 'default')} policy), values replaced: {shown}; "
+                      "report: invocations/scrub_report.json", highlight=False)
     total = manifest.timings.get("total_s")
     if total is not None and not manifest.skipped:
         console.print(f"workspace: {result['workspace']}  ({total:.2f} s)", highlight=False)

@@ -105,13 +105,13 @@ class Generator:
         self.start = datetime(2025, 3, 3, 8, 0, tzinfo=timezone.utc)
 
     # ------------------------------------------------------------------ helpers
-    def _order(self) -> dict:
+    def _order(self, t: datetime) -> dict:
         f, r = self.fake, self.rng
         items = r.sample(PRODUCTS, r.choice([1, 1, 2]))
         return {
             "order_id": f"NW-{r.randint(100000, 999999)}",
             "status": r.choice(["processing", "processing", "shipped", "delivered"]),
-            "placed_at": f.date_between("-30d", "-1d").isoformat(),
+            "placed_at": (t - timedelta(days=r.randint(1, 30))).strftime("%Y-%m-%d"),  # never relative to today
             "items": [{"item_id": f"IT-{r.randint(1000, 9999)}", "name": n, "price": p} for n, p in items],
             "customer": {"name": f.name(), "email": f.email(), "phone": f.phone_number(),
                          "address": {"street": f.street_address(), "city": f.city(), "zip": f.zipcode()}},
@@ -126,7 +126,7 @@ class Generator:
     def shop(self, t: datetime) -> _Session:
         r, f = self.rng, self.fake
         s = _Session(SHOP_SYSTEM.format(today=self._today(t)), SHOP_TOOLS, r)
-        o = self._order()
+        o = self._order(t)
         first = o["customer"]["name"].split()[0]
         intent = r.choice(["cancel", "track", "address", "refund", "lookup", "human"])
         oid = o["order_id"]

@@ -33,3 +33,23 @@ def test_demo_data_trajectory_format(tmp_path, collect_config):
     m = run(cfg, Workspace(cfg.workspace))
     assert m.extra["formats"] == {"trajectory": 1}
     assert m.counts["invocations"] == stats["calls"]
+
+
+def test_demo_data_does_not_depend_on_the_current_date(tmp_path, monkeypatch):
+    import datetime as dt
+    import hashlib
+
+    import faker.providers.date_time as fdt
+
+    a = tmp_path / "a.jsonl"
+    generate(a, sessions=20, seed=3)
+
+    class Later(dt.date):
+        @classmethod
+        def today(cls):
+            return dt.date(2031, 1, 1)
+
+    monkeypatch.setattr(fdt, "dtdate", Later)  # Faker's relative dates ("-30d") read this clock
+    b = tmp_path / "b.jsonl"
+    generate(b, sessions=20, seed=3)
+    assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
