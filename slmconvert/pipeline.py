@@ -16,23 +16,21 @@ PIPELINE_STAGES = ("demo-data", "collect", "scrub")
 
 
 def _demo(config: PipelineConfig, ws: Workspace, force: bool, progress: Progress) -> tuple[str, str]:
+    import json
     from pathlib import Path
 
     from slmconvert.demo import generate
+    from slmconvert.io import write_json_atomic
 
     dc = config.demo_data
     if dc is None:
         return "not configured", ""
     out = Path(dc.output)
     stamp = out.with_name(out.name + ".params.json")
-    import json
-
     params = dc.model_dump(mode="json")
     if not force and out.exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
         return "skipped", f"{out} (unchanged)"
     stats = generate(out, sessions=dc.sessions, seed=dc.seed, fmt=dc.format)
-    from slmconvert.io import write_json_atomic
-
     write_json_atomic(stamp, params)
     return "ran", f"{stats['records']} records, {stats['sessions']} sessions → {out}"
 

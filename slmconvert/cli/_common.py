@@ -97,7 +97,3 @@ class RichProgress(Progress):
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-
-
-def yaml_quote(value: str) -> str:
-    return json.dumps(value)

@@ -383,7 +383,6 @@ class Scrubber:
         found = _decompose(found, order)
         mapping: dict[str, tuple[str, str]] = {}
         drops: set[str] = set()
-        positions: dict[str, int] = {}
         for value in [v for v in order if v in found] + [v for v in found if v not in order]:
             entity = found[value][0]
             rule = self.policy.rule(entity)
@@ -392,7 +391,6 @@ class Scrubber:
             elif rule.action == "mask":
                 mapping[value] = (entity, self.factory.mask(value))
             else:
-                positions[value] = 0
                 mapping[value] = (entity, self.factory(session, entity, value, _name_position(value, units) if entity == "PERSON" else 0))
         return mapping, drops, kept
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from slmconvert.config import StrictModel, build_config  # noqa: F401  (build_config: same error style)
+from slmconvert.config import StrictModel
 from slmconvert.configs import register_kind
 from slmconvert.errors import ConfigError
 

@@ -7,6 +7,8 @@ exists and is up to date with invocations/.
 
 from __future__ import annotations
 
+import json
+
 from slmconvert.collect.tools import toolset_key
 from slmconvert.config import PipelineConfig
 from slmconvert.io import sha256_obj, write_json_atomic
@@ -51,7 +53,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             files = write_shards(stage_dir, scrubbed, toolsets, set(), next_shard_no(prev))
             src_tools = workspace.stage_dir("collect") / TOOLS_FILE
             if src_tools.exists():
-                write_json_atomic(stage_dir / TOOLS_FILE, __import__("json").loads(src_tools.read_text()))
+                write_json_atomic(stage_dir / TOOLS_FILE, json.loads(src_tools.read_text()))
                 files.append(TOOLS_FILE)
             write_json_atomic(stage_dir / REPORT_FILE, report)
             files.append(REPORT_FILE)
