@@ -86,6 +86,25 @@ class Detection:
     score: float
 
 
+_NOT_A_PERSON_WORDS = {
+    "inc", "corp", "corporation", "ltd", "llc", "plc", "gmbh", "group", "company", "co", "technologies", "technology",
+    "systems", "solutions", "bank", "university", "college", "school", "institute", "airlines", "airways", "air",
+    "hotel", "hotels", "city", "county", "state", "republic", "kingdom", "island", "islands", "river", "lake",
+    "mount", "street", "avenue", "road", "park", "center", "centre", "hospital", "clinic", "foundation", "partners",
+    "holdings", "international", "services", "media", "labs", "studio", "studios", "north", "south", "east", "west",
+    "new", "san", "santa", "saint", "st", "fort", "port", "united", "national", "federal", "the", "of", "and", "&",
+}
+
+
+def _looks_like_person(span: str) -> bool:
+    """spaCy's small model often labels a rare two-word name ("Tomomi Nishiyama") an organisation.
+
+    Places are left alone: a city in an agent log is operational ("Las Vegas" is no person)."""
+    tokens = span.split()
+    return (2 <= len(tokens) <= 3 and all(_NAME_TOKEN.match(t) for t in tokens)
+            and not any(t.lower().strip(".") in _NOT_A_PERSON_WORDS for t in tokens))
+
+
 def _resolve(dets: list[Detection]) -> list[Detection]:
     """Non-overlapping detections: higher score first, then longer."""
     out: list[Detection] = []
@@ -296,6 +315,8 @@ class Scrubber:
             for offset, seg in segments[text]:
                 for start, end, label in self.ner_cache[seg]:
                     entity = NER_LABELS.get(label)
+                    if entity == "ORGANIZATION" and _looks_like_person(seg[start:end]):
+                        entity = "PERSON"
                     rule = self.policy.rule(entity) if entity else None
                     if rule is not None and NER_SCORE >= rule.threshold and seg[start:end].strip() not in self.allow:
                         found.append(Detection(offset + start, offset + end, entity, NER_SCORE))

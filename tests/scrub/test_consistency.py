@@ -57,3 +57,11 @@ def test_capitalised_common_words_are_not_taken_for_names(scrub):
     assert system == msgs[0]["content"]
     assert "Ivan" not in out.request.messages[1]["content"] and out.response.content == "Sure, <PERSON_1>."
     assert "Book flight please" in out.request.messages[1]["content"] and "Gift Card" in out.request.messages[1]["content"]
+
+
+def test_name_shaped_organisations_are_treated_as_names_but_real_organisations_are_not():
+    from slmconvert.scrub.engine import _looks_like_person
+
+    assert _looks_like_person("Tomomi Nishiyama") and _looks_like_person("Faina D. Yefremova")
+    assert not _looks_like_person("Palantir Technologies") and not _looks_like_person("Bank of America")
+    assert not _looks_like_person("Microbilt") and not _looks_like_person("IBM Research")
