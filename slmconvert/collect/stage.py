@@ -276,8 +276,10 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                 write_json_atomic(stage_dir / SCRUB_REPORT, report)
                 if SCRUB_REPORT not in files_out:
                     files_out.append(SCRUB_REPORT)
-            if config.scrub.enabled and (stage_dir / SCRUB_REPORT).exists():
-                scrub_info["entities"] = {k: v["values"] for k, v in read_json(stage_dir / SCRUB_REPORT)["entities"].items() if v["values"]}
+            elif config.scrub.enabled and (stage_dir / SCRUB_REPORT).exists():
+                report = read_json(stage_dir / SCRUB_REPORT)
+            if config.scrub.enabled and report is not None:
+                scrub_info["entities"] = {k: v["values"] for k, v in report["entities"].items() if v["values"]}
             (stage_dir / "quarantine.strict.jsonl").unlink(missing_ok=True)
 
         totals = _totals(stage_dir, files_out)

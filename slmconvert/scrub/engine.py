@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
-from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 from slmconvert.errors import StageError
@@ -404,6 +403,7 @@ class Scrubber:
         found = _decompose(found, order)
         mapping: dict[str, tuple[str, str]] = {}
         drops: set[str] = set()
+        name_roles = _name_roles(units)
         for value in [v for v in order if v in found] + [v for v in found if v not in order]:
             entity = found[value][0]
             rule = self.policy.rule(entity)
@@ -412,7 +412,7 @@ class Scrubber:
             elif rule.action == "mask":
                 mapping[value] = (entity, self.factory.mask(value))
             else:
-                mapping[value] = (entity, self.factory(session, entity, value, _name_position(value, units) if entity == "PERSON" else 0))
+                mapping[value] = (entity, self.factory(session, entity, value, name_roles.get(value, 0) if entity == "PERSON" else 0))
         return mapping, drops, kept
 
 
@@ -424,15 +424,19 @@ def _ner_worker(texts: list[str]) -> list[list[tuple[int, int, str]]]:
     return [[(e.start_char, e.end_char, e.label_) for e in doc.ents] for doc in nlp.pipe(texts, batch_size=batch_size)]
 
 
-def _name_position(token: str, units: list[tuple[str, str | None]]) -> int:
-    """0 when the token is used as a first name (it starts a name or sits under a first-name key)."""
+_FIRST_NAME_KEYS = ("first_name", "firstname", "given_name")
+_LAST_NAME_KEYS = ("last_name", "lastname", "family_name", "surname")
+
+
+def _name_roles(units: list[tuple[str, str | None]]) -> dict[str, int]:
+    """Token -> 0 (first name) or 1 (surname): its first use under a first- or last-name key in the session wins."""
+    roles: dict[str, int] = {}
     for text, key in units:
-        if key in ("first_name", "firstname", "given_name"):
-            if text.strip() == token:
-                return 0
-        if key in ("last_name", "lastname", "family_name", "surname") and text.strip() == token:
-            return 1
-    return 0
+        if key in _FIRST_NAME_KEYS:
+            roles.setdefault(text.strip(), 0)
+        elif key in _LAST_NAME_KEYS:
+            roles.setdefault(text.strip(), 1)
+    return roles
 
 
 def _decompose(found: dict[str, tuple[str, float]], order: list[str]) -> dict[str, tuple[str, float]]:
@@ -543,9 +547,10 @@ def _scrub_message(msg: dict, rep: SessionReplacer) -> dict:
     return out
 
 
-def scrub_session(scrubber: Scrubber, session: str, invocations: list[Invocation], counts: Counter, examples: dict,
-                  kept_total: Counter) -> tuple[list[Invocation], int]:
-    units = list(dict.fromkeys(u for inv in invocations for u in _invocation_units(inv)))
+def scrub_session(scrubber: Scrubber, session: str, invocations: list[Invocation], units_of: dict[str, list],
+                  counts: Counter, examples: dict, kept_total: Counter) -> tuple[list[Invocation], int]:
+    """`units_of` maps an invocation id to its scrub units (computed once per invocation by the caller)."""
+    units = list(dict.fromkeys(u for inv in invocations for u in units_of[inv.id]))
     mapping, drops, kept = scrubber.session_map(session, units)
     kept_total.update(kept)
     for value, (entity, _) in mapping.items():
@@ -555,22 +560,23 @@ def scrub_session(scrubber: Scrubber, session: str, invocations: list[Invocation
     memo: dict[str, dict] = {}
     out, dropped = [], 0
     for inv in invocations:
-        if drop_re is not None and any(drop_re.search(t) for t, _ in _invocation_units(inv)):
+        if drop_re is not None and any(drop_re.search(t) for t, _ in units_of[inv.id]):
             dropped += 1
             continue
-        new = deepcopy(inv)
         msgs = []
         for msg in inv.request.messages:
             k = json.dumps(msg, sort_keys=True, ensure_ascii=False)
             if k not in memo:
                 memo[k] = _scrub_message(msg, rep)
             msgs.append(memo[k])
-        new.request.messages = msgs
-        new.response.content = _scrub_content(inv.response.content, rep, "response")
-        for tc in new.response.tool_calls:
-            tc.arguments = map_units(tc.arguments, lambda s, k: rep.replace(s, "response_arguments"))
-        new.meta = map_units(inv.meta, lambda s, k: rep.replace(s, "meta"))
-        out.append(new)
+        calls = [replace(tc, arguments=map_units(tc.arguments, lambda s, k: rep.replace(s, "response_arguments")))
+                 for tc in inv.response.tool_calls]
+        out.append(replace(
+            inv,
+            request=replace(inv.request, messages=msgs),
+            response=replace(inv.response, content=_scrub_content(inv.response.content, rep, "response"), tool_calls=calls),
+            meta=map_units(inv.meta, lambda s, k: rep.replace(s, "meta")),
+        ))
     return out, dropped
 
 
@@ -603,7 +609,8 @@ def scrub_invocations(invocations: list[Invocation], config, workspace, progress
     sessions: dict[str, list[Invocation]] = defaultdict(list)
     for inv in invocations:
         sessions[inv.session_id].append(inv)
-    scrubber.detect_all((u for inv in invocations for u in _invocation_units(inv)), progress)
+    units_of = {inv.id: _invocation_units(inv) for inv in invocations}
+    scrubber.detect_all((u for units in units_of.values() for u in units), progress)
     t_detect = time.perf_counter() - t0
     counts: Counter = Counter()
     kept: Counter = Counter()
@@ -612,7 +619,7 @@ def scrub_invocations(invocations: list[Invocation], config, workspace, progress
     dropped = 0
     progress.start("scrub: replace", len(sessions))
     for session, invs in sessions.items():
-        new, d = scrub_session(scrubber, session, invs, counts, examples, kept)
+        new, d = scrub_session(scrubber, session, invs, units_of, counts, examples, kept)
         out.extend(new)
         dropped += d
         progress.advance()
