@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slmconvert.errors import ConfigError
 from slmconvert.io import sha256_obj
+from slmconvert.sources import DEFAULT_EMBEDDING_MODEL
 
 
 class StrictModel(BaseModel):
@@ -64,11 +65,30 @@ class ScrubConfig(StrictModel):
     n_process: int = Field(2, ge=1, description="spaCy worker processes for NER (used for large batches only).")
 
 
+class ClusterConfig(StrictModel):
+    """Call sites from request features, tasks from the agent's actions, a router, the train/test split."""
+
+    embedding_model: str = Field(DEFAULT_EMBEDDING_MODEL, description="sentence-transformers model: hub id, folder, or pypi:PACKAGE/PATH.")
+    batch_size: int = Field(64, ge=1, description="Texts per embedding batch.")
+    device: str | None = Field(None, description="torch device for embeddings (default: cpu).")
+    max_seq_length: int = Field(128, ge=16, description="Word pieces the embedding model reads per text (longer texts are truncated; cost grows with it).")
+    site_threshold: float = Field(0.35, gt=0, lt=1, description="Templates closer than this (mean of text cosine distance and tool-set Jaccard distance) are one call site.")
+    text_method: Literal["kmeans", "hdbscan"] = Field("kmeans", description="How text replies are clustered into tasks: KMeans with k by silhouette, or HDBSCAN after PCA.")
+    max_text_tasks: int = Field(12, ge=2, description="Upper bound on the number of text-reply tasks per call site.")
+    min_task_size: int = Field(5, ge=2, description="Smallest task worth its own cluster; smaller argument shapes join their tool's main task.")
+    min_silhouette: float = Field(0.05, ge=-1, le=1, description="Below this silhouette the text replies of a site stay one task.")
+    silhouette_tolerance: float = Field(0.05, ge=0, le=1, description="Take the largest k whose silhouette is within this share of the best k's.")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of sessions held out for evaluation (0: no test split).")
+    seed: int = Field(0, description="Seed of the split and of the clustering.")
+    examples: int = Field(3, ge=0, le=20, description="Representative examples kept per task.")
+
+
 class PipelineConfig(StrictModel):
     workspace: str = Field("workspace", description="The workspace folder every stage reads and writes.")
     demo_data: DemoDataConfig | None = None
     collect: CollectConfig = Field(default_factory=CollectConfig)
     scrub: ScrubConfig = Field(default_factory=ScrubConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @field_validator("workspace")
     @classmethod

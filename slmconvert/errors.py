@@ -30,3 +30,13 @@ class StageError(SlmconvertError):
     """A stage cannot run: missing input stage, empty input, unusable workspace."""
 
     exit_code = 4
+
+
+class ModelNotFound(SlmconvertError):
+    """A model that cannot be loaded: the message names the model, where it was looked for, and how to get it."""
+
+    exit_code = 5
+
+    def __init__(self, model: str, source: str, hint: str):
+        self.model, self.source, self.hint = model, source, hint
+        super().__init__(f"model {model!r} is not available from {source}: {hint}")

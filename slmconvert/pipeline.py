@@ -12,7 +12,7 @@ from slmconvert.workspace import Workspace
 
 # Stages implemented so far, in pipeline order. `scrub` runs inside `collect` by default; as
 # its own stage it re-scrubs an existing workspace (see `slmconvert scrub`).
-PIPELINE_STAGES = ("demo-data", "collect", "scrub")
+PIPELINE_STAGES = ("demo-data", "collect", "scrub", "cluster")
 
 
 def _demo(config: PipelineConfig, ws: Workspace, force: bool, progress: Progress) -> tuple[str, str]:
@@ -50,10 +50,20 @@ def _scrub(config: PipelineConfig, ws: Workspace, force: bool, progress: Progres
     return "off", "scrub.enabled is false: the workspace holds raw data"
 
 
+def _cluster(config: PipelineConfig, ws: Workspace, force: bool, progress: Progress) -> tuple[str, str]:
+    from slmconvert.cluster.stage import run
+
+    m = run(config, ws, force=force, progress=progress)
+    acc = m.extra.get("router_test_accuracy")
+    return m.status, (f"{m.counts['sites']} call site(s), {m.counts['tasks']} tasks; {m.counts['train']} train / "
+                      f"{m.counts['test']} test; router accuracy {'n/a' if acc is None else f'{acc:.3f}'}")
+
+
 RUNNERS: dict[str, Callable[[PipelineConfig, Workspace, bool, Progress], tuple[str, str]]] = {
     "demo-data": _demo,
     "collect": _collect,
     "scrub": _scrub,
+    "cluster": _cluster,
 }
 
 

@@ -59,6 +59,12 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def fingerprint(self) -> str:
+        """Identifies this stage's output: what a later stage records as its input hash."""
+        from slmconvert.io import sha256_obj
+
+        return sha256_obj({"files": self.files, "input": self.input_hash, "config": self.config_hash})
+
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Manifest":
         known = {k: v for k, v in d.items() if k in Manifest.__dataclass_fields__}
@@ -118,6 +124,16 @@ class Workspace:
                 f"run `slmconvert {stage} --workspace {self.root}` first"
             )
         return m
+
+    def invalidate(self, stage: str) -> None:
+        """Withdraw a stage's manifest before rewriting its fixed-name files: an interrupted
+        rewrite then reads as 'not run' instead of an old manifest over half-new files."""
+        self.manifest_path(stage).unlink(missing_ok=True)
+
+    def input_manifest(self, needed_by: str) -> tuple[str, Manifest]:
+        """The stage whose invocations `needed_by` reads (scrub or collect) and its manifest."""
+        stage = self.invocation_stage()
+        return stage, self.require_manifest(stage, needed_by)
 
     def remove_unlisted(self, stage: str, manifest: Manifest | None, patterns: tuple[str, ...]) -> list[str]:
         """Delete data files no manifest lists (left by an interrupted run) and stray temp files."""

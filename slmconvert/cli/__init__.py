@@ -29,6 +29,7 @@ def _root(
     pass
 
 
+from slmconvert.cli import cluster as _cluster  # noqa: E402,F401
 from slmconvert.cli import collect as _collect  # noqa: E402,F401
 from slmconvert.cli import demo as _demo  # noqa: E402,F401
 from slmconvert.cli import pipeline as _pipeline  # noqa: E402,F401

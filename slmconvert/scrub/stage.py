@@ -21,7 +21,7 @@ REPORT_FILE = "scrub_report.json"
 
 
 def collect_fingerprint(collect_manifest: Manifest) -> str:
-    return sha256_obj({"files": collect_manifest.files, "input": collect_manifest.input_hash, "config": collect_manifest.config_hash})
+    return collect_manifest.fingerprint()
 
 
 def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, progress: Progress = NULL_PROGRESS) -> Manifest:

@@ -1,0 +1,1 @@
+"""Call sites, tasks, the train/test split and the router (paper step S3)."""
