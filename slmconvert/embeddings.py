@@ -8,8 +8,8 @@ Vectors are L2-normalised float32, so a dot product is the cosine similarity.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -44,6 +44,9 @@ class Embedder:
             return self._model
         source = resolve_source(self.name, "cluster.embedding_model")
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress display is the only one
 
         where = str(source.path) if source.is_local else self.name
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")

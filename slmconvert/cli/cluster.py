@@ -1,22 +1,32 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from slmconvert.cli import app
-from slmconvert.cli._common import ConfigOpt, ForceOpt, JsonOpt, RichProgress, SetOpt, WorkspaceOpt, console, handle_errors, load, print_json
+from slmconvert.cli._common import (
+    ConfigOpt,
+    ForceOpt,
+    JsonOpt,
+    RichProgress,
+    SetOpt,
+    WorkspaceOpt,
+    console,
+    handle_errors,
+    load,
+    print_json,
+)
 
 
 @app.command()
 @handle_errors
 def cluster(
-    workspace: Optional[Path] = WorkspaceOpt,
-    embedding_model: Optional[str] = typer.Option(None, "--embedding-model", help="sentence-transformers model: hub id, folder, or pypi:PACKAGE/PATH."),
-    test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="Share of sessions held out for evaluation."),
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    workspace: Path | None = WorkspaceOpt,
+    embedding_model: str | None = typer.Option(None, "--embedding-model", help="sentence-transformers model: hub id, folder, or pypi:PACKAGE/PATH."),
+    test_fraction: float | None = typer.Option(None, "--test-fraction", help="Share of sessions held out for evaluation."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
 ) -> None:

@@ -123,7 +123,7 @@ class TaskClusterer(ClusterMixin, BaseEstimator):
 
         dims = min(self.pca_components, X.shape[1], X.shape[0] - 1)
         Z = PCA(n_components=dims, random_state=self.random_state).fit_transform(X) if dims >= 2 else X
-        labels = HDBSCAN(min_cluster_size=self.min_cluster_size).fit_predict(Z)
+        labels = HDBSCAN(min_cluster_size=self.min_cluster_size, copy=True).fit_predict(Z)
         self.noise_ = int((labels < 0).sum())
         if (labels >= 0).sum() == 0:
             return np.zeros(X.shape[0], dtype=int)
@@ -238,4 +238,5 @@ class SiteRouter(ClassifierMixin, BaseEstimator):
         return self.model_.predict_proba(X)
 
     def predict(self, X) -> np.ndarray:
+        check_is_fitted(self, "classes_")
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]

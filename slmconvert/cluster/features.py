@@ -10,6 +10,7 @@ and argument shape of a tool call, or the reply text with the turn that prompted
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
@@ -18,19 +19,20 @@ from slmconvert.invocation import Invocation
 
 # Variable parts of a template: ids, e-mails, URLs, dates, numbers. Order matters (most specific first).
 _MASKS = [
-    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I), "<ID>"),
+    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.IGNORECASE), "<ID>"),
     (re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"), "<EMAIL>"),
     (re.compile(r"\bhttps?://\S+"), "<URL>"),
     (re.compile(r"\b\d{4}-\d{2}-\d{2}(?:[T ][\d:.]+(?:Z|[+-]\d{2}:?\d{2})?)?\b"), "<DATE>"),
     (re.compile(r"\b(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]*\.? \d{1,2}(?:st|nd|rd|th)?,? \d{4}\b"), "<DATE>"),
     (re.compile(r"\b(?:Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)day\b"), "<DAY>"),
-    (re.compile(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{12,}\b", re.I), "<ID>"),
+    (re.compile(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{12,}\b", re.IGNORECASE), "<ID>"),
     (re.compile(r"\d+(?:[.,:]\d+)*"), "<N>"),
 ]
 _SPACES = re.compile(r"[ \t]+")
 FIRST_USER_HEAD = 300  # chars of the first user message that stand for the template when there is no system prompt
 
 
+@functools.lru_cache(maxsize=4096)  # a system prompt repeats in every call of its agent: mask it once
 def mask_variables(text: str) -> str:
     for pattern, token in _MASKS:
         text = pattern.sub(token, text)

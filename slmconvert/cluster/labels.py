@@ -7,7 +7,7 @@ rare across classes: tf(t, c) * log(1 + A / f(t)), with A the mean number of wor
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

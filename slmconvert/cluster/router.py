@@ -7,8 +7,9 @@ workspace (`clusters/router.joblib` + a readable `router.json`) for `evaluate` a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

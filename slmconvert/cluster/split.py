@@ -10,7 +10,7 @@ import hashlib
 import math
 import warnings
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -239,9 +239,9 @@ def _previous_split(workspace: Workspace, prev: Manifest | None) -> dict[str, st
 
 
 def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, progress: Progress = NULL_PROGRESS) -> Manifest:
+    from slmconvert.cluster.estimators import SiteRouter
     from slmconvert.cluster.router import Router, request_features
     from slmconvert.cluster.split import session_split
-    from slmconvert.cluster.estimators import SiteRouter
     from slmconvert.embeddings import Embedder, EmbeddingCache, embed_texts
     from slmconvert.store import load_invocations
 
