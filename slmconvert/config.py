@@ -83,12 +83,49 @@ class ClusterConfig(StrictModel):
     examples: int = Field(3, ge=0, le=20, description="Representative examples kept per task.")
 
 
+DEFAULT_LICENCES = ["apache-2.0", "mit", "llama3.1", "llama3.2", "gemma", "qwen-research",
+                    "nvidia-open-model-license", "nvidia-community-model-license"]
+
+
+class CompactionConfig(StrictModel):
+    """How prompts are compacted for the SLM (the same in select, finetune, evaluate and serve)."""
+
+    enabled: bool = Field(True, description="Drop a static system prompt, window the history, truncate long tool results.")
+    max_history_tokens: int = Field(1536, ge=64, description="Token budget of the prompt after compaction (estimated).")
+    max_tool_result_chars: int = Field(2000, ge=100, description="Longer tool results are cut, with a marker.")
+
+
+class SelectConfig(StrictModel):
+    """Candidate SLMs per call site: catalogue filters, then a quick probe of the models available here."""
+
+    catalogue: str | None = Field(None, description="Catalogue YAML (default: configs/models.yaml).")
+    models: list[str] | None = Field(None, description="Only consider these catalogue names (default: all).")
+    memory_budget_gb: float = Field(16.0, gt=0, description="Memory available for training one model (GB).")
+    precision: Literal["bf16", "int4"] = Field("bf16", description="Weights precision the memory check assumes (int4 = QLoRA).")
+    training_overhead: float = Field(3.0, ge=1, description="Training memory as a multiple of the weights (LoRA: activations, adapter, optimizer).")
+    licences: list[str] = Field(default_factory=lambda: list(DEFAULT_LICENCES), description="Licence allow-list (catalogue licence ids).")
+    require_native_tools: bool = Field(False, description="Exclude models whose chat template has no native tool calling.")
+    local_models: dict[str, str] = Field(default_factory=dict, description="Catalogue name -> local folder with its weights.")
+    probe: bool = Field(True, description="Probe the available models zero-shot and few-shot on a sample of each site's tasks.")
+    probe_per_task: int = Field(1, ge=1, description="Probe examples per task (from the train split).")
+    probe_max_examples: int = Field(8, ge=1, description="Probe examples per call site at most.")
+    probe_shots: int = Field(2, ge=0, description="Examples shown in the few-shot probe.")
+    probe_max_models: int = Field(3, ge=1, description="Models probed per call site at most (smallest first).")
+    max_new_tokens: int = Field(128, ge=1, description="Generation budget per probe answer.")
+    max_prompt_tokens: int = Field(2048, ge=256, description="Probe prompts are cut from the left beyond this (prefill dominates probe time on CPU).")
+    batch_size: int = Field(4, ge=1, description="Probe generation batch size.")
+    top_k: int = Field(2, ge=1, description="Candidates kept per call site for finetune.")
+    seed: int = Field(0)
+
+
 class PipelineConfig(StrictModel):
     workspace: str = Field("workspace", description="The workspace folder every stage reads and writes.")
     demo_data: DemoDataConfig | None = None
     collect: CollectConfig = Field(default_factory=CollectConfig)
     scrub: ScrubConfig = Field(default_factory=ScrubConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    compaction: CompactionConfig = Field(default_factory=CompactionConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
 
     @field_validator("workspace")
     @classmethod

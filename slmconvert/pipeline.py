@@ -12,7 +12,7 @@ from slmconvert.workspace import Workspace
 
 # Stages implemented so far, in pipeline order. `scrub` runs inside `collect` by default; as
 # its own stage it re-scrubs an existing workspace (see `slmconvert scrub`).
-PIPELINE_STAGES = ("demo-data", "collect", "scrub", "cluster")
+PIPELINE_STAGES = ("demo-data", "collect", "scrub", "cluster", "select")
 
 
 def _demo(config: PipelineConfig, ws: Workspace, force: bool, progress: Progress) -> tuple[str, str]:
@@ -59,11 +59,20 @@ def _cluster(config: PipelineConfig, ws: Workspace, force: bool, progress: Progr
                       f"{m.counts['test']} test; router accuracy {'n/a' if acc is None else f'{acc:.3f}'}")
 
 
+def _select(config: PipelineConfig, ws: Workspace, force: bool, progress: Progress) -> tuple[str, str]:
+    from slmconvert.select.stage import run
+
+    m = run(config, ws, force=force, progress=progress)
+    cands = m.extra.get("candidates", {})
+    return m.status, "; ".join(f"{site}: {', '.join(c) or 'none'}" for site, c in cands.items())
+
+
 RUNNERS: dict[str, Callable[[PipelineConfig, Workspace, bool, Progress], tuple[str, str]]] = {
     "demo-data": _demo,
     "collect": _collect,
     "scrub": _scrub,
     "cluster": _cluster,
+    "select": _select,
 }
 
 

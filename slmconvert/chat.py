@@ -1,0 +1,202 @@
+"""Rendering invocations for an SLM, and parsing what it generates back into a Response.
+
+A model whose chat template renders tools natively (Qwen, Llama 3.2, ...) gets the tools and
+the tool calls through its own template, so a fine-tuned model answers in the format its
+serving stack parses. A model whose template does not (SmolLM2, Gemma 3, Phi-3.5) gets the
+fallback format: the tool schemas in the system message, tool calls as
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` lines, tool results as user turns
+wrapped in `<tool_response>`. `parse_completion` reads both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from slmconvert.invocation import Response, ToolCall
+
+FALLBACK_TOOLS_HEADER = (
+    "You can call the following tools. To call one, answer with one line per call:\n"
+    '<tool_call>{"name": "<tool name>", "arguments": {<arguments as JSON>}}</tool_call>\n'
+    "<tools>\n__TOOLS__\n</tools>"
+)
+
+
+def supports_native_tools(tokenizer: Any) -> bool:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = " ".join(template.values())
+    return "tools" in template and "tool_call" in template
+
+
+def _tool_call_text(name: str, arguments: dict) -> str:
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "</tool_call>"
+
+
+def _fn(tc: dict) -> tuple[str, dict]:
+    fn = tc.get("function", tc)
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            args = {"_raw": args}
+    return fn.get("name", ""), args
+
+
+def fallback_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """Messages any chat template accepts: system/user/assistant only, plain string content."""
+    out: list[dict] = []
+    tool_block = ""
+    if tools:
+        tool_block = FALLBACK_TOOLS_HEADER.replace("__TOOLS__", "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools))
+
+    def push(role: str, content: str) -> None:
+        if out and out[-1]["role"] == role and role == "user":
+            out[-1]["content"] += "\n" + content
+        else:
+            out.append({"role": role, "content": content})
+
+    system_seen = False
+    for m in messages:
+        role, content = m.get("role"), m.get("content") or ""
+        if role == "system":
+            system_seen = True
+            push("system", content + ("\n\n" + tool_block if tool_block else ""))
+        elif role == "tool":
+            push("user", f"<tool_response>\n{content}\n</tool_response>")
+        elif role == "assistant":
+            calls = [_tool_call_text(*_fn(tc)) for tc in m.get("tool_calls") or []]
+            push("assistant", "\n".join(([content] if content else []) + calls))
+        else:
+            push("user", content)
+    if tool_block and not system_seen:
+        out.insert(0, {"role": "system", "content": tool_block})
+    return out
+
+
+def native_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI messages with tool-call arguments as dicts (what HF templates expect)."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{"type": "function", "id": tc.get("id"), "function": {"name": n, "arguments": a}}
+                               for tc in m["tool_calls"] for n, a in [_fn(tc)]]
+            if m.get("content") is None:
+                m["content"] = ""
+        if m.get("content") is None:
+            m["content"] = ""
+        out.append(m)
+    return out
+
+
+def render_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None, native: bool | None = None) -> str:
+    native = supports_native_tools(tokenizer) if native is None else native
+    if native:
+        return tokenizer.apply_chat_template(native_messages(messages), tools=tools or None, tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenizer.apply_chat_template(fallback_messages(messages, tools), tokenize=False, add_generation_prompt=True)
+
+
+def response_message(response: Response) -> dict:
+    return {"role": "assistant", "content": response.content or "",
+            "tool_calls": [{"type": "function", "id": c.id, "function": {"name": c.name, "arguments": c.arguments}}
+                           for c in response.tool_calls] or None}
+
+
+def render_completion(tokenizer: Any, messages: list[dict], tools: list[dict] | None, response: Response,
+                      native: bool | None = None) -> str:
+    """The text the model should generate after `render_prompt(...)`, end-of-turn included.
+
+    Rendered by the template itself (the whole conversation minus the prompt), so the target
+    is byte-for-byte what the template would show for this answer.
+    """
+    native = supports_native_tools(tokenizer) if native is None else native
+    msg = response_message(response)
+    if not msg["tool_calls"]:
+        msg.pop("tool_calls")
+    prompt = render_prompt(tokenizer, messages, tools, native)
+    if native:
+        full = tokenizer.apply_chat_template(native_messages(messages + [msg]), tools=tools or None, tokenize=False)
+    else:
+        full = tokenizer.apply_chat_template(fallback_messages(messages + [msg], tools), tokenize=False)
+    if full.startswith(prompt):
+        return full[len(prompt):]
+    # A template that rewrites earlier turns (e.g. drops reasoning) breaks the prefix property:
+    # fall back to the answer text and the end-of-sequence token.
+    body = fallback_messages([msg], None)[0]["content"]
+    return body + (tokenizer.eos_token or "")
+
+
+_TOOL_CALL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+
+
+def _json_objects(text: str) -> list[tuple[int, int, Any]]:
+    """Top-level JSON objects in free text: (start, end, value)."""
+    dec = json.JSONDecoder()
+    found, i = [], 0
+    while True:
+        i = text.find("{", i)
+        if i < 0:
+            return found
+        try:
+            value, end = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            i += 1
+            continue
+        found.append((i, end, value))
+        i = end
+
+
+def _as_call(obj: Any) -> ToolCall | None:
+    if not isinstance(obj, dict):
+        return None
+    if "function" in obj and isinstance(obj["function"], dict):
+        obj = obj["function"]
+    name = obj.get("name")
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(name, str) or not name or not isinstance(args, dict):
+        return None
+    return ToolCall(name=name, arguments=args)
+
+
+def parse_completion(text: str, special_tokens: list[str] | None = None) -> tuple[Response, bool]:
+    """(Response, well_formed). Tool calls in <tool_call> tags, or a bare {"name", "arguments"|"parameters"} object.
+
+    well_formed is False when the text tried to call a tool but the call is not valid JSON.
+    """
+    for tok in special_tokens or []:
+        if tok:
+            text = text.replace(tok, "")
+    text = text.strip()
+    calls: list[ToolCall] = []
+    well_formed = True
+    spans = []
+    for m in _TOOL_CALL_TAG.finditer(text):
+        objs = _json_objects(m.group(1))
+        call = _as_call(objs[0][2]) if objs else None
+        if call is None:
+            well_formed = False
+        else:
+            calls.append(call)
+        spans.append((m.start(), m.end()))
+    if not spans:
+        for start, end, value in _json_objects(text):
+            call = _as_call(value)
+            if call is not None:
+                calls.append(call)
+                spans.append((start, end))
+    rest = text
+    for start, end in reversed(spans):
+        rest = rest[:start] + rest[end:]
+    rest = rest.strip()
+    if calls:
+        return Response(content=rest or None, tool_calls=calls, finish_reason="tool_calls"), well_formed
+    return Response(content=text, tool_calls=[], finish_reason="stop"), well_formed

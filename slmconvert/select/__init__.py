@@ -1,0 +1,1 @@
+"""Candidate SLMs per call site (paper step S4)."""

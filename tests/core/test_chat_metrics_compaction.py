@@ -1,0 +1,122 @@
+"""Rendering for an SLM, parsing its answers, the metrics, and prompt compaction."""
+
+import json
+
+import pytest
+
+from slmconvert.chat import fallback_messages, parse_completion, render_completion, render_prompt, supports_native_tools
+from slmconvert.compaction import compact, fit_recipe
+from slmconvert.invocation import Response, ToolCall
+from slmconvert.metrics import Prediction, argument_diff, headline, score, values_match
+from tests.conftest import tiny_tokenizer
+
+TOOLS = [{"type": "function", "function": {"name": "get_order", "parameters": {
+    "type": "object", "properties": {"order_id": {"type": "string"}, "verbose": {"type": "boolean"}}, "required": ["order_id"]}}}]
+HISTORY = [
+    {"role": "system", "content": "You are the shop agent."},
+    {"role": "user", "content": "Where is order A1?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_order", "arguments": {"order_id": "A1"}}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": '{"status": "shipped"}'},
+]
+
+
+def test_fallback_format_for_templates_without_tools():
+    tok = tiny_tokenizer()
+    assert not supports_native_tools(tok)
+    msgs = fallback_messages(HISTORY, TOOLS)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert '"name": "get_order"' in msgs[0]["content"] and "<tools>" in msgs[0]["content"]
+    assert msgs[2]["content"] == '<tool_call>{"name": "get_order", "arguments": {"order_id": "A1"}}</tool_call>'
+    assert msgs[3]["content"].startswith("<tool_response>")
+    prompt = render_prompt(tok, HISTORY, TOOLS)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    target = render_completion(tok, HISTORY, TOOLS, Response(content="It has shipped."))
+    assert target == "It has shipped.<|im_end|>\n"
+    call = render_completion(tok, HISTORY[:2], TOOLS, Response(content=None, tool_calls=[ToolCall("get_order", {"order_id": "A1"})]))
+    assert parse_completion(call, ["<|im_end|>"])[0].tool_calls == [ToolCall("get_order", {"order_id": "A1"})]
+
+
+def test_native_template_gets_tools_through_the_template():
+    template = ("{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}"
+                "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                "{% if m.tool_calls %}{% for tc in m.tool_calls %}<tool_call>{{ tc.function | tojson }}</tool_call>{% endfor %}{% endif %}"
+                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = tiny_tokenizer(template)
+    assert supports_native_tools(tok)
+    assert render_prompt(tok, HISTORY, TOOLS).startswith("TOOLS:get_order;")
+    out = render_completion(tok, HISTORY[:2], TOOLS, Response(None, [ToolCall("get_order", {"order_id": "A1"})]))
+    assert out.startswith("<tool_call>") and parse_completion(out)[0].tool_calls[0].arguments == {"order_id": "A1"}
+
+
+@pytest.mark.parametrize("text,name,args", [
+    ('<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>', "f", {"x": 1}),
+    ('<tool_call>\n{"name": "f", "arguments": "{\\"x\\": 1}"}\n</tool_call>', "f", {"x": 1}),
+    ('{"name": "f", "parameters": {"x": 1}}', "f", {"x": 1}),  # Llama 3.2 style
+    ('Sure. {"type": "function", "function": {"name": "f", "arguments": {}}}', "f", {}),
+])
+def test_parse_tool_calls_in_the_formats_models_use(text, name, args):
+    resp, ok = parse_completion(text)
+    assert ok and resp.tool_calls == [ToolCall(name, args)]
+
+
+def test_parse_text_and_broken_calls():
+    resp, ok = parse_completion("Your order shipped {yesterday}.<|im_end|>", ["<|im_end|>"])
+    assert ok and resp.tool_calls == [] and resp.content == "Your order shipped {yesterday}."
+    resp, ok = parse_completion('<tool_call>{"name": "f", "arguments": {"x": </tool_call>')
+    assert not ok and resp.tool_calls == []
+
+
+@pytest.mark.parametrize("a,b,same", [
+    (3, 3.0, True), ("Paris ", "paris", True), ("a  b", "a b", True), ([1, "X"], [1.0, "x"], True),
+    ({"k": 1}, {"k": 1.0}, True), (3, "3", False), (True, 1, False), ([1, 2], [2, 1], False), (None, None, True),
+])
+def test_bfcl_style_value_equivalences(a, b, same):
+    assert values_match(a, b) is same
+
+
+def pred(resp, ok=True):
+    return Prediction(resp, ok)
+
+
+def test_tool_call_metrics():
+    exp = Response(None, [ToolCall("get_order", {"order_id": "A1", "verbose": True})])
+    good = score(exp, pred(Response(None, [ToolCall("get_order", {"verbose": True, "order_id": " a1"})])), TOOLS)
+    assert good["call_agreement"] == good["function_name"] == good["arguments"] == 1.0 and good["chrf"] is None
+    assert good["exact_match"] == 0.0  # different string, equivalent under the AST rules
+    missing = score(exp, pred(Response(None, [ToolCall("get_order", {"verbose": True})])), TOOLS)
+    assert missing["function_name"] == 1.0 and missing["arguments"] == 0.0
+    extra = score(exp, pred(Response(None, [ToolCall("get_order", {"order_id": "A1", "verbose": True, "x": 1})])), TOOLS)
+    assert extra["arguments"] == 0.0
+    text = score(exp, pred(Response("I'll check.", [])), TOOLS)
+    assert text["call_agreement"] == 0.0 and text["function_name"] == 0.0 and headline(text) == 0.0
+    broken = score(exp, pred(Response("<tool_call>{", []), ok=False), TOOLS)
+    assert broken["valid_json"] == 0.0
+    assert argument_diff({"a": 1, "b": "x"}, {"a": 1.0, "b": "y"}) == {"a": True, "b": False}
+
+
+def test_text_metrics():
+    exp = Response("Your order A1 has shipped and arrives Friday.")
+    same = score(exp, pred(Response("Your order A1 has shipped and arrives Friday.")), None)
+    assert same["chrf"] == pytest.approx(1.0) and same["rouge_l"] == pytest.approx(1.0) and same["exact_match"] == 1.0
+    close = score(exp, pred(Response("Order A1 shipped; it arrives on Friday.")), None)
+    far = score(exp, pred(Response("Hello! How can I help you today?")), None)
+    assert 1.0 > close["chrf"] > far["chrf"] and close["rouge_l"] > far["rouge_l"]
+    assert score(exp, pred(Response(None, [ToolCall("f", {})])), None)["chrf"] == 0.0
+
+
+def test_compaction_drops_static_system_truncates_and_windows():
+    convs = [[{"role": "system", "content": f"Policy v2. Today is 2026-01-0{d}."}, {"role": "user", "content": "hi"}] for d in range(1, 4)]
+    recipe = fit_recipe(convs, max_history_tokens=80, max_tool_result_chars=100)
+    assert recipe.drop_system_prompt
+    long = [convs[0][0], {"role": "user", "content": "first " * 20}, {"role": "assistant", "content": "ok " * 20},
+            {"role": "user", "content": "look it up"}, {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
+            {"role": "tool", "content": "x" * 500}]
+    out = compact(long, recipe)
+    assert all(m["role"] != "system" for m in out)
+    assert out[-1]["content"].startswith("x" * 100) and "400 characters truncated" in out[-1]["content"]
+    assert out[0]["role"] == "user" and out[0]["content"] == "look it up"  # window opens at a user turn
+    other = [{"role": "system", "content": "A different agent."}, {"role": "user", "content": "hi"}]
+    assert compact(other, recipe)[0]["role"] == "system"  # only the learned prompt is dropped
+    varied = fit_recipe([[{"role": "system", "content": "Agent A"}], [{"role": "system", "content": "Agent B"}]])
+    assert not varied.drop_system_prompt
+    assert json.dumps(recipe.to_dict())  # recorded as data
