@@ -1,5 +1,6 @@
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Converted models go to a per-run cache, never to the user's ~/.cache.
+os.environ.setdefault("SLMCONVERT_CACHE", tempfile.mkdtemp(prefix="slmconvert-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -74,3 +77,92 @@ def tiny_tokenizer(chat_template: str = CHATML, extra_words=()):
                                    additional_special_tokens=["<|im_start|>"])
     fast.chat_template = chat_template
     return fast
+
+
+# ----------------------------------------------------------------------------- shared workspaces
+
+def stage_config(ws, *sets):
+    """A pipeline config on workspace `ws`, scrubbing off (scrub has its own tests)."""
+    from slmconvert.config import load_config
+
+    return load_config(None, [f"workspace={json.dumps(str(ws))}", "scrub.enabled=false", *sets])
+
+
+def collect_into(ws, *paths):
+    from slmconvert.collect.stage import run
+    from slmconvert.workspace import Workspace
+
+    run(stage_config(ws, "collect.paths=" + json.dumps([str(p) for p in paths])), Workspace(ws))
+
+
+@pytest.fixture(scope="session")
+def clustered_demo(tmp_path_factory):
+    """The demo sample (60 sessions, 3 call sites), collected and clustered: (ws, cluster manifest, root)."""
+    from slmconvert.cluster.stage import run
+    from slmconvert.demo import generate
+    from slmconvert.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("demo")
+    generate(root / "logs.jsonl", sessions=60, seed=3)
+    ws = root / "ws"
+    collect_into(ws, root / "logs.jsonl")
+    return ws, run(stage_config(ws), Workspace(ws)), root
+
+
+@pytest.fixture(scope="session")
+def clustered_mixed(tmp_path_factory):
+    """τ-bench + demo-data in one workspace (different agents, no agent names given), clustered."""
+    from slmconvert.cluster.stage import run
+    from slmconvert.demo import generate
+    from slmconvert.workspace import Workspace
+
+    if not TAU_BENCH.exists():
+        pytest.skip("../shared/data (τ-bench log) is not beside the repo")
+    root = tmp_path_factory.mktemp("mixed")
+    generate(root / "demo.jsonl", sessions=80, seed=5)
+    collect_into(root / "ws", TAU_BENCH, root / "demo.jsonl")
+    return root / "ws", run(stage_config(root / "ws"), Workspace(root / "ws"))
+
+
+@pytest.fixture(scope="session")
+def clustered_tau(tmp_path_factory, clustered_mixed):
+    """The τ-bench log alone, clustered (its embeddings come from the mixed run's cache)."""
+    import shutil
+
+    from slmconvert.cluster.stage import run
+    from slmconvert.workspace import Workspace
+
+    ws = tmp_path_factory.mktemp("tau") / "ws"
+    collect_into(ws, TAU_BENCH)
+    shutil.copytree(clustered_mixed[0] / "clusters" / "cache", ws / "clusters" / "cache")
+    return ws, run(stage_config(ws), Workspace(ws))
+
+
+def tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A 2-layer random Llama over the character tokenizer: (model, tokenizer), built in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg), tok
+
+
+def tiny_model_folder(path, **kw):
+    """Save a tiny Llama + tokenizer where a catalogue `sources.folder` can point."""
+    model, tok = tiny_llama(**kw)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def tiny_catalogue(path, folder, name="tiny-llama", **fields):
+    import yaml
+
+    entry = {"name": name, "family": "test", "params_b": 0.0001, "licence": "apache-2.0", "context_length": 8192,
+             "tool_calling": False, "sources": {"folder": str(folder)}, **fields}
+    path.write_text(yaml.safe_dump({"kind": "model-catalogue", "models": [entry]}))
+    return path

@@ -84,13 +84,14 @@ def constraint_problems(entry, site: dict[str, Any], sc) -> list[str]:
 def probe_sample(site: dict[str, Any], sc) -> tuple[list[tuple[str, Invocation]], list[Invocation]]:
     """(task, invocation) probe examples from the train split, and few-shot examples (others)."""
     rng = random.Random(sc.seed)
-    sample: list[tuple[str, Invocation]] = []
     tasks = sorted(site["train_by_task"], key=lambda t: -len(site["train_by_task"][t]))
-    for task in tasks:
-        pool = list(site["train_by_task"][task])
-        rng.shuffle(pool)
-        sample += [(task, inv) for inv in pool[: sc.probe_per_task]]
-    sample = sample[: sc.probe_max_examples]
+    pools = {t: rng.sample(site["train_by_task"][t], len(site["train_by_task"][t])) for t in tasks}
+    sample: list[tuple[str, Invocation]] = []
+    # Round-robin over tasks, largest first: every task is probed before any task twice.
+    while len(sample) < sc.probe_max_examples and any(pools.values()):
+        for task in tasks:
+            if pools[task] and len(sample) < sc.probe_max_examples:
+                sample.append((task, pools[task].pop()))
     used = {inv.id for _, inv in sample}
     shots = []
     for task in tasks:  # one shot per task, largest tasks first
@@ -225,7 +226,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
 
         probes: dict[tuple[str, str], dict[str, Any]] = {}
         with timer.step("probe_s"):
-            total = sum(min(sc.probe_max_examples, sum(min(sc.probe_per_task, len(v)) for v in sites[s]["train_by_task"].values()))
+            total = sum(min(sc.probe_max_examples, sum(len(v) for v in sites[s]["train_by_task"].values()))
                         * (2 if sc.probe_shots else 1) for m in to_probe for s in to_probe[m])
             if to_probe:
                 progress.start("probing candidate SLMs", total=total)

@@ -63,10 +63,10 @@ def test_demo_data_then_run_pipeline(tmp_path):
     p = tmp_path / "p.yaml"
     p.write_text(f"workspace: {tmp_path / 'ws'}\ndemo_data:\n  output: {tmp_path / 'd.jsonl'}\n  sessions: 8\n"
                  f"collect:\n  paths: [{tmp_path / 'd.jsonl'}]\nscrub:\n  enabled: false\n")
-    r = runner.invoke(app, ["run", str(p), "--json"])
+    r = runner.invoke(app, ["run", str(p), "--json", "--until", "collect"])
     assert r.exit_code == 0, r.output
     stages = {s["stage"]: s for s in json.loads(r.stdout)["stages"]}
     assert stages["demo-data"]["status"] == "ran" and stages["collect"]["status"] == "ran"
-    r = runner.invoke(app, ["run", str(p), "--json"])
+    r = runner.invoke(app, ["run", str(p), "--json", "--until", "collect"])
     stages = {s["stage"]: s for s in json.loads(r.stdout)["stages"]}
     assert stages["demo-data"]["status"] == "skipped" and stages["collect"]["status"] == "skipped"

@@ -10,34 +10,18 @@ from typer.testing import CliRunner
 from slmconvert.cli import app
 from slmconvert.errors import ModelNotFound, StageError
 from slmconvert.workspace import Workspace
-from tests.conftest import rr_record, write_jsonl
+from tests.conftest import collect_into, rr_record, stage_config, write_jsonl
 
 runner = CliRunner()
 
 
-def cfg(ws, *sets):
-    from slmconvert.config import load_config
-
-    return load_config(None, [f"workspace={json.dumps(str(ws))}", "scrub.enabled=false", *sets])
-
-
-def collect(ws, *paths):
-    from slmconvert.collect.stage import run
-
-    run(cfg(ws, "collect.paths=" + json.dumps([str(p) for p in paths])), Workspace(ws))
+cfg = stage_config
+collect = collect_into
 
 
 @pytest.fixture(scope="module")
-def demo_ws(tmp_path_factory):
-    from slmconvert.cluster.stage import run
-    from slmconvert.demo import generate
-
-    root = tmp_path_factory.mktemp("cluster")
-    generate(root / "logs.jsonl", sessions=60, seed=3)
-    ws = root / "ws"
-    collect(ws, root / "logs.jsonl")
-    m = run(cfg(ws), Workspace(ws))
-    return ws, m, root
+def demo_ws(clustered_demo):
+    return clustered_demo
 
 
 def truth_and_assignments(ws):

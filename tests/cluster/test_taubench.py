@@ -1,37 +1,22 @@
 """The issue's acceptance checks on real data: the τ-bench airline log alone, and mixed with the demo sample."""
 
-import shutil
 from collections import Counter, defaultdict
 
 import pytest
 
 from slmconvert.workspace import Workspace
-from tests.cluster.test_stage import cfg, collect
-from tests.conftest import TAU_BENCH, needs_tau
+from tests.conftest import needs_tau
 
 pytestmark = [needs_tau, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    """τ-bench + demo-data in one workspace (different agents, no agent names given)."""
-    from slmconvert.cluster.stage import run
-    from slmconvert.demo import generate
-
-    root = tmp_path_factory.mktemp("mixed")
-    generate(root / "demo.jsonl", sessions=80, seed=5)
-    collect(root / "ws", TAU_BENCH, root / "demo.jsonl")
-    return root, run(cfg(root / "ws"), Workspace(root / "ws"))
-
-
-def test_mixed_agents_call_sites_and_router(mixed):
+def test_mixed_agents_call_sites_and_router(clustered_mixed):
     from sklearn.metrics import adjusted_rand_score
 
     from slmconvert.cluster.stage import load_assignments
     from slmconvert.store import load_invocations
 
-    root, m = mixed
-    ws = root / "ws"
+    ws, m = clustered_mixed
     true_site = {i.id: i.meta.get("workload_id", "tau-bench") for i in load_invocations(Workspace(ws))}
     rows = load_assignments(Workspace(ws))
     ari = adjusted_rand_score([true_site[r["invocation_id"]] for r in rows], [r["site"] for r in rows])
@@ -40,15 +25,11 @@ def test_mixed_agents_call_sites_and_router(mixed):
     assert m.extra["router_test_accuracy"] >= 0.98
 
 
-def test_taubench_one_site_tool_pure_tasks_and_labelled_text_tasks(mixed, tmp_path):
-    from slmconvert.cluster.stage import load_assignments, load_tasks, run
+def test_taubench_one_site_tool_pure_tasks_and_labelled_text_tasks(clustered_tau):
+    from slmconvert.cluster.stage import load_assignments, load_tasks
     from slmconvert.store import load_invocations
 
-    root, _ = mixed
-    ws = tmp_path / "ws"
-    collect(ws, TAU_BENCH)
-    shutil.copytree(root / "ws" / "clusters" / "cache", ws / "clusters" / "cache")  # same texts: reuse the embeddings
-    m = run(cfg(ws), Workspace(ws))
+    ws, m = clustered_tau
     assert m.counts["embedded_new"] == 0
     assert m.counts["sites"] == 1
 
