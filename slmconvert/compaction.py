@@ -29,6 +29,7 @@ class CompactionRecipe:
     system_template: str | None = None  # masked template of the static system prompt that is dropped
     max_history_tokens: int = 1536
     max_tool_result_chars: int = 2000
+    drop_tools: bool = False  # the site's tool definitions never change: the SLM learns them, like the system prompt
     version: int = RECIPE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,16 +45,22 @@ def _system_text(messages: Sequence[dict]) -> str:
 
 
 def fit_recipe(prompts: Sequence[Sequence[dict]], *, enabled: bool = True, max_history_tokens: int = 1536,
-               max_tool_result_chars: int = 2000) -> CompactionRecipe:
-    """Decide a site's recipe from its calls' prompts."""
+               max_tool_result_chars: int = 2000, toolsets: Sequence[Any] | None = None) -> CompactionRecipe:
+    """Decide a site's recipe from its calls' prompts (and their tool definitions)."""
     from slmconvert.cluster.features import mask_variables
 
     if not enabled:
         return CompactionRecipe(max_history_tokens=10**9, max_tool_result_chars=10**9)
     templates = {mask_variables(_system_text(p)) for p in prompts}
     static = len(templates) == 1 and next(iter(templates)) != ""
+    distinct_tools = {json.dumps(t, sort_keys=True) for t in (toolsets or []) if t}
     return CompactionRecipe(drop_system_prompt=static, system_template=next(iter(templates)) if static else None,
-                            max_history_tokens=max_history_tokens, max_tool_result_chars=max_tool_result_chars)
+                            max_history_tokens=max_history_tokens, max_tool_result_chars=max_tool_result_chars,
+                            drop_tools=static and len(distinct_tools) == 1)
+
+
+def compact_tools(tools: list[dict] | None, recipe: CompactionRecipe) -> list[dict] | None:
+    return None if recipe.drop_tools else tools
 
 
 def _message_tokens(m: dict, count: Callable[[str], int]) -> int:

@@ -117,6 +117,30 @@ class SelectConfig(StrictModel):
     seed: int = Field(0)
 
 
+class FinetuneConfig(StrictModel):
+    """LoRA/QLoRA distillation of the LLM's logged responses into each call site's candidate SLMs."""
+
+    models: list[str] | None = Field(None, description="Models to train (catalogue names or references); default: select's candidates.")
+    candidates_per_site: int = Field(1, ge=1, description="How many of select's ranked candidates to train per site.")
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="qlora loads the base in 4-bit (bitsandbytes; CUDA).")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="LoRA targets (default: the catalogue's, else all linear layers).")
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: epochs decide).")
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1, description="Examples per device step.")
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(2048, ge=64, description="Tokens per example (prompt + answer); older turns are dropped to fit.")
+    max_train_examples: int | None = Field(None, ge=1, description="Cap on training examples per site (seeded sample).")
+    packing: bool = Field(True, description="Padding-free packing where the attention kernel supports it (flash-attn on CUDA); length-grouped batches otherwise.")
+    checkpoint_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
+    device: str | None = Field(None, description="cuda / cpu (default: cuda when available).")
+    merge: bool = Field(False, description="Also export the base model with the adapter merged in.")
+    seed: int = Field(0)
+
+
 class PipelineConfig(StrictModel):
     workspace: str = Field("workspace", description="The workspace folder every stage reads and writes.")
     demo_data: DemoDataConfig | None = None
@@ -125,6 +149,7 @@ class PipelineConfig(StrictModel):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     compaction: CompactionConfig = Field(default_factory=CompactionConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     @field_validator("workspace")
     @classmethod

@@ -15,5 +15,8 @@ class Progress:
     def stop(self) -> None:
         pass
 
+    def describe(self, label: str) -> None:
+        """Replace the running bar's label (e.g. with the current loss)."""
+
 
 NULL_PROGRESS = Progress()

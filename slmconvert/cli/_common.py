@@ -93,6 +93,10 @@ class RichProgress(Progress):
         if self._progress is not None:
             self._progress.advance(self._task, n)
 
+    def describe(self, label: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=label)
+
     def stop(self) -> None:
         if self._progress is not None:
             self._progress.stop()

@@ -34,7 +34,7 @@ def _p95(values: list[int]) -> int:
 
 def site_profiles(invocations: list[Invocation], assignments: list[dict], config: PipelineConfig) -> dict[str, dict[str, Any]]:
     """Per site: its invocations by split/task, compaction recipe, p95 compacted prompt tokens, tool need."""
-    from slmconvert.compaction import compact, estimate_tokens, fit_recipe
+    from slmconvert.compaction import compact, compact_tools, estimate_tokens, fit_recipe
 
     by_id = {i.id: i for i in invocations}
     sites: dict[str, dict[str, Any]] = {}
@@ -51,11 +51,11 @@ def site_profiles(invocations: list[Invocation], assignments: list[dict], config
     for s in sites.values():
         prompts = [i.request.messages for i in s["invocations"]]
         recipe = fit_recipe(prompts, enabled=cc.enabled, max_history_tokens=cc.max_history_tokens,
-                            max_tool_result_chars=cc.max_tool_result_chars)
+                            max_tool_result_chars=cc.max_tool_result_chars, toolsets=[i.request.tools for i in s["invocations"]])
         lengths = []
         for inv in s["invocations"]:
             msgs = compact(inv.request.messages, recipe)
-            tools = inv.request.tools or []
+            tools = compact_tools(inv.request.tools, recipe) or []
             lengths.append(sum(estimate_tokens(m.get("content") or "") + 4 for m in msgs)
                            + estimate_tokens(str(tools)))
         s["recipe"] = recipe

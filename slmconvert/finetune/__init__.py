@@ -1,0 +1,1 @@
+"""LoRA/QLoRA distillation of the LLM into SLMs (paper step S5)."""

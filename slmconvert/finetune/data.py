@@ -1,0 +1,63 @@
+"""Training examples: each logged call becomes (prompt, completion) text in the model's own chat format.
+
+The prompt is the compacted request rendered by the chat template; the completion is the LLM's
+logged response rendered the same way, end-of-turn token included (sequence-level
+distillation). A prompt/completion dataset makes trl compute the loss on the completion only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Sequence
+
+from slmconvert.chat import render_completion, render_prompt
+from slmconvert.compaction import CompactionRecipe, compact, compact_tools
+from slmconvert.invocation import Invocation
+
+
+def n_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def end_at_eos(completion: str, tokenizer: Any) -> str:
+    """Templates put a newline after the end-of-turn token; trl appends EOS to any completion that does
+    not end with it, which would train a doubled end-of-turn. End the target at the token itself."""
+    eos = tokenizer.eos_token
+    trimmed = completion.rstrip()
+    return trimmed if eos and trimmed.endswith(eos) else completion
+
+
+def example_for(inv: Invocation, recipe: CompactionRecipe, tokenizer: Any, max_length: int,
+                native: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """(example, None) or (None, why it was dropped). Older turns are dropped until it fits `max_length`."""
+    msgs = compact(inv.request.messages, recipe)
+    tools = compact_tools(inv.request.tools, recipe)
+    completion = end_at_eos(render_completion(tokenizer, msgs, tools, inv.response, native), tokenizer)
+    c_len = n_tokens(tokenizer, completion)
+    if c_len > max_length // 2:
+        return None, "completion_too_long"
+    while True:
+        prompt = render_prompt(tokenizer, msgs, tools, native)
+        p_len = n_tokens(tokenizer, prompt)
+        if p_len + c_len <= max_length:
+            return {"prompt": prompt, "completion": completion, "invocation_id": inv.id,
+                    "prompt_tokens": p_len, "completion_tokens": c_len}, None
+        droppable = [i for i, m in enumerate(msgs) if m.get("role") != "system"]
+        if len(droppable) <= 1:
+            return None, "prompt_too_long"
+        msgs = msgs[: droppable[0]] + msgs[droppable[0] + 1:]
+
+
+def build_examples(invocations: Sequence[Invocation], recipe: CompactionRecipe, tokenizer: Any, max_length: int,
+                   native: bool) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    rows, dropped = [], Counter()
+    for inv in invocations:
+        ex, why = example_for(inv, recipe, tokenizer, max_length, native)
+        if ex is None:
+            dropped[why] += 1
+        else:
+            rows.append(ex)
+    stats = {"examples": len(rows), "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+             "completion_tokens": sum(r["completion_tokens"] for r in rows),
+             **{f"dropped_{k}": v for k, v in dropped.items()}}
+    return rows, stats

@@ -1,0 +1,209 @@
+"""`finetune`: one adapter per (call site, candidate SLM), trained on the site's train split (paper step S5).
+
+Each adapter lives in models/<site>/<model>/: adapter/ (weights + the tokenizer and chat
+template used), recipe.json (prompt compaction), train_stats.json, training_log.jsonl, a
+model card (README.md), and complete.json, written last, with the fingerprint of (site data,
+model, config, recipe). A fingerprint that matches means the adapter is done and is skipped;
+an interrupted run leaves checkpoints/ and resumes from the last one on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from slmconvert.config import PipelineConfig
+from slmconvert.errors import StageError
+from slmconvert.io import read_json, sha256_obj, write_json_atomic, write_text_atomic
+from slmconvert.progress import NULL_PROGRESS, Progress
+from slmconvert.workspace import Manifest, Timer, Workspace
+
+STAGE = "finetune"
+COMPLETE = "complete.json"
+TRAINING_VERSION = 1
+
+
+def _slug(s: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-") or "model"
+
+
+def adapter_dir(workspace: Workspace, site: str, model: str) -> Path:
+    return workspace.stage_dir(STAGE) / _slug(site) / _slug(model)
+
+
+def plan(config: PipelineConfig, workspace: Workspace) -> dict[str, list[str]]:
+    """site -> models to train: `finetune.models`, else select's top candidates."""
+    from slmconvert.cluster.stage import load_tasks
+
+    fc = config.finetune
+    sites = list(load_tasks(workspace)["sites"])
+    if fc.models:
+        return {s: list(fc.models) for s in sites}
+    if workspace.read_manifest("select") is None:
+        raise StageError("finetune needs candidate models: run `slmconvert select` first, or name them with "
+                         "--model NAME (finetune.models)")
+    from slmconvert.select.stage import load_candidates
+
+    cands = load_candidates(workspace)["sites"]
+    return {s: cands.get(s, {}).get("candidates", [])[: fc.candidates_per_site] for s in sites}
+
+
+def _fingerprint(ids: list[str], entry, fc, recipe) -> str:
+    cfg = fc.model_dump(mode="json", exclude={"device", "merge", "checkpoint_steps", "models", "candidates_per_site"})
+    return sha256_obj({"ids": sorted(ids), "model": entry.model_dump(mode="json"), "config": cfg,
+                       "recipe": recipe.to_dict(), "version": TRAINING_VERSION})
+
+
+def model_card(site: str, entry, fc, recipe, data_stats: dict, stats: dict, info: dict) -> str:
+    hp = {k: getattr(fc, k) for k in ("method", "lora_r", "lora_alpha", "lora_dropout", "epochs", "max_steps", "learning_rate",
+                                      "batch_size", "grad_accum", "max_length")}
+    lines = [f"# {entry.name} distilled for call site `{site}`", "",
+             f"Base model: `{entry.name}` ({info.get('location')}), licence {entry.licence}. Trained by slmconvert "
+             f"with trl SFTTrainer + peft on the LLM's logged responses (completion-only loss).", "",
+             "## Data", "",
+             f"- {data_stats['examples']} training examples (train split of the site), "
+             f"{data_stats['prompt_tokens']:,} prompt and {data_stats['completion_tokens']:,} completion tokens",
+             *[f"- dropped ({k[8:]}): {v}" for k, v in data_stats.items() if k.startswith("dropped_")],
+             f"- prompt compaction: {json.dumps(recipe.to_dict())}", "",
+             "## Hyper-parameters", "", *[f"- {k}: {v}" for k, v in hp.items()],
+             f"- precision: {'bf16' if stats['bf16'] else 'fp32'}; packing: {stats['packing']}", "",
+             "## Training", "",
+             f"- steps {stats['steps']}, epochs {stats['epochs']}, {stats['seconds']} s, {stats['tokens_per_s']} tokens/s",
+             f"- loss: first {stats['first_loss']}, last {stats['last_loss']}, mean {stats['train_loss']}",
+             f"- resumed from: {stats['resumed_from'] or 'no (fresh run)'}", "",
+             "Load it with peft: `PeftModel.from_pretrained(base, 'adapter')`; prompts must be compacted with recipe.json "
+             "(`slmconvert serve` and `evaluate` do this).", ""]
+    return "\n".join(lines)
+
+
+def train_one(workspace: Workspace, config: PipelineConfig, site: str, model_name: str, train_invs: list, recipe,
+              progress: Progress) -> dict[str, Any]:
+    from slmconvert.chat import supports_native_tools
+    from slmconvert.finetune.data import build_examples
+    from slmconvert.finetune.trainer import CHECKPOINTS, pick_device, save_outputs, train_adapter
+    from slmconvert.models.loading import load_model, resolve_model
+
+    fc = config.finetune
+    entry = resolve_model(model_name)
+    out = adapter_dir(workspace, site, entry.name)
+    fp = _fingerprint([i.id for i in train_invs], entry, fc, recipe)
+    done = out / COMPLETE
+    if done.exists() and read_json(done).get("fingerprint") == fp:
+        return {**read_json(done), "status": "skipped"}
+    ckpt = out / CHECKPOINTS
+    stamp = ckpt / "fingerprint.json"
+    if ckpt.exists() and (not stamp.exists() or read_json(stamp).get("fingerprint") != fp):
+        shutil.rmtree(ckpt)  # checkpoints of other data or settings cannot be resumed
+    done.unlink(missing_ok=True)
+    device = pick_device(fc.device)
+    if fc.method == "qlora" and not device.startswith("cuda"):
+        raise StageError("finetune.method qlora needs a CUDA GPU (bitsandbytes 4-bit training); use lora on CPU")
+    model, tok, info = load_model(entry, local_folder=config.select.local_models.get(entry.name), device=device,
+                                  dtype="bfloat16" if device.startswith("cuda") else "float32",
+                                  quantization="4bit" if fc.method == "qlora" else None, for_training=True)
+    native = supports_native_tools(tok)
+    rows, data_stats = build_examples(train_invs, recipe, tok, fc.max_length, native)
+    if not rows:
+        raise StageError(f"finetune: no training example of site {site!r} fits finetune.max_length={fc.max_length} "
+                         f"({data_stats})")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(stamp, {"fingerprint": fp})
+    targets = fc.target_modules or entry.lora_target_modules
+    stats = train_adapter(model, tok, rows, out, fc, device=device, target_modules=targets, progress=progress)
+    files = save_outputs(stats, tok, out, fc.merge)
+    public = {k: v for k, v in stats.items() if k not in ("trainer", "model", "log")}
+    write_json_atomic(out / "recipe.json", recipe.to_dict())
+    write_json_atomic(out / "train_stats.json", {**public, "data": data_stats, "device": device, "tool_format": "native" if native else "fallback",
+                                                 "base": {"name": entry.name, **info}})
+    write_text_atomic(out / "README.md", model_card(site, entry, fc, recipe, data_stats, stats, info))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    record = {"site": site, "model": entry.name, "path": str(out.relative_to(workspace.root)), "fingerprint": fp,
+              "files": files + ["recipe.json", "train_stats.json", "README.md"], "examples": data_stats["examples"],
+              "train_loss": public["train_loss"], "first_loss": public["first_loss"], "last_loss": public["last_loss"],
+              "seconds": public["seconds"], "tokens_per_s": public["tokens_per_s"], "resumed_from": public["resumed_from"],
+              "tool_format": "native" if native else "fallback"}
+    write_json_atomic(done, record)
+    return {**record, "status": "ran"}
+
+
+def site_data(config: PipelineConfig, workspace: Workspace) -> dict[str, dict[str, Any]]:
+    """Per site: train invocations (capped, seeded) and the compaction recipe fitted on all its calls."""
+    from slmconvert.cluster.stage import load_assignments
+    from slmconvert.compaction import fit_recipe
+    from slmconvert.store import load_invocations
+
+    in_stage, _ = workspace.input_manifest("finetune")
+    by_id = {i.id: i for i in load_invocations(workspace, in_stage)}
+    sites: dict[str, dict[str, Any]] = {}
+    for a in load_assignments(workspace):
+        inv = by_id.get(a["invocation_id"])
+        if inv is None:
+            continue
+        s = sites.setdefault(a["site"], {"all": [], "train": []})
+        s["all"].append(inv)
+        if a["split"] == "train":
+            s["train"].append(inv)
+    cc, fc = config.compaction, config.finetune
+    for s in sites.values():
+        s["recipe"] = fit_recipe([i.request.messages for i in s["all"]], enabled=cc.enabled, max_history_tokens=cc.max_history_tokens,
+                                 max_tool_result_chars=cc.max_tool_result_chars, toolsets=[i.request.tools for i in s["all"]])
+        if fc.max_train_examples and len(s["train"]) > fc.max_train_examples:
+            s["train"] = random.Random(fc.seed).sample(s["train"], fc.max_train_examples)
+    return sites
+
+
+def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, progress: Progress = NULL_PROGRESS) -> Manifest:
+    timer = Timer()
+    fc = config.finetune
+    with workspace.lock():
+        cm = workspace.require_manifest("cluster", "finetune")
+        sm = workspace.read_manifest("select")
+        input_hash = sha256_obj({"cluster": cm.fingerprint(), "select": sm.fingerprint() if sm and not fc.models else None})
+        config_hash = sha256_obj({"finetune": fc.model_dump(mode="json", exclude={"device", "checkpoint_steps"}),
+                                  "compaction": config.compaction.model_dump(mode="json"), "version": TRAINING_VERSION})
+        prev = workspace.read_manifest(STAGE)
+        if prev and not force and prev.config_hash == config_hash and prev.input_hash == input_hash and all(
+                (workspace.root / a["path"] / COMPLETE).exists() for a in prev.extra.get("adapters", [])):
+            prev.status = "skipped"
+            workspace.write_manifest(prev)
+            return prev
+        todo = plan(config, workspace)
+        with timer.step("load_s"):
+            sites = site_data(config, workspace)
+        if force:
+            for site, models in todo.items():
+                for m in models:
+                    from slmconvert.models.loading import resolve_model
+
+                    (adapter_dir(workspace, site, resolve_model(m).name) / COMPLETE).unlink(missing_ok=True)
+        workspace.invalidate(STAGE)
+        adapters, warnings_ = [], []
+        with timer.step("train_s"):
+            for site, models in todo.items():
+                if not models:
+                    warnings_.append(f"site {site}: no candidate model (see candidates.json); nothing trained")
+                    continue
+                if not sites.get(site, {}).get("train"):
+                    warnings_.append(f"site {site}: no training examples in the train split; nothing trained")
+                    continue
+                for m in models:
+                    adapters.append(train_one(workspace, config, site, m, sites[site]["train"], sites[site]["recipe"], progress))
+        if not adapters:
+            raise StageError("finetune trained nothing: " + "; ".join(warnings_))
+        counts = {"adapters": len(adapters), "trained": sum(a["status"] == "ran" for a in adapters),
+                  "skipped": sum(a["status"] == "skipped" for a in adapters),
+                  "resumed": sum(1 for a in adapters if a.get("resumed_from") and a["status"] == "ran"),
+                  "examples": sum(a["examples"] for a in adapters)}
+        manifest = Manifest(stage=STAGE, config_hash=config_hash, input_hash=input_hash,
+                            inputs={"cluster": cm.fingerprint(), "select": sm.fingerprint() if sm else None},
+                            counts=counts, timings=timer.total(),
+                            files=[a["path"] for a in adapters], status="ran" if prev is None else "updated",
+                            extra={"adapters": [{k: v for k, v in a.items() if k != "files"} for a in adapters],
+                                   "recipes": {s: d["recipe"].to_dict() for s, d in sites.items()}, "warnings": warnings_})
+        workspace.write_manifest(manifest)
+        return manifest

@@ -1,0 +1,158 @@
+"""finetune on tiny models built in the test (seconds on CPU), plus one slow run on the real SmolLM2."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from slmconvert.config import FinetuneConfig
+from slmconvert.errors import StageError
+from slmconvert.progress import Progress
+from slmconvert.workspace import Workspace
+from tests.conftest import stage_config, tiny_llama, tiny_model_folder
+
+ROWS = [{"prompt": f"<|im_start|>user\nQ{c}<|im_end|>\n<|im_start|>assistant\n", "completion": f"A{c}{c}<|im_end|>"}
+        for c in "abcdefgh"]
+
+
+def test_targets_end_at_the_end_of_turn_token():
+    from slmconvert.finetune.data import example_for
+    from slmconvert.invocation import Invocation, Request, Response, Source
+    from slmconvert.compaction import CompactionRecipe
+
+    tok = tiny_llama()[1]
+    inv = Invocation(id="i", source=Source("f", "p", "1"), session_id="s", step=0,
+                     request=Request(messages=[{"role": "user", "content": "hi"}]), response=Response("hello"))
+    ex, why = example_for(inv, CompactionRecipe(), tok, 512, native=False)
+    assert why is None and ex["completion"] == "hello<|im_end|>"
+    assert ex["prompt"].endswith("<|im_start|>assistant\n")
+
+
+def test_loss_is_on_the_completion_only_end_of_turn_included():
+    from trl import SFTTrainer
+
+    from slmconvert.finetune.trainer import sft_config
+
+    model, tok = tiny_llama()
+    args, _ = sft_config(FinetuneConfig(max_steps=1), "/tmp/unused-ckpt", "cpu", 2)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=__import__("datasets").Dataset.from_list(ROWS[:2]),
+                         processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    n_prompt = len(tok(ROWS[0]["prompt"], add_special_tokens=False)["input_ids"])
+    assert all(lab == -100 for lab in labels[:n_prompt])
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert tok.decode(ids[n_prompt:]) == ROWS[0]["completion"]  # ...<|im_end|> is trained: the model learns to stop
+
+
+def test_adapter_learns_and_base_weights_stay(tmp_path):
+    from slmconvert.finetune.trainer import train_adapter
+
+    model, tok = tiny_llama(hidden=128)
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    fc = FinetuneConfig(max_steps=150, learning_rate=5e-3, batch_size=8, lora_r=32, lora_alpha=64, lora_dropout=0.0, checkpoint_steps=1000)
+    out = train_adapter(model, tok, ROWS, tmp_path, fc, device="cpu", target_modules=None)
+    # A random 2-layer model with frozen random embeddings: LoRA alone cannot reach zero, but it must learn.
+    assert out["last_loss"] < 0.6 * out["first_loss"], (out["first_loss"], out["last_loss"])
+    peft_model = out["model"]
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # initialised at zero, so they moved
+    for name, value in peft_model.get_base_model().state_dict().items():
+        key = name.replace("base_layer.", "")
+        if "lora_" not in name and key in base_before:
+            assert torch.equal(value, base_before[key]), name
+
+
+class StopAfter(Progress):
+    """Simulates Ctrl-C after n optimizer steps."""
+
+    def __init__(self, n):
+        self.n, self.seen = n, 0
+
+    def advance(self, k=1):
+        self.seen += k
+        if self.seen > self.n:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture
+def tiny_ws(clustered_demo, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(clustered_demo[0], ws)
+    folder = tiny_model_folder(tmp_path / "tiny-base")
+    return ws, folder
+
+
+def ft_config(ws, folder, *sets):
+    return stage_config(ws, f"finetune.models=[{folder}]", "finetune.max_steps=6", "finetune.batch_size=4",
+                        "finetune.max_length=768", "finetune.checkpoint_steps=3", "finetune.max_train_examples=24", *sets)
+
+
+def test_interrupted_run_resumes_then_finished_work_is_skipped(tiny_ws):
+    from slmconvert.finetune.stage import adapter_dir, run
+
+    ws, folder = tiny_ws
+    cfg = ft_config(ws, folder)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, Workspace(ws), progress=StopAfter(4))
+    first_site = sorted(p.name for p in (ws / "models").iterdir())
+    assert Workspace(ws).read_manifest("finetune") is None  # nothing claims to be done
+    m = run(cfg, Workspace(ws))
+    resumed = [a for a in m.extra["adapters"] if a["resumed_from"]]
+    assert len(resumed) == 1 and resumed[0]["resumed_from"] == "checkpoint-3"
+    assert all(a["status"] == "ran" for a in m.extra["adapters"]) and m.counts["adapters"] == 3
+    for a in m.extra["adapters"]:
+        d = ws / a["path"]
+        assert (d / "adapter" / "adapter_model.safetensors").exists() and (d / "adapter" / "chat_template.jinja").exists()
+        assert json.loads((d / "recipe.json").read_text())["version"] == 1
+        card = (d / "README.md").read_text()
+        assert "training examples" in card and "loss: first" in card and "learning_rate" in card
+        assert not (d / "checkpoints").exists()
+    assert first_site
+    again = run(cfg, Workspace(ws))
+    assert again.status == "skipped"
+    forced = run(cfg, Workspace(ws), force=True)
+    assert forced.counts["trained"] == 3
+    # a change of data or settings retrains; an unchanged adapter is skipped even when the stage re-runs
+    more = run(ft_config(ws, folder, "finetune.lora_r=4"), Workspace(ws))
+    assert more.counts["trained"] == 3
+    assert adapter_dir(Workspace(ws), "x/y", "m:z").name == "m-z"
+
+
+def test_merge_exports_a_full_model(tiny_ws):
+    from transformers import AutoModelForCausalLM
+
+    from slmconvert.finetune.stage import run
+
+    ws, folder = tiny_ws
+    m = run(ft_config(ws, folder, "finetune.merge=true", "finetune.max_steps=2"), Workspace(ws))
+    merged = ws / m.extra["adapters"][0]["path"] / "merged"
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_clear_errors(tiny_ws, tmp_path):
+    from slmconvert.finetune.stage import run
+
+    ws, folder = tiny_ws
+    with pytest.raises(StageError, match="run `slmconvert select` first"):
+        run(stage_config(ws), Workspace(ws))
+    with pytest.raises(StageError, match="qlora needs a CUDA GPU"):
+        run(ft_config(ws, folder, "finetune.method=qlora", "finetune.device=cpu"), Workspace(ws))
+    with pytest.raises(StageError, match="needs the output of 'cluster'"):
+        run(ft_config(tmp_path / "empty", folder), Workspace(tmp_path / "empty"))
+
+
+@pytest.mark.slow
+def test_real_smollm2_learns_from_real_calls(tiny_ws):
+    from slmconvert.finetune.stage import run
+
+    ws, _ = tiny_ws
+    m = run(stage_config(ws, "finetune.models=[smollm2-135m-instruct]", "finetune.max_steps=8", "finetune.batch_size=4",
+                         "finetune.learning_rate=1e-3", "finetune.max_train_examples=16", "finetune.max_length=1024"),
+            Workspace(ws))
+    for a in m.extra["adapters"]:
+        print(a["site"], a["first_loss"], a["last_loss"], a["tokens_per_s"])
+        assert a["tool_format"] == "fallback" and a["examples"] > 0
+    assert sum(a["last_loss"] < a["first_loss"] for a in m.extra["adapters"]) >= 2
