@@ -12,7 +12,7 @@ from slmconvert.workspace import Workspace
 
 # Stages implemented so far, in pipeline order. `scrub` runs inside `collect` by default; as
 # its own stage it re-scrubs an existing workspace (see `slmconvert scrub`).
-PIPELINE_STAGES = ("demo-data", "collect", "scrub", "cluster", "select")
+PIPELINE_STAGES = ("demo-data", "collect", "scrub", "cluster", "select", "finetune")
 
 
 def _demo(config: PipelineConfig, ws: Workspace, force: bool, progress: Progress) -> tuple[str, str]:
@@ -67,12 +67,21 @@ def _select(config: PipelineConfig, ws: Workspace, force: bool, progress: Progre
     return m.status, "; ".join(f"{site}: {', '.join(c) or 'none'}" for site, c in cands.items())
 
 
+def _finetune(config: PipelineConfig, ws: Workspace, force: bool, progress: Progress) -> tuple[str, str]:
+    from slmconvert.finetune.stage import run
+
+    m = run(config, ws, force=force, progress=progress)
+    return m.status, (f"{m.counts['adapters']} adapter(s): {m.counts['trained']} trained, {m.counts['skipped']} unchanged"
+                      + (f", {m.counts['resumed']} resumed" if m.counts.get("resumed") else ""))
+
+
 RUNNERS: dict[str, Callable[[PipelineConfig, Workspace, bool, Progress], tuple[str, str]]] = {
     "demo-data": _demo,
     "collect": _collect,
     "scrub": _scrub,
     "cluster": _cluster,
     "select": _select,
+    "finetune": _finetune,
 }
 
 

@@ -149,8 +149,8 @@ def test_real_smollm2_learns_from_real_calls(tiny_ws):
     from slmconvert.finetune.stage import run
 
     ws, _ = tiny_ws
-    m = run(stage_config(ws, "finetune.models=[smollm2-135m-instruct]", "finetune.max_steps=8", "finetune.batch_size=4",
-                         "finetune.learning_rate=1e-3", "finetune.max_train_examples=16", "finetune.max_length=1024"),
+    m = run(stage_config(ws, "finetune.models=[smollm2-135m-instruct]", "finetune.max_steps=6", "finetune.batch_size=4",
+                         "finetune.learning_rate=1e-3", "finetune.max_train_examples=12", "finetune.max_length=768"),
             Workspace(ws))
     for a in m.extra["adapters"]:
         print(a["site"], a["first_loss"], a["last_loss"], a["tokens_per_s"])
