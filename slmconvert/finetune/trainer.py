@@ -61,11 +61,11 @@ def sft_config(fc, output_dir: Path, device: str, n_examples: int):
     )
     if not packing:
         kwargs["train_sampling_strategy"] = "group_by_length"  # batches of similar length: little padding
-    # Activation checkpointing trades ~30% speed for memory: worth it on a GPU only. (The option was
-    # renamed in transformers 5; set whichever this version has.)
+    # Activation checkpointing trades ~30% speed for a lot of memory (the option was renamed in
+    # transformers 5; set whichever this version has).
     names = {f.name for f in dataclasses.fields(SFTConfig)}
     key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    kwargs[key] = device.startswith("cuda") and fc.method != "full"
+    kwargs[key] = fc.activation_checkpointing
     return SFTConfig(**kwargs), packing
 
 
