@@ -125,6 +125,14 @@ class Workspace:
             )
         return m
 
+    def unchanged(self, prev: Manifest | None, config_hash: str, input_hash: str, force: bool, still_valid: bool = True) -> bool:
+        """True (and `prev` re-stamped as skipped) when a stage's last run used the same inputs and config."""
+        if prev is None or force or not still_valid or prev.config_hash != config_hash or prev.input_hash != input_hash:
+            return False
+        prev.status = "skipped"
+        self.write_manifest(prev)
+        return True
+
     def invalidate(self, stage: str) -> None:
         """Withdraw a stage's manifest before rewriting its fixed-name files: an interrupted
         rewrite then reads as 'not run' instead of an old manifest over half-new files."""

@@ -252,9 +252,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         in_stage, in_manifest = workspace.input_manifest("cluster")
         input_hash = in_manifest.fingerprint()
         prev = workspace.read_manifest(STAGE)
-        if prev and not force and prev.config_hash == config_hash and prev.input_hash == input_hash:
-            prev.status = "skipped"
-            workspace.write_manifest(prev)
+        if workspace.unchanged(prev, config_hash, input_hash, force):
             return prev
         previous_split = _previous_split(workspace, prev) if prev and prev.extra.get("test_fraction") == cc.test_fraction \
             and prev.extra.get("seed_split") == cc.seed else {}

@@ -167,10 +167,9 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         config_hash = sha256_obj({"finetune": fc.model_dump(mode="json", exclude={"device", "checkpoint_steps"}),
                                   "compaction": config.compaction.model_dump(mode="json"), "version": TRAINING_VERSION})
         prev = workspace.read_manifest(STAGE)
-        if prev and not force and prev.config_hash == config_hash and prev.input_hash == input_hash and all(
-                (workspace.root / a["path"] / COMPLETE).exists() for a in prev.extra.get("adapters", [])):
-            prev.status = "skipped"
-            workspace.write_manifest(prev)
+        adapters_intact = prev is not None and all((workspace.root / a["path"] / COMPLETE).exists()
+                                                   for a in prev.extra.get("adapters", []))
+        if workspace.unchanged(prev, config_hash, input_hash, force, adapters_intact):
             return prev
         todo = plan(config, workspace)
         with timer.step("load_s"):

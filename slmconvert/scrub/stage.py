@@ -37,9 +37,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         cm = workspace.require_manifest("collect", "scrub")
         input_hash = collect_fingerprint(cm)
         prev = workspace.read_manifest(STAGE)
-        if prev and not force and prev.config_hash == config_hash and prev.input_hash == input_hash:
-            prev.status = "skipped"
-            workspace.write_manifest(prev)
+        if workspace.unchanged(prev, config_hash, input_hash, force):
             return prev
         workspace.remove_unlisted(STAGE, prev, SHARD_PATTERNS)
         with timer.step("load_s"):

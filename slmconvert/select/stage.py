@@ -187,10 +187,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         # Availability is part of the input: a model installed since the last run changes the outcome.
         avail = {e.name: availability(e, sc.local_models.get(e.name)) for e in entries}
         avail_key = sha256_obj({n: [a.available, a.source] for n, a in avail.items()})
-        if prev and not force and prev.config_hash == config_hash and prev.input_hash == input_hash \
-                and prev.extra.get("availability") == avail_key:
-            prev.status = "skipped"
-            workspace.write_manifest(prev)
+        if workspace.unchanged(prev, config_hash, input_hash, force, prev is not None and prev.extra.get("availability") == avail_key):
             return prev
         with timer.step("load_s"):
             in_stage, _ = workspace.input_manifest("select")
