@@ -142,6 +142,38 @@ class FinetuneConfig(StrictModel):
     seed: int = Field(0)
 
 
+class JudgeConfig(StrictModel):
+    """An OpenAI-compatible endpoint that grades text replies against the LLM's (LLM-as-judge)."""
+
+    url: str = Field(..., min_length=1, description="Base URL, e.g. https://api.openai.com/v1 or http://localhost:8000/v1.")
+    model: str = Field(..., min_length=1, description="The judge model name the endpoint serves.")
+    api_key_env: str | None = Field("SLMCONVERT_JUDGE_API_KEY", description="Environment variable holding the API key (never stored).")
+    pass_at: float = Field(0.75, ge=0, le=1, description="A text reply is acceptable when the judge's score (grade 1-5 mapped to 0-1) reaches this.")
+    max_examples: int = Field(200, ge=1, description="Judge at most this many text replies per model and site.")
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class EvaluateConfig(StrictModel):
+    """Compare the base and fine-tuned SLMs with the LLM's logged responses on the test split; verdict per task."""
+
+    base: bool = Field(True, description="Also evaluate each base model untrained (with the full instructions), for comparison.")
+    max_test_examples: int | None = Field(200, ge=1, description="Test calls per call site at most (seeded, round-robin over its tasks); null: all.")
+    max_new_tokens: int = Field(256, ge=1, description="Generation budget per answer.")
+    max_prompt_tokens: int = Field(4096, ge=128, description="Older turns are dropped until a prompt fits (as in training).")
+    batch_size: int = Field(8, ge=1, description="Generation batch size.")
+    device: str | None = Field(None, description="cuda / cpu (default: cuda when available).")
+    text_similarity_at: float = Field(0.8, ge=0, le=1, description="A text reply is acceptable when its embedding cosine similarity to the LLM's reaches this (no judge).")
+    replace_at: float = Field(0.9, gt=0, le=1, description="Verdict `replace` when at least this share of a task's test answers is acceptable.")
+    hybrid_min_coverage: float = Field(0.3, gt=0, le=1, description="Verdict `hybrid` needs a confidence threshold under which the SLM still answers this share of calls at `replace_at` quality.")
+    min_test_examples: int = Field(5, ge=1, description="Fewer test examples than this: `keep-llm` (not enough evidence).")
+    judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge for text replies.")
+    prices: str | None = Field(None, description="LLM price table (default: configs/prices.yaml).")
+    llm_model: str | None = Field(None, description="Price calls as this LLM when the log does not name the model.")
+    slm_hour_usd: float = Field(1.0, ge=0, description="What an hour of the SLM's hardware costs (GPU or CPU instance), for the SLM side of the cost.")
+    examples_in_report: int = Field(12, ge=0, description="Disagreements shown side by side in the report.")
+    seed: int = Field(0)
+
+
 class PipelineConfig(StrictModel):
     workspace: str = Field("workspace", description="The workspace folder every stage reads and writes.")
     demo_data: DemoDataConfig | None = None
@@ -151,6 +183,7 @@ class PipelineConfig(StrictModel):
     compaction: CompactionConfig = Field(default_factory=CompactionConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @field_validator("workspace")
     @classmethod

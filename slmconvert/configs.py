@@ -37,3 +37,4 @@ def validate_config_file(path: Path, data: dict, overrides: list[str]) -> dict:
 def _load_validators() -> None:
     import slmconvert.models.catalogue  # noqa: F401  (registers model-catalogue)
     import slmconvert.scrub.policy  # noqa: F401  (registers scrub-policy)
+    import slmconvert.evaluate.prices  # noqa: F401  (registers llm-prices)

@@ -42,7 +42,14 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def values_match(expected: Any, got: Any) -> bool:
+def _prop_schema(schema: dict | None, key: str) -> dict | None:
+    props = (schema or {}).get("properties") or {}
+    sub = props.get(key)
+    return sub if isinstance(sub, dict) else None
+
+
+def values_match(expected: Any, got: Any, schema: dict | None = None) -> bool:
+    """One value against another; `schema` is the JSON schema of this value when known (nested objects use it)."""
     if isinstance(expected, bool) or isinstance(got, bool):
         return isinstance(expected, bool) and isinstance(got, bool) and expected == got
     if _is_number(expected) or _is_number(got):
@@ -50,10 +57,11 @@ def values_match(expected: Any, got: Any) -> bool:
     if isinstance(expected, str) or isinstance(got, str):
         return isinstance(expected, str) and isinstance(got, str) and _norm_str(expected) == _norm_str(got)
     if isinstance(expected, list) or isinstance(got, list):
+        items = (schema or {}).get("items") if isinstance((schema or {}).get("items"), dict) else None
         return (isinstance(expected, list) and isinstance(got, list) and len(expected) == len(got)
-                and all(values_match(a, b) for a, b in zip(expected, got)))
+                and all(values_match(a, b, items) for a, b in zip(expected, got)))
     if isinstance(expected, dict) or isinstance(got, dict):
-        return isinstance(expected, dict) and isinstance(got, dict) and arguments_match(expected, got)
+        return isinstance(expected, dict) and isinstance(got, dict) and arguments_match(expected, got, schema)
     return expected == got
 
 
@@ -65,19 +73,31 @@ def schema_for(tools: list[dict] | None, name: str) -> dict | None:
     return None
 
 
+def _is_default(schema: dict | None, key: str, value: Any) -> bool:
+    """An optional argument left out is no error when the other side gave exactly its declared default."""
+    sub = _prop_schema(schema, key)
+    return sub is not None and "default" in sub and values_match(sub["default"], value)
+
+
 def arguments_match(expected: dict, got: dict, schema: dict | None = None) -> bool:
-    """Same keys (missing required or unexpected ones fail) and every value matching."""
+    """BFCL-style: missing required or unexpected arguments fail; every shared value must match.
+
+    An optional argument present on one side only is accepted when its value is the schema's default.
+    """
     required = set((schema or {}).get("required") or [])
     if not required.issubset(got):
         return False
-    if set(got) != set(expected):
-        return False
-    return all(values_match(expected[k], got[k]) for k in expected)
+    for k in set(expected) ^ set(got):
+        present = expected if k in expected else got
+        if k in required or not _is_default(schema, k, present[k]):
+            return False
+    return all(values_match(expected[k], got[k], _prop_schema(schema, k)) for k in set(expected) & set(got))
 
 
-def argument_diff(expected: dict, got: dict) -> dict[str, bool]:
+def argument_diff(expected: dict, got: dict, schema: dict | None = None) -> dict[str, bool]:
     """Per-argument correctness over the expected arguments (for per-argument accuracy)."""
-    return {k: (k in got and values_match(v, got[k])) for k, v in expected.items()}
+    return {k: (values_match(v, got[k], _prop_schema(schema, k)) if k in got else _is_default(schema, k, v))
+            for k, v in expected.items()}
 
 
 def _calls_match(expected: Response, got: Response, tools: list[dict] | None, with_args: bool) -> bool:
@@ -112,6 +132,26 @@ def arguments(expected: Response, pred: Prediction, tools=None) -> float | None:
     if not expected.tool_calls:
         return None
     return float(_calls_match(expected, pred.response, tools, with_args=True))
+
+
+@metrics.register("argument_values")
+def argument_values(expected: Response, pred: Prediction, tools=None) -> float | None:
+    """Per-argument accuracy: the share of expected arguments given with the right value (calls paired by
+    name; arguments of a call the model did not make count as wrong, unexpected arguments as errors)."""
+    if not expected.tool_calls:
+        return None
+    remaining = list(pred.response.tool_calls)
+    right = total = 0
+    for call in expected.tool_calls:
+        hit = next((p for p in remaining if p.name == call.name), None)
+        schema = schema_for(tools, call.name)
+        total += len(call.arguments)
+        if hit is None:
+            continue
+        remaining.remove(hit)
+        right += sum(argument_diff(call.arguments, hit.arguments, schema).values())
+        total += sum(1 for k in hit.arguments if k not in call.arguments and not _is_default(schema, k, hit.arguments[k]))
+    return right / total if total else None
 
 
 @metrics.register("exact_match")

@@ -12,7 +12,7 @@ from slmconvert.workspace import Workspace
 
 # Stages implemented so far, in pipeline order. `scrub` runs inside `collect` by default; as
 # its own stage it re-scrubs an existing workspace (see `slmconvert scrub`).
-PIPELINE_STAGES = ("demo-data", "collect", "scrub", "cluster", "select", "finetune")
+PIPELINE_STAGES = ("demo-data", "collect", "scrub", "cluster", "select", "finetune", "evaluate")
 
 
 def _demo(config: PipelineConfig, ws: Workspace, force: bool, progress: Progress) -> tuple[str, str]:
@@ -75,6 +75,16 @@ def _finetune(config: PipelineConfig, ws: Workspace, force: bool, progress: Prog
                       + (f", {m.counts['resumed']} resumed" if m.counts.get("resumed") else ""))
 
 
+def _evaluate(config: PipelineConfig, ws: Workspace, force: bool, progress: Progress) -> tuple[str, str]:
+    from slmconvert.evaluate.stage import run
+
+    m = run(config, ws, force=force, progress=progress)
+    h = m.extra["headline"]
+    v = h["verdicts"]
+    return m.status, (f"{v['replace']} replace, {v['hybrid']} hybrid, {v['keep-llm']} keep-llm; "
+                      f"{100 * h['share_calls']:.0f}% of calls move to SLMs")
+
+
 RUNNERS: dict[str, Callable[[PipelineConfig, Workspace, bool, Progress], tuple[str, str]]] = {
     "demo-data": _demo,
     "collect": _collect,
@@ -82,6 +92,7 @@ RUNNERS: dict[str, Callable[[PipelineConfig, Workspace, bool, Progress], tuple[s
     "cluster": _cluster,
     "select": _select,
     "finetune": _finetune,
+    "evaluate": _evaluate,
 }
 
 

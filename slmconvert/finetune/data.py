@@ -27,6 +27,22 @@ def end_at_eos(completion: str, tokenizer: Any) -> str:
     return trimmed if eos and trimmed.endswith(eos) else completion
 
 
+def fit_prompt(messages: list[dict], tools: list[dict] | None, tokenizer: Any, budget: int,
+               native: bool) -> tuple[str, int] | None:
+    """The rendered prompt and its token count, older non-system turns dropped until it fits `budget`
+    (the last message always stays). None when even that does not fit. Training and evaluation share it."""
+    msgs = list(messages)
+    while True:
+        prompt = render_prompt(tokenizer, msgs, tools, native)
+        p_len = n_tokens(tokenizer, prompt)
+        if p_len <= budget:
+            return prompt, p_len
+        droppable = [i for i, m in enumerate(msgs) if m.get("role") != "system"]
+        if len(droppable) <= 1:
+            return None
+        msgs = msgs[: droppable[0]] + msgs[droppable[0] + 1:]
+
+
 def example_for(inv: Invocation, recipe: CompactionRecipe, tokenizer: Any, max_length: int,
                 native: bool) -> tuple[dict[str, Any] | None, str | None]:
     """(example, None) or (None, why it was dropped). Older turns are dropped until it fits `max_length`."""
@@ -36,16 +52,12 @@ def example_for(inv: Invocation, recipe: CompactionRecipe, tokenizer: Any, max_l
     c_len = n_tokens(tokenizer, completion)
     if c_len > max_length // 2:
         return None, "completion_too_long"
-    while True:
-        prompt = render_prompt(tokenizer, msgs, tools, native)
-        p_len = n_tokens(tokenizer, prompt)
-        if p_len + c_len <= max_length:
-            return {"prompt": prompt, "completion": completion, "invocation_id": inv.id,
-                    "prompt_tokens": p_len, "completion_tokens": c_len}, None
-        droppable = [i for i, m in enumerate(msgs) if m.get("role") != "system"]
-        if len(droppable) <= 1:
-            return None, "prompt_too_long"
-        msgs = msgs[: droppable[0]] + msgs[droppable[0] + 1:]
+    fitted = fit_prompt(msgs, tools, tokenizer, max_length - c_len, native)
+    if fitted is None:
+        return None, "prompt_too_long"
+    prompt, p_len = fitted
+    return {"prompt": prompt, "completion": completion, "invocation_id": inv.id,
+            "prompt_tokens": p_len, "completion_tokens": c_len}, None
 
 
 def build_examples(invocations: Sequence[Invocation], recipe: CompactionRecipe, tokenizer: Any, max_length: int,

@@ -122,7 +122,7 @@ def train_one(workspace: Workspace, config: PipelineConfig, site: str, model_nam
                                                  "base": {"name": entry.name, **info}})
     write_text_atomic(out / "README.md", model_card(site, entry, fc, recipe, data_stats, stats, info))
     shutil.rmtree(ckpt, ignore_errors=True)
-    record = {"site": site, "model": entry.name, "path": str(out.relative_to(workspace.root)), "fingerprint": fp,
+    record = {"site": site, "model": entry.name, "model_ref": model_name, "path": str(out.relative_to(workspace.root)), "fingerprint": fp,
               "files": files + ["recipe.json", "train_stats.json", "README.md"], "examples": data_stats["examples"],
               "train_loss": public["train_loss"], "first_loss": public["first_loss"], "last_loss": public["last_loss"],
               "seconds": public["seconds"], "tokens_per_s": public["tokens_per_s"], "resumed_from": public["resumed_from"],

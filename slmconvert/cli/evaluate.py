@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from slmconvert.cli import app
+from slmconvert.cli._common import ConfigOpt, ForceOpt, JsonOpt, RichProgress, SetOpt, WorkspaceOpt, console, handle_errors, load, print_json
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    workspace: Optional[Path] = WorkspaceOpt,
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Test calls per call site at most (evaluate.max_test_examples)."),
+    no_base: bool = typer.Option(False, "--no-base", help="Skip the untrained base model (faster; no base-vs-fine-tuned comparison)."),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint for LLM-as-judge on text replies (key from $SLMCONVERT_JUDGE_API_KEY)."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model name (with --judge-url)."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    force: bool = ForceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Compare the fine-tuned SLMs with the LLM's logged responses on the test split; a verdict per task.
+
+    Writes WS/eval/results.parquet, summary.json and report.html. The headline is the share of calls,
+    tokens and cost that moves to SLMs.
+    """
+    import json
+
+    extra = []
+    if max_examples is not None:
+        extra.append(f"evaluate.max_test_examples={max_examples}")
+    if no_base:
+        extra.append("evaluate.base=false")
+    if judge_url or judge_model:
+        if not (judge_url and judge_model):
+            from slmconvert.errors import ConfigError
+
+            raise ConfigError("--judge-url/--judge-model", ["give both the endpoint URL and the judge model name"])
+        extra += [f"evaluate.judge.url={json.dumps(judge_url)}", f"evaluate.judge.model={json.dumps(judge_model)}"]
+    cfg, ws = load(config, set_, workspace, extra)
+
+    from slmconvert.evaluate.stage import SUMMARY, run
+    from slmconvert.io import read_json
+
+    m = run(cfg, ws, force=force, progress=RichProgress(not as_json))
+    summary = read_json(ws.stage_dir("evaluate") / SUMMARY)
+    if as_json:
+        print_json({"status": m.status, "counts": m.counts, "headline": summary["headline"], "cost": summary["cost"],
+                    "tasks": [{k: t[k] for k in ("site", "task", "label", "verdict", "reason", "quality", "coverage", "threshold")}
+                              for t in summary["tasks"]],
+                    "problems": summary["problems"], "report": str(ws.stage_dir("evaluate") / "report.html")})
+        return
+    print_verdicts(summary, f"evaluate: {m.status}")
+    console.print(f"report: {ws.stage_dir('evaluate') / 'report.html'}", highlight=False)
+
+
+def print_verdicts(summary: dict, title: str) -> None:
+    from rich.table import Table
+
+    from slmconvert.evaluate.report import pct
+
+    t = Table("site", "task", "calls", "test", "base", "fine-tuned", "verdict", title=title)
+    colour = {"replace": "green", "hybrid": "yellow", "keep-llm": "red"}
+    for task in summary["tasks"]:
+        b, f = task.get("base") or {}, task.get("finetuned") or {}
+        t.add_row(task["site"], f"{task['task']} [dim]{task['label'][:40]}[/]", str(task["size"]), str(task["evaluated"]),
+                  pct(b.get("acceptable")), pct(f.get("acceptable")), f"[{colour[task['verdict']]}]{task['verdict']}[/]")
+    console.print(t)
+    h = summary["headline"]
+    console.print(f"[bold]Moves to SLMs:[/] {pct(h['share_calls'])} of calls, {pct(h['share_tokens'])} of tokens, "
+                  f"{pct(h['share_cost'])} of LLM cost  [dim](paper: {h['paper_estimate']})[/]", highlight=False)
+    for p in summary.get("problems", []):
+        console.print(f"[yellow]warning:[/] {p}", highlight=False)

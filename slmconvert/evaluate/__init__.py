@@ -1,0 +1,1 @@
+"""`evaluate`: does the SLM replace the LLM, task by task?"""

@@ -1,0 +1,161 @@
+"""eval/report.html: one self-contained page (plots are embedded PNGs), built from summary.json.
+
+Every number on the page is read from the summary dict that is also written to summary.json,
+so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from slmconvert.io import write_text_atomic
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#222;max-width:1250px}
+table{border-collapse:collapse;margin:1rem 0;font-size:.85rem}th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:top}
+th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
+pre{white-space:pre-wrap;margin:0;font-size:.78rem;max-width:380px;max-height:16rem;overflow:auto}.muted{color:#777}
+.v-replace{background:#e3f6e3}.v-hybrid{background:#fff6d6}.v-keep-llm{background:#fbe7e7}
+.headline{display:flex;gap:2rem;margin:1rem 0}.headline div{border:1px solid #ddd;border-radius:6px;padding:.6rem 1rem}
+.headline b{font-size:1.6rem;display:block}img{max-width:100%}
+"""
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _quality(agg: dict[str, Any] | None) -> float | None:
+    return None if not agg else agg.get("acceptable")
+
+
+def plots(summary: dict[str, Any]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = {}
+    tasks = [t for t in summary["tasks"] if t.get("finetuned") or t.get("base")]
+    if tasks:
+        labels = [f"{t['task']}" if len(summary["chosen_adapters"]) < 2 else f"{t['site']}/{t['task']}" for t in tasks]
+        base = [(_quality(t.get("base")) or 0.0) for t in tasks]
+        tuned = [(_quality(t.get("finetuned")) or 0.0) for t in tasks]
+        y = np.arange(len(tasks))
+        fig, ax = plt.subplots(figsize=(9, 0.32 * len(tasks) + 1.4), dpi=100)
+        ax.barh(y - 0.2, base, 0.4, label="base SLM", color="#bbbbbb")
+        ax.barh(y + 0.2, tuned, 0.4, label="fine-tuned SLM", color="#2a7ab9")
+        ax.axvline(summary["thresholds"]["replace_at"], color="#c33", ls="--", lw=1, label="replace threshold")
+        ax.set_yticks(y, [lab[:48] for lab in labels], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("acceptable answers on the test split (vs the LLM's logged response)")
+        ax.legend(fontsize=7, loc="lower right")
+        out["accuracy"] = _png(fig)
+    h = summary["headline"]
+    fig, ax = plt.subplots(figsize=(5, 2.6), dpi=100)
+    names = ["calls", "tokens", "cost"]
+    vals = [h["share_calls"], h["share_tokens"], h["share_cost"] or 0.0]
+    ax.bar(names, vals, color=["#2a7ab9", "#4b9a5b", "#d08a2a"])
+    ax.axhspan(0.4, 0.7, color="#999", alpha=0.15, label="paper's estimate (40-70%)")
+    for i, v in enumerate(vals):
+        ax.text(i, v + 0.02, pct(v) if names[i] != "cost" or h["share_cost"] is not None else "n/a", ha="center", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share moved to SLMs")
+    ax.legend(fontsize=7, loc="upper right")
+    out["moved"] = _png(fig)
+    speed = summary["speed"]
+    bars = [(f"SLM {s}"[:28], v["seconds_per_call"] or 0.0) for s, v in speed["slm"].items()]
+    if speed.get("llm_seconds_per_call") is not None:
+        bars.append(("LLM (logged)", speed["llm_seconds_per_call"]))
+    if bars:
+        fig, ax = plt.subplots(figsize=(5, 0.4 * len(bars) + 1.2), dpi=100)
+        ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#6b5fb5")
+        ax.set_xlabel("seconds per call")
+        ax.invert_yaxis()
+        out["latency"] = _png(fig)
+    return out
+
+
+def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]], n_examples: int) -> None:
+    e = html.escape
+    h, cost = summary["headline"], summary["cost"]
+    imgs = plots(summary)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>slmconvert evaluation</title><style>{_CSS}</style></head><body>",
+             "<h1>Does the SLM replace the LLM?</h1>",
+             "<p class='muted'>Test split only (conversations never seen in training). An answer is <i>acceptable</i> when it "
+             "could stand in for the LLM's logged one: the same tool call with BFCL-equivalent arguments, or a text reply "
+             f"close enough to the LLM's (embedding similarity &ge; {summary['thresholds']['text_similarity_at']}"
+             + (f", or judge score &ge; {summary['thresholds']['judge_pass_at']}" if summary['thresholds'].get('judge_pass_at') is not None else "")
+             + ").</p>",
+             "<div class='headline' id='headline'>",
+             f"<div><b id='share-calls'>{pct(h['share_calls'])}</b>of calls move to SLMs</div>",
+             f"<div><b id='share-tokens'>{pct(h['share_tokens'])}</b>of tokens</div>",
+             f"<div><b id='share-cost'>{pct(h['share_cost'])}</b>of LLM cost</div>",
+             f"<div><b>{h['verdicts']['replace']} / {h['verdicts']['hybrid']} / {h['verdicts']['keep-llm']}</b>tasks replace / hybrid / keep-llm</div>",
+             "</div>",
+             f"<p>{e(h['paper_estimate'])} is the paper's estimate for real agents. LLM cost moved: "
+             f"{'n/a' if cost['llm_cost_moved_usd'] is None else '$' + format(cost['llm_cost_moved_usd'], '.4f')} of "
+             f"{'n/a' if cost['llm_cost_total_usd'] is None else '$' + format(cost['llm_cost_total_usd'], '.4f')} in this log "
+             f"(prices as of {e(cost['prices_as_of'])}); SLM cost for those calls "
+             f"{'n/a' if cost['slm_cost_moved_usd'] is None else '$' + format(cost['slm_cost_moved_usd'], '.4f')} at "
+             f"${cost['slm_hour_usd']:g}/hour.</p>"]
+    if summary["problems"]:
+        parts.append("<h2>Problems</h2><ul>" + "".join(f"<li>{e(p)}</li>" for p in summary["problems"]) + "</ul>")
+    if imgs.get("accuracy"):
+        parts.append(f"<h2>Per-task quality: base vs fine-tuned</h2><img id='plot-accuracy' alt='per-task accuracy' src='data:image/png;base64,{imgs['accuracy']}'>")
+    parts.append("<div style='display:flex;gap:2rem;flex-wrap:wrap'>")
+    parts.append(f"<div><h2>Share moved</h2><img id='plot-moved' alt='share moved' src='data:image/png;base64,{imgs['moved']}'></div>")
+    if imgs.get("latency"):
+        parts.append(f"<div><h2>Latency</h2><img id='plot-latency' alt='latency' src='data:image/png;base64,{imgs['latency']}'>"
+                     f"<p class='muted'>{e(summary['speed']['note'])}</p></div>")
+    parts.append("</div>")
+    parts.append("<h2>Tasks</h2><table id='tasks'><tr><th>site</th><th>task</th><th>label</th><th>calls</th><th>test</th>"
+                 "<th>base acceptable</th><th>fine-tuned acceptable</th><th>function name</th><th>arguments</th>"
+                 "<th>chrF</th><th>similarity</th><th>verdict</th><th>why</th></tr>")
+    for t in summary["tasks"]:
+        ft = t.get("finetuned") or {}
+        parts.append(
+            f"<tr class='v-{e(t['verdict'])}'><td>{e(t['site'])}</td><td>{e(t['task'])}</td><td>{e(t['label'])}</td>"
+            f"<td class='n'>{t['size']}</td><td class='n'>{t['evaluated']}</td>"
+            f"<td class='n'>{pct(_quality(t.get('base')))}</td><td class='n'>{pct(_quality(t.get('finetuned')))}</td>"
+            f"<td class='n'>{pct(ft.get('function_name'))}</td><td class='n'>{pct(ft.get('arguments'))}</td>"
+            f"<td class='n'>{num(ft.get('chrf'), 2)}</td><td class='n'>{num(ft.get('embedding_similarity'), 2)}</td>"
+            f"<td><b>{e(t['verdict'])}</b></td><td>{e(t['reason'])}</td></tr>")
+    parts.append("</table>")
+    if summary.get("per_argument"):
+        parts.append("<h2>Per-argument accuracy (fine-tuned)</h2><table id='arguments'><tr><th>tool</th><th>argument</th><th>accuracy</th></tr>")
+        for tool, args in sorted(summary["per_argument"].items()):
+            for arg, acc in sorted(args.items()):
+                parts.append(f"<tr><td>{e(tool)}</td><td>{e(arg)}</td><td class='n'>{pct(acc)}</td></tr>")
+        parts.append("</table>")
+    bad = [r for r in rows if r["variant"] == "finetuned" and not r["acceptable"]
+           and summary["chosen_adapters"].get(r["site"]) == r["model"]][:n_examples]
+    if bad:
+        parts.append("<h2>Disagreements (fine-tuned SLM vs LLM)</h2><table id='examples'><tr><th>task</th><th>turn</th>"
+                     "<th>LLM (logged)</th><th>SLM</th></tr>")
+        for r in bad:
+            parts.append(f"<tr><td>{e(r['site'])}/{e(r['task'])}</td><td><pre>{e(r['prompt_turn'])}</pre></td>"
+                         f"<td><pre>{e(r['expected'])}</pre></td><td><pre>{e(r['prediction'])}</pre></td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    write_text_atomic(path, "\n".join(parts))

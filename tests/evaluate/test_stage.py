@@ -1,0 +1,187 @@
+"""evaluate on the demo workspace with a tiny model built in the test: outputs, resume, partial results, errors."""
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from slmconvert.errors import StageError
+from slmconvert.workspace import Workspace
+from tests.conftest import stage_config, tiny_model_folder
+
+SETS = ["finetune.max_steps=2", "finetune.batch_size=4", "finetune.max_length=512", "finetune.max_train_examples=8",
+        "evaluate.max_test_examples=6", "evaluate.max_new_tokens=8", "evaluate.batch_size=4", "evaluate.max_prompt_tokens=512"]
+
+
+@pytest.fixture(scope="module")
+def tuned_ws(clustered_demo, tmp_path_factory):
+    from slmconvert.finetune.stage import run
+
+    root = tmp_path_factory.mktemp("eval")
+    ws = root / "ws"
+    shutil.copytree(clustered_demo[0], ws)
+    folder = tiny_model_folder(root / "tiny-base")
+    cfg = stage_config(ws, f"finetune.models=[{folder}]", *SETS)
+    run(cfg, Workspace(ws))
+    return ws, cfg
+
+
+def copy_ws(tuned_ws, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(tuned_ws[0], ws)
+    return ws, stage_config(ws, f"finetune.models={json.dumps(tuned_ws[1].finetune.models)}", *SETS)
+
+
+def test_evaluate_writes_results_summary_and_report_that_agree(tuned_ws, tmp_path):
+    from slmconvert.evaluate.stage import run
+
+    ws, cfg = copy_ws(tuned_ws, tmp_path)
+    m = run(cfg, Workspace(ws))
+    assert m.status == "ran" and m.counts["adapters"] == 3
+    rows = pq.read_table(ws / "eval" / "results.parquet").to_pylist()
+    # every test example of every site, once per variant (base, fine-tuned)
+    assert len(rows) == 2 * m.counts["test_examples"] and {r["variant"] for r in rows} == {"base", "finetuned"}
+    assigned = {r["invocation_id"]: r for r in pq.read_table(ws / "clusters" / "assignments.parquet").to_pylist()}
+    assert all(assigned[r["invocation_id"]]["split"] == "test" for r in rows)  # the test split only
+    for r in rows:
+        assert r["kind"] in ("tool", "text") and r["seconds"] >= 0 and r["new_tokens"] <= 8
+        assert (r["function_name"] is None) == (r["kind"] == "text")
+        assert r["kind"] == "tool" or r["embedding_similarity"] is not None
+    summary = json.loads((ws / "eval" / "summary.json").read_text())
+    tasks_json = json.loads((ws / "clusters" / "tasks.json").read_text())
+    n_tasks = sum(len(s["tasks"]) for s in tasks_json["sites"].values())
+    assert len(summary["tasks"]) == n_tasks
+    assert all(t["verdict"] in ("replace", "hybrid", "keep-llm") and t["reason"] for t in summary["tasks"])
+    h = summary["headline"]
+    assert 0.0 <= h["share_calls"] <= 1.0 and sum(h["verdicts"].values()) == n_tasks
+    assert summary["cost"]["prices_as_of"]  # the demo log names gpt-4o: calls are priced from configs/prices.yaml
+    assert h["llm_cost_total_usd"] and h["llm_cost_total_usd"] > 0
+    page = (ws / "eval" / "report.html").read_text()
+    from slmconvert.evaluate.report import pct
+
+    assert f"<b id='share-calls'>{pct(h['share_calls'])}</b>" in page
+    assert f"<b id='share-tokens'>{pct(h['share_tokens'])}</b>" in page
+    assert "id='tasks'" in page and page.count("data:image/png;base64,") >= 2
+    assert page.count("<tr class='v-") == n_tasks
+    # unchanged: skipped; forced: re-scored from the generation cache, nothing generated again
+    assert run(cfg, Workspace(ws)).status == "skipped"
+    again = run(cfg, Workspace(ws), force=True)
+    assert again.counts["generated_new"] == 0 and again.counts["generated_cached"] == len(rows)
+
+
+def test_interrupted_evaluation_resumes_from_cached_generations(tuned_ws, tmp_path):
+    from slmconvert.evaluate.stage import run
+    from slmconvert.progress import Progress
+
+    class StopAfter(Progress):
+        def __init__(self, n):
+            self.n, self.seen = n, 0
+
+        def advance(self, k=1):
+            self.seen += k
+            if self.seen > self.n:
+                raise KeyboardInterrupt
+
+    ws, cfg = copy_ws(tuned_ws, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, Workspace(ws), progress=StopAfter(10))
+    assert Workspace(ws).read_manifest("evaluate") is None  # nothing claims to be done
+    done_before = sum(1 for _ in open(ws / "eval" / "generations.jsonl"))
+    assert done_before >= 4
+    m = run(cfg, Workspace(ws))
+    assert m.counts["generated_cached"] == done_before
+    assert m.counts["generated_new"] + m.counts["generated_cached"] == m.counts["rows"]
+
+
+def test_missing_adapter_gives_partial_results_and_says_which(tuned_ws, tmp_path):
+    from slmconvert.evaluate.stage import run
+
+    ws, cfg = copy_ws(tuned_ws, tmp_path)
+    fm = Workspace(ws).read_manifest("finetune")
+    gone = fm.extra["adapters"][0]
+    shutil.rmtree(ws / gone["path"])
+    m = run(cfg, Workspace(ws))
+    assert m.counts["adapters"] == 2
+    summary = json.loads((ws / "eval" / "summary.json").read_text())
+    assert any(gone["path"] in p and "re-run `slmconvert finetune`" in p for p in summary["problems"])
+    lost = [t for t in summary["tasks"] if t["site"] == gone["site"]]
+    assert lost and all(t["verdict"] == "keep-llm" and "no evaluated adapter" in t["reason"] for t in lost)
+    assert (ws / "eval" / "report.html").exists()
+
+
+def test_evaluate_before_finetune_is_a_clear_error(clustered_demo, tmp_path):
+    from slmconvert.evaluate.stage import run
+
+    ws = tmp_path / "ws"
+    shutil.copytree(clustered_demo[0], ws)
+    with pytest.raises(StageError, match="run `slmconvert finetune --workspace"):
+        run(stage_config(ws), Workspace(ws))
+    with pytest.raises(StageError, match="needs the output of 'cluster'"):
+        run(stage_config(tmp_path / "empty"), Workspace(tmp_path / "empty"))
+
+
+@pytest.fixture
+def judge_server():
+    """A small OpenAI-compatible endpoint on loopback: grades 5 when the candidate contains the word 'cancel', else 1."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            candidate = body["messages"][-1]["content"].split("Candidate reply:")[-1]
+            grade = "5" if "cancel" in candidate.lower() else "1"
+            out = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
+                              "choices": [{"index": 0, "message": {"role": "assistant", "content": grade}, "finish_reason": "stop"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    server.shutdown()
+
+
+def test_llm_as_judge_grades_text_replies_through_an_openai_compatible_endpoint(tuned_ws, tmp_path, judge_server, monkeypatch):
+    from slmconvert.evaluate.stage import run
+
+    url, seen = judge_server
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-judge-secret-123")
+    ws, _ = copy_ws(tuned_ws, tmp_path)
+    cfg = stage_config(ws, f"finetune.models={json.dumps(tuned_ws[1].finetune.models)}", *SETS,
+                       f"evaluate.judge.url={url}", "evaluate.judge.model=judge-1", "evaluate.judge.api_key_env=MY_JUDGE_KEY")
+    run(cfg, Workspace(ws))
+    rows = pq.read_table(ws / "eval" / "results.parquet").to_pylist()
+    judged = [r for r in rows if r["judge"] is not None]
+    text_replies = [r for r in rows if r["kind"] == "text" and not r["predicted_call"]]
+    assert judged and len(judged) == len(text_replies) == len(seen)
+    assert all(s["path"] == "/v1/chat/completions" and s["auth"] == "Bearer sk-judge-secret-123" for s in seen)
+    assert all(s["body"]["model"] == "judge-1" for s in seen)
+    for r in judged:  # the judge's grade decides, not the embedding similarity
+        assert r["judge"] == (1.0 if "cancel" in r["prediction"].lower() else 0.0)
+        assert r["acceptable"] == (r["judge"] >= 0.75)
+    summary = (ws / "eval" / "summary.json").read_text()
+    assert json.loads(summary)["judge"]["judged"] == len(judged)
+    assert "sk-judge-secret-123" not in summary and "sk-judge-secret-123" not in (ws / "eval" / "manifest.json").read_text()
+
+
+def test_an_unreachable_judge_is_reported_not_fatal(tuned_ws, tmp_path):
+    from slmconvert.evaluate.stage import run
+
+    ws, _ = copy_ws(tuned_ws, tmp_path)
+    cfg = stage_config(ws, f"finetune.models={json.dumps(tuned_ws[1].finetune.models)}", *SETS,
+                       "evaluate.judge.url=http://127.0.0.1:9/v1", "evaluate.judge.model=j", "evaluate.judge.timeout_s=2")
+    run(cfg, Workspace(ws))
+    summary = json.loads((ws / "eval" / "summary.json").read_text())
+    assert summary["judge"]["judged"] == 0 and summary["judge"]["failed"] > 0
+    assert "ConnectError" in summary["judge"]["first_error"]
