@@ -2,15 +2,18 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/distill_taubench.py [--train-examples 600] [--epochs 2] [--test-calls 120]
 
-Runs collect (scrubbed) → cluster → finetune on the train sessions, then scores the test sessions'
-tool calls with `evaluate`'s metrics (function-name accuracy, BFCL-style argument accuracy) and
-text replies (chrF), for the base model (full instructions and tool schemas in the prompt, as an
-untrained model needs) and for the adapter (the site's compacted prompt, as it was trained).
+Runs the real stages — collect (scrubbed) → cluster → finetune on the train sessions → evaluate on
+the test sessions — and prints `evaluate`'s numbers for tool calls (function-name accuracy,
+BFCL-style argument accuracy, per-argument accuracy) and text replies, for the base model (full
+instructions and tool schemas in the prompt, as an untrained model needs) and for the adapter (the
+site's compacted prompt, as it was trained), plus the verdicts and the share of calls that moves.
 Targets (issue 6): function name >= 0.80, arguments >= 0.60, >= 40 points above the base model.
 
-Runtime on 2 CPU cores: about 195 training tokens/s; the defaults (600 examples x 2 epochs of
-~700 tokens, then 2 x 120 generations) take roughly 1.5-2 hours. `--train-examples 200 --epochs 1
---test-calls 40` takes about 25 minutes. On a GPU, add `--device cuda`: minutes.
+Runtime on 2 CPU cores: training runs at ~40 tokens/s on ~1.5k-token examples (attention cost and
+activation checkpointing) and ~150 tokens/s on ~700-token ones, so the defaults (600 examples x 2
+epochs x 1.5k tokens) take many hours here: they are for a GPU (`--device cuda`: minutes). A CPU run
+that fits a work session: `--train-examples 200 --epochs 1 --test-calls 40 --max-length 768
+--history-tokens 512 --no-activation-checkpointing` (about 30-40 minutes; shorter windows cost accuracy).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import argparse
 import json
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 DEFAULT = Path(__file__).resolve().parents[1].parent / "shared/data/tau-bench-airline-gpt4o/gpt-4o-airline.json"
@@ -32,31 +34,29 @@ def main() -> None:
     ap.add_argument("--train-examples", type=int, default=600)
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--test-calls", type=int, default=120)
+    ap.add_argument("--max-length", type=int, default=1536)
+    ap.add_argument("--history-tokens", type=int, default=1536, help="compaction.max_history_tokens")
+    ap.add_argument("--no-activation-checkpointing", action="store_true", help="faster; fine for --max-length <= 1024")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
 
-    from peft import PeftModel
-
-    from slmconvert.chat import parse_completion, render_prompt, supports_native_tools
-    from slmconvert.cluster.stage import load_assignments, run as cluster
+    from slmconvert.cluster.stage import run as cluster
     from slmconvert.collect.stage import run as collect
-    from slmconvert.compaction import CompactionRecipe, compact, compact_tools
     from slmconvert.config import load_config
+    from slmconvert.evaluate.stage import load_summary, run as evaluate
     from slmconvert.finetune.stage import run as finetune
-    from slmconvert.generation import generate
-    from slmconvert.metrics import Prediction, score
-    from slmconvert.models.catalogue import load_catalogue
-    from slmconvert.models.loading import load_model
-    from slmconvert.select.stage import probe_messages
-    from slmconvert.store import load_invocations
     from slmconvert.workspace import Workspace
 
     ws_path = args.workspace or str(Path(tempfile.mkdtemp()) / "ws")
     sets = [f"workspace={json.dumps(ws_path)}", f"collect.paths={json.dumps([args.log])}", "collect.model=gpt-4o",
             "finetune.models=[smollm2-135m-instruct]", f"finetune.max_train_examples={args.train_examples}",
-            f"finetune.epochs={args.epochs}", "finetune.max_length=1536"]
+            f"finetune.epochs={args.epochs}", f"finetune.max_length={args.max_length}",
+            f"compaction.max_history_tokens={args.history_tokens}",
+            f"finetune.activation_checkpointing={'false' if args.no_activation_checkpointing else 'true'}",
+            f"evaluate.max_test_examples={args.test_calls}", "evaluate.max_new_tokens=160",
+            f"evaluate.max_prompt_tokens={max(args.max_length, 4096)}"]
     if args.device:
-        sets.append(f"finetune.device={args.device}")
+        sets += [f"finetune.device={args.device}", f"evaluate.device={args.device}"]
     cfg = load_config(None, sets)
     ws = Workspace(ws_path)
     t0 = time.perf_counter()
@@ -65,39 +65,26 @@ def main() -> None:
     m = finetune(cfg, ws)
     [adapter] = m.extra["adapters"]
     train_s = time.perf_counter() - t0
-    by_id = {i.id: i for i in load_invocations(ws)}
-    test = [by_id[a["invocation_id"]] for a in load_assignments(ws) if a["split"] == "test"]
-    test = sorted(test, key=lambda i: i.id)[: args.test_calls]
-    recipe = CompactionRecipe.from_dict(json.loads((ws.root / adapter["path"] / "recipe.json").read_text()))
-
-    device = args.device or "cpu"
-    base, tok, _ = load_model(load_catalogue().get("smollm2-135m-instruct"), device=device)
-    native = supports_native_tools(tok)
-    specials = [tok.eos_token, tok.pad_token]
-    results = {}
-    for name in ("base", "fine-tuned"):
-        if name == "base":
-            model = base
-            prompts = [render_prompt(tok, probe_messages(i, recipe, []), i.request.tools, native) for i in test]
-        else:
-            model = PeftModel.from_pretrained(base, str(ws.root / adapter["path"] / "adapter")).eval()
-            prompts = [render_prompt(tok, compact(i.request.messages, recipe), compact_tools(i.request.tools, recipe), native) for i in test]
-        gens = generate(model, tok, prompts, max_new_tokens=160, batch_size=8, max_prompt_tokens=2048)
-        agg = defaultdict(list)
-        for inv, g in zip(test, gens):
-            resp, ok = parse_completion(g.text, specials)
-            for k, v in score(inv.response, Prediction(resp, ok, g.text), inv.request.tools).items():
-                if v is not None:
-                    agg[k].append(v)
-        results[name] = {k: round(sum(v) / len(v), 3) for k, v in agg.items()}
-        results[name]["n_tool_calls"] = len(agg["function_name"])
+    t1 = time.perf_counter()
+    evaluate(cfg, ws)
+    eval_s = time.perf_counter() - t1
+    s = load_summary(ws)
+    print(f"workspace: {ws_path}")
     print(f"train: {adapter['examples']} examples, loss {adapter['first_loss']} -> {adapter['last_loss']}, "
-          f"{adapter['tokens_per_s']} tokens/s; collect+cluster+finetune {train_s / 60:.1f} min")
-    print(f"test: {len(test)} calls ({results['base']['n_tool_calls']} tool calls)")
-    for k in ("function_name", "arguments", "call_agreement", "valid_json", "chrf", "rouge_l"):
-        b, f = results["base"].get(k), results["fine-tuned"].get(k)
-        print(f"  {k:15s} base {b if b is not None else '—':>6}   fine-tuned {f if f is not None else '—':>6}")
-    print(json.dumps(results))
+          f"{adapter['tokens_per_s']} tokens/s; collect+cluster+finetune {train_s / 60:.1f} min; evaluate {eval_s / 60:.1f} min")
+    o = s["overall"]
+    for kind, metrics in (("tool", ("function_name", "arguments", "argument_values", "call_agreement", "valid_json", "acceptable")),
+                          ("text", ("call_agreement", "chrf", "rouge_l", "embedding_similarity", "acceptable"))):
+        b, f = o.get(f"base_{kind}", {}), o.get(f"finetuned_{kind}", {})
+        print(f"{kind} calls: base n={b.get('n')}, fine-tuned n={f.get('n')}")
+        for k in metrics:
+            bv, fv = b.get(k), f.get(k)
+            print(f"  {k:20s} base {'—' if bv is None else f'{bv:.3f}':>6}   fine-tuned {'—' if fv is None else f'{fv:.3f}':>6}")
+    h = s["headline"]
+    cost = "n/a" if h["share_cost"] is None else f"{100 * h['share_cost']:.1f}%"
+    print(f"verdicts: {h['verdicts']}; moves to SLMs: {100 * h['share_calls']:.1f}% of calls, "
+          f"{100 * h['share_tokens']:.1f}% of tokens, {cost} of cost")
+    print(json.dumps({"overall": o, "headline": h}, default=str))
 
 
 if __name__ == "__main__":

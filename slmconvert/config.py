@@ -174,6 +174,26 @@ class EvaluateConfig(StrictModel):
     seed: int = Field(0)
 
 
+class ServeConfig(StrictModel):
+    """`slmconvert serve`: the OpenAI-compatible endpoint (SLM first where evaluation allows, LLM otherwise)."""
+
+    mode: Literal["convert", "proxy"] = Field("convert", description="convert: SLM first, LLM fallback; proxy: pass-through logging proxy.")
+    upstream: str | None = Field(None, description="Base URL of the upstream LLM API (OpenAI-compatible), e.g. https://api.openai.com/v1.")
+    upstream_key_env: str | None = Field("SLMCONVERT_UPSTREAM_API_KEY", description="Environment variable with the upstream API key (never logged).")
+    host: str = Field("127.0.0.1", description="Bind address (loopback by default).")
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys_env: str = Field("SLMCONVERT_API_KEYS", description="Environment variable with the accepted client keys, comma-separated.")
+    api_key_file: str | None = Field(None, description="File with accepted client keys, one per line.")
+    no_auth: bool = Field(False, description="Accept requests without a client key (explicit opt-out).")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger requests get HTTP 413.")
+    max_concurrency: int = Field(64, ge=1, description="Requests in flight at once; more wait up to queue_timeout_s, then get 429.")
+    queue_timeout_s: float = Field(30.0, gt=0)
+    upstream_timeout_s: float = Field(120.0, gt=0, description="An upstream slower than this gives HTTP 504.")
+    max_new_tokens: int = Field(256, ge=1, description="SLM answer budget.")
+    device: str | None = Field(None, description="cuda / cpu for the SLMs (default: cuda when available).")
+    log_calls: bool = Field(True, description="Append every call (scrubbed per scrub.*) to WS/serve/calls-DATE.jsonl.")
+
+
 class PipelineConfig(StrictModel):
     workspace: str = Field("workspace", description="The workspace folder every stage reads and writes.")
     demo_data: DemoDataConfig | None = None
@@ -184,6 +204,7 @@ class PipelineConfig(StrictModel):
     select: SelectConfig = Field(default_factory=SelectConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @field_validator("workspace")
     @classmethod

@@ -1,4 +1,9 @@
-"""Run the stages of a pipeline in order; each one skips itself when its inputs and config are unchanged."""
+"""Run the stages of a pipeline in order; each one skips itself when its inputs and config are unchanged.
+
+Every run appends one record to WS/iterations.jsonl (paper step S6): which stages re-ran and
+why it mattered (invocations, sessions, adapters before and after), and the evaluation headline
+before and after, so the effect of new logs on what moves to SLMs is on file.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ from slmconvert.errors import StageError
 from slmconvert.progress import NULL_PROGRESS, Progress
 from slmconvert.workspace import Workspace
 
-# Stages implemented so far, in pipeline order. `scrub` runs inside `collect` by default; as
+ITERATIONS = "iterations.jsonl"
+
+# The stages, in pipeline order. `scrub` runs inside `collect` by default; as
 # its own stage it re-scrubs an existing workspace (see `slmconvert scrub`).
 PIPELINE_STAGES = ("demo-data", "collect", "scrub", "cluster", "select", "finetune", "evaluate")
 
@@ -96,20 +103,84 @@ RUNNERS: dict[str, Callable[[PipelineConfig, Workspace, bool, Progress], tuple[s
 }
 
 
+def snapshot(ws: Workspace) -> dict[str, Any]:
+    """What a later iteration is compared against: sizes and the evaluation headline."""
+    out: dict[str, Any] = {}
+    cm = ws.read_manifest("collect")
+    if cm:
+        out["invocations"] = cm.counts.get("invocations")
+        out["sessions"] = cm.counts.get("sessions")
+    km = ws.read_manifest("cluster")
+    if km:
+        out["sites"], out["tasks"] = km.counts.get("sites"), km.counts.get("tasks")
+        out["router_test_accuracy"] = km.extra.get("router_test_accuracy")
+    fm = ws.read_manifest("finetune")
+    if fm:
+        out["adapters"] = {f"{a['site']}/{a['model']}": a.get("fingerprint", "")[:12] for a in fm.extra.get("adapters", [])}
+    em = ws.read_manifest("evaluate")
+    if em:
+        h = em.extra.get("headline", {})
+        out["headline"] = {k: h.get(k) for k in ("share_calls", "share_tokens", "share_cost", "verdicts")}
+        out["verdicts"] = em.extra.get("verdicts", {})
+    return out
+
+
+def record_iteration(ws: Workspace, results: list[dict[str, Any]], before: dict[str, Any], started: str) -> dict[str, Any]:
+    """Append this run to WS/iterations.jsonl (one JSON line, flushed and fsynced)."""
+    import json
+    import os
+
+    from slmconvert.workspace import utcnow
+
+    after = snapshot(ws)
+    path = ws.root / ITERATIONS
+    n = 1
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            n = 1 + sum(1 for line in f if line.strip())
+    retrained = sorted(k for k, v in after.get("adapters", {}).items() if before.get("adapters", {}).get(k) != v)
+    changed_verdicts = {k: [before.get("verdicts", {}).get(k), v] for k, v in after.get("verdicts", {}).items()
+                        if before.get("verdicts", {}).get(k) != v}
+    record = {"iteration": n, "started_at": started, "finished_at": utcnow(),
+              "ran": [r["stage"] for r in results if r["status"] in ("ran", "updated")],
+              "skipped": [r["stage"] for r in results if r["status"] == "skipped"],
+              "stages": results, "new_invocations": (after.get("invocations") or 0) - (before.get("invocations") or 0),
+              "retrained_adapters": retrained, "verdict_changes": changed_verdicts,
+              "before": {k: v for k, v in before.items() if k not in ("adapters", "verdicts")},
+              "after": {k: v for k, v in after.items() if k not in ("adapters", "verdicts")}}
+    ws.root.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return record
+
+
 def run_pipeline(config: PipelineConfig, ws: Workspace, *, start: str | None = None, stop: str | None = None,
                  force: bool = False, progress: Progress = NULL_PROGRESS,
                  on_stage: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    from slmconvert.workspace import utcnow
+
     names = list(PIPELINE_STAGES)
     for label, value in (("--from", start), ("--until", stop)):
         if value is not None and value not in names:
             raise StageError(f"{label} {value!r}: unknown stage (stages: {', '.join(names)})")
     i = names.index(start) if start else 0
     j = names.index(stop) + 1 if stop else len(names)
-    results = []
+    started, before = utcnow(), snapshot(ws) if ws.root.exists() else {}
+    results: list[dict[str, Any]] = []
     for name in names[i:j]:
         if on_stage:
             on_stage(name)
         t = time.perf_counter()
-        status, summary = RUNNERS[name](config, ws, force, progress)
+        try:
+            status, summary = RUNNERS[name](config, ws, force, progress)
+        except BaseException as e:  # on file too: an interrupted or failed iteration, and where it stopped
+            results.append({"stage": name, "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                            "seconds": round(time.perf_counter() - t, 2), "summary": str(e)[:300]})
+            if ws.root.exists():
+                record_iteration(ws, results, before, started)
+            raise
         results.append({"stage": name, "status": status, "seconds": round(time.perf_counter() - t, 2), "summary": summary})
+    record_iteration(ws, results, before, started)
     return results

@@ -38,6 +38,7 @@ from slmconvert.cli import models as _models  # noqa: E402,F401
 from slmconvert.cli import pipeline as _pipeline  # noqa: E402,F401
 from slmconvert.cli import scrub as _scrub  # noqa: E402,F401
 from slmconvert.cli import select as _select  # noqa: E402,F401
+from slmconvert.cli import serve as _serve  # noqa: E402,F401
 
 
 def main() -> None:

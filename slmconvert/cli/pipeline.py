@@ -47,8 +47,16 @@ def run(
     t0 = time.perf_counter()
     results = run_pipeline(cfg, ws, start=from_, stop=until, force=force, progress=RichProgress(not as_json),
                            on_stage=None if as_json else _announce)
+    evaluated = any(r["stage"] == "evaluate" for r in results) and ws.read_manifest("evaluate") is not None
+    summary = None
+    if evaluated:
+        from slmconvert.evaluate.stage import load_summary
+
+        summary = load_summary(ws)
     if as_json:
-        print_json({"workspace": str(ws.root), "stages": results, "total_s": round(time.perf_counter() - t0, 2)})
+        print_json({"workspace": str(ws.root), "stages": results, "total_s": round(time.perf_counter() - t0, 2),
+                    "headline": summary["headline"] if summary else None,
+                    "report": str(ws.stage_dir("evaluate") / "report.html") if summary else None})
         return
     from rich.table import Table
 
@@ -56,7 +64,13 @@ def run(
     for r in results:
         t.add_row(r["stage"], r["status"], f"{r['seconds']:.1f}", r["summary"])
     console.print(t)
-    console.print(f"workspace: {ws.root}  (total {time.perf_counter() - t0:.1f} s)", highlight=False)
+    if summary:
+        from slmconvert.cli.evaluate import print_verdicts
+
+        print_verdicts(summary, "verdicts per task (test split)")
+        console.print(f"report: {ws.stage_dir('evaluate') / 'report.html'}", highlight=False)
+    console.print(f"workspace: {ws.root}  (total {time.perf_counter() - t0:.1f} s; this iteration is recorded in "
+                  f"{ws.root / 'iterations.jsonl'})", highlight=False)
 
 
 def _announce(stage: str) -> None:

@@ -241,7 +241,9 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
 
             with timer.step("scrub_s"):
                 n_before = len(fresh)
-                fresh, report = scrub_invocations(fresh, config.scrub, workspace, progress=progress)
+                earlier = read_json(stage_dir / SCRUB_REPORT).get("template_values_kept", []) \
+                    if base and (stage_dir / SCRUB_REPORT).exists() else []
+                fresh, report = scrub_invocations(fresh, config.scrub, workspace, progress=progress, template_values=earlier)
             collector.dropped["scrub_policy"] += n_before - len(fresh)
 
         with timer.step("tools_s"):
@@ -336,6 +338,7 @@ def _merge_reports(old: dict | None, new: dict) -> dict:
             fields.setdefault(f, {})[k] = fields.get(f, {}).get(k, 0) + n
     out["fields"] = fields
     out["examples"] = {**old.get("examples", {}), **new.get("examples", {})}
+    out["template_values_kept"] = sorted(set(old.get("template_values_kept", [])) | set(new.get("template_values_kept", [])))
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -417,10 +418,12 @@ def _generate_all(config, workspace, adapters, samples, cache, task_kind, proble
                 from peft import PeftModel
 
                 name = f"a{fp[:12]}"
-                if peft_model is None:
-                    peft_model = PeftModel.from_pretrained(model, str(d / "adapter"), adapter_name=name)
-                else:
-                    peft_model.load_adapter(str(d / "adapter"), adapter_name=name)
+                with warnings.catch_warnings():  # peft asks transformers 5 for a renamed attribute
+                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                    if peft_model is None:
+                        peft_model = PeftModel.from_pretrained(model, str(d / "adapter"), adapter_name=name)
+                    else:
+                        peft_model.load_adapter(str(d / "adapter"), adapter_name=name)
                 peft_model.set_adapter(name)
                 peft_model.eval()
                 tuned = peft_model

@@ -80,11 +80,24 @@ def _flash_attention_available(device: str) -> bool:
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest *complete* checkpoint. The Trainer writes trainer_state.json last; a process killed
+    while saving leaves a folder without it (or with it torn), which is removed, not resumed from."""
+    import shutil
 
     if not output_dir.exists():
         return None
-    return get_last_checkpoint(str(output_dir))
+    found = []
+    for d in output_dir.glob("checkpoint-*"):
+        step = d.name.rsplit("-", 1)[-1]
+        if d.is_dir() and step.isdigit():
+            found.append((int(step), d))
+    for _, d in sorted(found, reverse=True):
+        try:
+            json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(d)
+        except (OSError, ValueError):
+            shutil.rmtree(d, ignore_errors=True)
+    return None
 
 
 def progress_callback(progress: Progress, log: list[dict[str, Any]]):
@@ -140,8 +153,10 @@ def train_adapter(model, tokenizer, rows: list[dict[str, Any]], output_dir: Path
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     log: list[dict[str, Any]] = []
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[progress_callback(progress, log)])
+    with warnings.catch_warnings():  # transformers 5 renamed gradient -> activation checkpointing; peft still asks the old name
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+                             callbacks=[progress_callback(progress, log)])
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for cb in (PrinterCallback, ProgressCallback):  # our own progress display is the only one

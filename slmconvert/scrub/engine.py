@@ -69,6 +69,7 @@ def segments_of(text: str) -> list[tuple[int, str]]:
 # Dates, times and sums look like phone numbers to a digit matcher.
 _NOT_A_PHONE = re.compile(r"^\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|^\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}$|\d\s[-+*/]\s\d|^\d{1,2}:\d{2}")
 _PHONE_CANDIDATE = re.compile(r"(?:\+|\b)\(?\d[\d ().\-/]{5,24}\d\b")
+_ADDRESS_LIKE = re.compile(r"\S+@\S+|\b(?:https?|ftp)://\S+|\bwww\.\S+")
 _WORD = re.compile(r"[^\W\d_]+")
 _GAP = re.compile(r"^[\s,.\-]{0,8}$")
 # Lines after a street line: city, region, country, postcode, each after a comma or a line break.
@@ -288,7 +289,9 @@ class Scrubber:
             # context to judge; names in JSON come with keys (key_hints).
             if self.ner_entities and _NER_CANDIDATE.search(text) and (key is None or " " in text.strip()):
                 ner_texts.append(text)
-            for w in _WORD.findall(text):
+            # Words inside e-mail addresses and URLs are not "the same word in lower case"
+            # (jane.holloway@... must not make "Holloway" a common word).
+            for w in _WORD.findall(_ADDRESS_LIKE.sub(" ", text)):
                 if w.islower():
                     self.lower_counts[w] += 1
                 elif w[:1].isupper():
@@ -376,6 +379,37 @@ class Scrubber:
 
     def detections(self, text: str, key: str | None) -> list[Detection]:
         return self.cache.get((text, key), [])
+
+    def learn_template_values(self, units_of: dict[str, list[tuple[str, str | None]]], session_of: dict[str, str]) -> list[str]:
+        """NER values found in texts shared by >= policy.template_min_sessions sessions join the allow-list.
+
+        A system prompt naming the company ("support agent of Northwind Outfitters") is the same in
+        every conversation; replacing that "name" per session would give every session a different
+        system prompt, hiding the call site's static template, and teach the SLM a random company name.
+        """
+        sessions_of: dict[str, set[str]] = defaultdict(set)
+        for inv_id, units in units_of.items():
+            for text, _key in units:
+                sessions_of[text].add(session_of[inv_id])
+        shared = {text for text, sessions in sessions_of.items() if len(sessions) >= self.policy.template_min_sessions}
+        learned = set()
+        if not shared:
+            return []
+        for units in units_of.values():
+            for text, key in units:
+                if text not in shared:
+                    continue
+                for d in self.cache.get((text, key), []):
+                    if d.score == NER_SCORE:  # NER only: structured hits (e-mails, keys) stay PII wherever they are
+                        value = text[d.start:d.end].strip()
+                        learned.add(value)
+                        learned.update(re.split(r"\s+", value))
+        learned -= self.allow
+        self.allow |= learned
+        if learned:  # drop the detections of those values everywhere
+            for k, dets in self.cache.items():
+                self.cache[k] = [d for d in dets if not (d.score == NER_SCORE and k[0][d.start:d.end].strip() in self.allow)]
+        return sorted(learned)
 
     # ------------------------------------------------------------------ the session map
     def session_map(self, session: str, units: list[tuple[str, str | None]]) -> tuple[dict[str, tuple[str, str]], set[str], Counter]:
@@ -596,8 +630,12 @@ def scrub_key(workspace, seed: int) -> bytes:
 
 
 def scrub_invocations(invocations: list[Invocation], config, workspace, progress: Progress = NULL_PROGRESS,
-                      scrubber: Scrubber | None = None) -> tuple[list[Invocation], dict]:
-    """Scrub invocations session by session. Returns the scrubbed invocations and a report."""
+                      scrubber: Scrubber | None = None, template_values: Iterable[str] = ()) -> tuple[list[Invocation], dict]:
+    """Scrub invocations session by session. Returns the scrubbed invocations and a report.
+
+    `template_values`: values an earlier run learned are template vocabulary (see
+    `Scrubber.learn_template_values`), so an incremental run treats them the same way.
+    """
     import time
 
     from slmconvert.scrub.policy import load_policy
@@ -606,11 +644,14 @@ def scrub_invocations(invocations: list[Invocation], config, workspace, progress
     policy = load_policy(config.policy)
     if scrubber is None:
         scrubber = Scrubber(policy, scrub_key(workspace, config.seed), config.surrogates, config.batch_size, config.n_process)
+    known = set(template_values) - scrubber.allow
+    scrubber.allow |= known
     sessions: dict[str, list[Invocation]] = defaultdict(list)
     for inv in invocations:
         sessions[inv.session_id].append(inv)
     units_of = {inv.id: _invocation_units(inv) for inv in invocations}
     scrubber.detect_all((u for units in units_of.values() for u in units), progress)
+    template_values = sorted(known | set(scrubber.learn_template_values(units_of, {inv.id: inv.session_id for inv in invocations})))
     t_detect = time.perf_counter() - t0
     counts: Counter = Counter()
     kept: Counter = Counter()
@@ -641,6 +682,7 @@ def scrub_invocations(invocations: list[Invocation], config, workspace, progress
         "invocations": len(invocations),
         "sessions": len(sessions),
         "dropped_invocations": dropped,
+        "template_values_kept": template_values,
         "units": scrubber.stats["units"],
         "ner_units": scrubber.stats["ner_units"],
         "characters": scrubber.stats["chars"],

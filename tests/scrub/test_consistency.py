@@ -1,5 +1,6 @@
 """Surrogates: consistent within a session, different across sessions, deterministic, same shape."""
 
+import json
 import re
 
 from slmconvert.invocation import ToolCall
@@ -65,3 +66,34 @@ def test_name_shaped_organisations_are_treated_as_names_but_real_organisations_a
     assert _looks_like_person("Tomomi Nishiyama") and _looks_like_person("Faina D. Yefremova")
     assert not _looks_like_person("Palantir Technologies") and not _looks_like_person("Bank of America")
     assert not _looks_like_person("Microbilt") and not _looks_like_person("IBM Research")
+
+
+def test_a_name_in_a_system_prompt_shared_by_many_sessions_is_template_vocabulary(tmp_path):
+    """The company named in every conversation's system prompt is not personal data: replacing it per session would
+    give each session a different system prompt (hiding the static template) and teach the SLM random names."""
+    from slmconvert.collect.stage import run
+    from slmconvert.demo import generate
+    from slmconvert.store import load_invocations
+    from slmconvert.workspace import Workspace
+    from tests.conftest import stage_config
+
+    generate(tmp_path / "logs.jsonl", sessions=30, seed=2)
+    ws = Workspace(tmp_path / "ws")
+    run(stage_config(ws.root, "scrub.enabled=true", f"collect.paths=[{tmp_path / 'logs.jsonl'}]"), ws)
+    invs = load_invocations(ws, "collect")
+    shop = [i for i in invs if "ShopAssist" in (i.request.messages[0].get("content") or "")]
+    assert len({i.session_id for i in shop}) >= 5
+    # one template up to the date, and the company name intact
+    prompts = {i.request.messages[0]["content"].split("Today is")[0] for i in shop}
+    assert len(prompts) == 1 and "Northwind Outfitters" in prompts.pop()
+    report = json.loads((ws.stage_dir("collect") / "scrub_report.json").read_text())
+    assert "Northwind Outfitters" in report["template_values_kept"]
+    # the customers' names are still replaced: none of the raw log's names survive
+    raw = [json.loads(line) for line in open(tmp_path / "logs.jsonl")]
+    raw_names = set()
+    for r in raw:
+        for m in r["request"]["messages"]:
+            if m["role"] == "tool" and '"customer"' in m["content"]:
+                raw_names.add(json.loads(m["content"])["customer"]["name"])
+    stored = json.dumps([i.to_dict() for i in invs])
+    assert raw_names and not [n for n in raw_names if n in stored]

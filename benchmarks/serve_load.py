@@ -1,0 +1,171 @@
+"""Load on `slmconvert serve` over loopback: the latency the proxy adds, and that no call is lost.
+
+    python benchmarks/serve_load.py [--clients 50] [--requests 2000]
+    HF_HUB_OFFLINE=1 python benchmarks/serve_load.py --slm workspace/quickstart [--slm-requests 20]
+
+1. Proxy mode in front of a local fake upstream (an uvicorn app that answers at once): N concurrent
+   clients (bounded) send chat completions through the proxy, then the same load goes straight to
+   the upstream. Prints requests/s and p50/p95 latency both ways; the overhead is their difference.
+   Then checks the log: one scrubbed line per request (zero lost).
+2. With --slm WS: convert mode on a converted workspace on CPU; latency per request of the SLM path
+   (requests drawn from the workspace's test split, one client at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def fake_upstream_app():
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict):
+        return {"id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": body.get("model", "m"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}}
+
+    return app
+
+
+class Server:
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join()
+
+
+async def load(url: str, body: dict, clients: int, total: int, headers: dict) -> tuple[list[float], float, int]:
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        async def worker():
+            nonlocal errors
+            while not queue.empty():
+                i = queue.get_nowait()
+                t = time.perf_counter()
+                r = await client.post(url, json={**body, "messages": body["messages"] + [{"role": "user", "content": f"n{i}"}]},
+                                      headers=headers)
+                lat.append((time.perf_counter() - t) * 1000)
+                errors += r.status_code != 200
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return lat, wall, errors
+
+
+def pct(values: list[float], p: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(p * (len(v) - 1))))]
+
+
+def proxy_benchmark(clients: int, total: int) -> None:
+    from slmconvert.config import load_config
+    from slmconvert.serve.app import ServeSettings, create_app
+    from slmconvert.serve.calllog import CallLogger
+    from slmconvert.workspace import Workspace
+
+    ws = Workspace(Path(tempfile.mkdtemp()) / "ws")
+    cfg = load_config(None, [f"workspace={json.dumps(str(ws.root))}"])
+    body = {"model": "gpt-4o", "messages": [{"role": "system", "content": "You are the billing agent."},
+                                            {"role": "user", "content": "My email is jo@example.com, what do I owe?"}]}
+    with Server(fake_upstream_app()) as up:
+        logger = CallLogger(ws, cfg)
+        app = create_app(ServeSettings(upstream=up.url + "/v1", mode="proxy", api_keys=["k"], max_concurrency=max(64, clients)),
+                         logger=logger)
+        with Server(app) as proxy:
+            asyncio.run(load(proxy.url + "/v1/chat/completions", body, clients, min(200, total), {"Authorization": "Bearer k"}))  # warm-up
+            direct, d_wall, d_err = asyncio.run(load(up.url + "/v1/chat/completions", body, clients, total, {}))
+            via, p_wall, p_err = asyncio.run(load(proxy.url + "/v1/chat/completions", body, clients, total, {"Authorization": "Bearer k"}))
+        t = time.perf_counter()
+        logger.close()
+        drain = time.perf_counter() - t
+    lines = sum(1 for f in (ws.root / "serve").glob("calls-*.jsonl") for _ in open(f))
+    expected = total + min(200, total)
+    print(f"{clients} concurrent clients, {total} requests each way (loopback, 2 cores shared by clients, proxy and upstream)")
+    print(f"  direct to upstream: {total / d_wall:7.0f} req/s  p50 {statistics.median(direct):6.2f} ms  p95 {pct(direct, .95):6.2f} ms  errors {d_err}")
+    print(f"  through the proxy:  {total / p_wall:7.0f} req/s  p50 {statistics.median(via):6.2f} ms  p95 {pct(via, .95):6.2f} ms  errors {p_err}")
+    print(f"  added by the proxy: p50 {statistics.median(via) - statistics.median(direct):+.2f} ms  p95 {pct(via, .95) - pct(direct, .95):+.2f} ms")
+    print(f"  call log: {lines} of {expected} requests logged, scrubbed ({expected - lines} lost; "
+          f"{logger.failed} failed); the writer drained its backlog in {drain:.1f} s after the load")
+
+
+def slm_benchmark(workspace: str, n: int) -> None:
+    import httpx
+    import pyarrow.parquet as pq
+
+    from slmconvert.config import load_config
+    from slmconvert.serve.app import ServeSettings, create_app
+    from slmconvert.serve.engine import SlmEngine
+    from slmconvert.store import load_invocations
+    from slmconvert.workspace import Workspace
+
+    ws = Workspace(workspace)
+    cfg = load_config(None, [f"workspace={json.dumps(workspace)}"])
+    t = time.perf_counter()
+    engine = SlmEngine(cfg, ws, max_new_tokens=128)
+    print(f"SLM engine loaded in {time.perf_counter() - t:.1f} s: sites {engine.sites}")
+    by_id = {i.id: i for i in load_invocations(ws, ws.invocation_stage())}
+    test = [by_id[a["invocation_id"]] for a in pq.read_table(ws.stage_dir("cluster") / "assignments.parquet").to_pylist()
+            if a["split"] == "test" and a["invocation_id"] in by_id][:n]
+    with Server(fake_upstream_app()) as up, Server(create_app(ServeSettings(upstream=up.url + "/v1", mode="convert", no_auth=True),
+                                                              engine=engine)) as srv:
+        lat, by = [], {"slm": [], "llm": []}
+        for inv in test:
+            t = time.perf_counter()
+            r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "gpt-4o", "messages": inv.request.messages,
+                                                                   "tools": inv.request.tools}, timeout=300)
+            ms = (time.perf_counter() - t) * 1000
+            lat.append(ms)
+            by[r.headers.get("x-slmconvert-answered-by", "llm")].append(ms)
+    print(f"convert mode on CPU, {len(lat)} test-split requests one at a time: p50 {statistics.median(lat):.0f} ms, "
+          f"p95 {pct(lat, .95):.0f} ms; SLM answered {len(by['slm'])} (p50 {statistics.median(by['slm']) if by['slm'] else 0:.0f} ms), "
+          f"LLM {len(by['llm'])} (p50 {statistics.median(by['llm']) if by['llm'] else 0:.0f} ms, includes the SLM attempt)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--slm", default=None, help="a converted workspace (after evaluate) for the SLM-path latency")
+    ap.add_argument("--slm-requests", type=int, default=20)
+    a = ap.parse_args()
+    if a.slm:
+        slm_benchmark(a.slm, a.slm_requests)
+    else:
+        proxy_benchmark(a.clients, a.requests)
+
+
+if __name__ == "__main__":
+    main()

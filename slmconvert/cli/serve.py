@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from slmconvert.cli import app
+from slmconvert.cli._common import ConfigOpt, SetOpt, WorkspaceOpt, err_console, handle_errors, load
+
+
+def client_keys(sc) -> list[str]:
+    import os
+
+    keys = [k.strip() for k in os.environ.get(sc.api_keys_env, "").split(",") if k.strip()]
+    if sc.api_key_file:
+        try:
+            text = Path(sc.api_key_file).expanduser().read_text(encoding="utf-8")
+        except OSError as e:
+            from slmconvert.errors import ConfigError
+
+            raise ConfigError("serve.api_key_file", [f"{sc.api_key_file}: {e.strerror}"]) from None
+        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return keys
+
+
+@app.command()
+@handle_errors
+def serve(
+    workspace: Optional[Path] = WorkspaceOpt,
+    upstream: Optional[str] = typer.Option(None, "--upstream", help="Upstream LLM base URL (OpenAI-compatible), e.g. https://api.openai.com/v1. Its key: $SLMCONVERT_UPSTREAM_API_KEY."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="convert (SLM first, LLM fallback; default) | proxy (pass-through logging proxy)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Bind address (default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port (default 8000)."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Accepted client keys, one per line (or $SLMCONVERT_API_KEYS, comma-separated)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Accept requests without a client key (explicit opt-out)."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Serve the converted agent: an OpenAI-compatible /v1/chat/completions that answers with the call site's SLM
+    when its task passed evaluation and forwards to the upstream LLM otherwise; every call is logged (scrubbed)
+    to WS/serve/ for the next `slmconvert run`."""
+    import json
+
+    extra = []
+    for key, value in (("upstream", upstream), ("mode", mode), ("host", host), ("port", port)):
+        if value is not None:
+            extra.append(f"serve.{key}={json.dumps(value)}")
+    if api_key_file:
+        extra.append(f"serve.api_key_file={json.dumps(str(api_key_file))}")
+    if no_auth:
+        extra.append("serve.no_auth=true")
+    cfg, ws = load(config, set_, workspace, extra)
+    sc = cfg.serve
+    from slmconvert.errors import ConfigError
+
+    keys = client_keys(sc)
+    if not keys and not sc.no_auth:
+        raise ConfigError("serve", [f"client API keys are required: set ${sc.api_keys_env} (comma-separated) or --api-key-file, "
+                                    "or pass --no-auth to accept unauthenticated requests"])
+    if sc.mode == "proxy" and not sc.upstream:
+        raise ConfigError("serve", ["--mode proxy needs --upstream URL"])
+    if sc.host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"[yellow]warning:[/] listening on {sc.host}: reachable from other machines", highlight=False)
+
+    from slmconvert.serve.app import ServeSettings, create_app
+    from slmconvert.serve.calllog import CallLogger
+
+    engine = None
+    if sc.mode == "convert":
+        from slmconvert.serve.engine import SlmEngine
+
+        err_console.print("loading the router and the SLM adapters ...")
+        engine = SlmEngine(cfg, ws, device=sc.device, max_new_tokens=sc.max_new_tokens)
+        if not sc.upstream:
+            err_console.print("[yellow]warning:[/] no --upstream: requests the SLM may not answer get HTTP 502")
+    logger = CallLogger(ws, cfg) if sc.log_calls else None
+    settings = ServeSettings(upstream=sc.upstream, mode=sc.mode, api_keys=keys, no_auth=sc.no_auth,
+                             upstream_key_env=sc.upstream_key_env, max_body_bytes=sc.max_body_bytes,
+                             max_concurrency=sc.max_concurrency, queue_timeout_s=sc.queue_timeout_s,
+                             upstream_timeout_s=sc.upstream_timeout_s)
+    application = create_app(settings, engine=engine, logger=logger)
+    import uvicorn
+
+    err_console.print(f"slmconvert serve ({sc.mode}) on http://{sc.host}:{sc.port}/v1 — sites: "
+                      f"{', '.join(engine.sites) if engine else 'all forwarded'}; logging to {ws.root / 'serve'}", highlight=False)
+    try:
+        uvicorn.run(application, host=sc.host, port=sc.port, log_level="warning")
+    finally:
+        if logger is not None:
+            logger.close()

@@ -1,0 +1,1 @@
+"""`serve`: the heterogeneous agent — SLM first where evaluation allows, the LLM otherwise, every call logged."""

@@ -1,0 +1,232 @@
+"""The OpenAI-compatible HTTP server (FastAPI on uvicorn).
+
+- `POST /v1/chat/completions`: in `convert` mode the call site's SLM answers when the evaluation
+  allows it (see `engine.SlmEngine`), otherwise the request goes unchanged to the upstream LLM; in
+  `proxy` mode every request goes upstream. Response headers say who answered and why:
+  `x-slmconvert-answered-by: slm|llm`, `x-slmconvert-site`, `x-slmconvert-task`, `x-slmconvert-reason`.
+- `GET /v1/models`, `GET /health`.
+- Client keys (`Authorization: Bearer ...`) are required unless auth is switched off explicitly;
+  the upstream key comes from the environment and is sent upstream only, never logged.
+- Request size and concurrency limits; malformed requests get OpenAI-style 400 errors; an upstream
+  that is down gives a 502, one that is too slow a 504, each with a message that says which.
+"""
+
+
+import asyncio
+import hmac
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+
+@dataclass
+class ServeSettings:
+    upstream: str | None
+    mode: str = "convert"  # convert | proxy
+    api_keys: list[str] = field(default_factory=list)
+    no_auth: bool = False
+    upstream_key_env: str | None = "SLMCONVERT_UPSTREAM_API_KEY"
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_concurrency: int = 64
+    queue_timeout_s: float = 30.0
+    upstream_timeout_s: float = 120.0
+
+
+def openai_error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status,
+                        headers=headers)
+
+
+def validate_request(body: Any) -> str | None:
+    """Why a chat-completions body is malformed, or None."""
+    if not isinstance(body, dict):
+        return "the request body must be a JSON object"
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        return "'messages' must be a non-empty array"
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return f"messages[{i}] must be an object with a 'role'"
+        if m["role"] not in ("system", "developer", "user", "assistant", "tool", "function"):
+            return f"messages[{i}].role {m['role']!r} is not a chat role"
+    if "tools" in body and body["tools"] is not None and not isinstance(body["tools"], list):
+        return "'tools' must be an array"
+    if body.get("stream"):
+        return "stream=true is not supported by slmconvert serve yet; send non-streaming requests"
+    return None
+
+
+def completion_body(decision, model_name: str) -> dict[str, Any]:
+    """An OpenAI chat.completion for the SLM's answer."""
+    resp = decision.response
+    message: dict[str, Any] = {"role": "assistant", "content": resp.content if not resp.tool_calls else (resp.content or None)}
+    if resp.tool_calls:
+        message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                  "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+                                 for c in resp.tool_calls]
+    return {"id": f"chatcmpl-slm-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model_name, "system_fingerprint": f"slmconvert:{decision.site}",
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if resp.tool_calls else "stop"}],
+            "usage": {"prompt_tokens": decision.prompt_tokens, "completion_tokens": decision.completion_tokens,
+                      "total_tokens": decision.prompt_tokens + decision.completion_tokens}}
+
+
+def _header(value: Any) -> str:
+    return str(value if value is not None else "").encode("ascii", "replace").decode("ascii")[:200]
+
+
+def create_app(settings: ServeSettings, *, engine=None, logger=None):
+    from contextlib import asynccontextmanager
+
+    import httpx
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    if settings.mode == "convert" and engine is None:
+        raise ValueError("convert mode needs an SlmEngine")
+    if not settings.no_auth and not settings.api_keys:
+        raise ValueError("client API keys are required (or switch auth off explicitly)")
+    state: dict[str, Any] = {"requests": 0, "slm": 0, "llm": 0, "errors": 0}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        limits = httpx.Limits(max_connections=settings.max_concurrency * 2, max_keepalive_connections=settings.max_concurrency)
+        state["client"] = httpx.AsyncClient(timeout=settings.upstream_timeout_s, limits=limits)
+        state["sem"] = asyncio.Semaphore(settings.max_concurrency)
+        try:
+            yield
+        finally:
+            await state["client"].aclose()
+            if logger is not None:
+                await run_in_threadpool(logger.flush)
+
+    app = FastAPI(title="slmconvert serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def authorised(request: Request) -> bool:
+        if settings.no_auth:
+            return True
+        auth = request.headers.get("authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        return bool(token) and any(hmac.compare_digest(token, k) for k in settings.api_keys)
+
+    async def upstream_call(body: bytes) -> tuple[int, Any, float]:
+        if not settings.upstream:
+            raise UpstreamError(502, "no upstream LLM is configured (--upstream URL)")
+        url = settings.upstream.rstrip("/") + "/chat/completions"
+        headers = {"content-type": "application/json"}
+        key = os.environ.get(settings.upstream_key_env or "", "") if settings.upstream_key_env else ""
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        t = time.perf_counter()
+        try:
+            r = await state["client"].post(url, content=body, headers=headers)
+        except httpx.TimeoutException:
+            raise UpstreamError(504, f"the upstream LLM at {settings.upstream} did not answer within "
+                                     f"{settings.upstream_timeout_s:g} s") from None
+        except httpx.HTTPError as e:
+            raise UpstreamError(502, f"the upstream LLM at {settings.upstream} is unreachable ({type(e).__name__})") from None
+        try:
+            payload = r.json()
+        except ValueError:
+            raise UpstreamError(502, f"the upstream LLM at {settings.upstream} answered HTTP {r.status_code} without JSON") from None
+        return r.status_code, payload, (time.perf_counter() - t) * 1000.0
+
+    def log_call(body: dict, response: dict, latency_ms: float, served_by: dict, session: str | None) -> None:
+        if logger is None:
+            return
+        record = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                  "request": body, "response": response, "latency_ms": round(latency_ms, 2), "served_by": served_by}
+        if session:
+            record["session_id"] = session
+        usage = response.get("usage") if isinstance(response, dict) else None
+        if isinstance(usage, dict):
+            record["usage"] = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens")}
+        logger.log(record)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "mode": settings.mode, "upstream": settings.upstream,
+                "sites": engine.sites if engine is not None else [], **{k: v for k, v in state.items() if isinstance(v, int)},
+                "logged": logger.written if logger is not None else None,
+                "log_failures": logger.failed if logger is not None else None}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if not authorised(request):
+            return openai_error(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key", code="invalid_api_key")
+        data = [{"id": f"slmconvert:{s}", "object": "model", "created": 0, "owned_by": "slmconvert"}
+                for s in (engine.sites if engine is not None else [])]
+        data.append({"id": "upstream", "object": "model", "created": 0, "owned_by": "upstream"})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        if not authorised(request):
+            return openai_error(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key", code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_body_bytes:
+            return openai_error(413, f"request body over {settings.max_body_bytes:,} bytes", code="request_too_large")
+        raw = await request.body()
+        if len(raw) > settings.max_body_bytes:
+            return openai_error(413, f"request body over {settings.max_body_bytes:,} bytes", code="request_too_large")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            return openai_error(400, f"the request body is not valid JSON ({e})")
+        problem = validate_request(body)
+        if problem:
+            return openai_error(400, problem, param="messages" if "messages" in problem else None)
+        try:
+            await asyncio.wait_for(state["sem"].acquire(), timeout=settings.queue_timeout_s)
+        except asyncio.TimeoutError:
+            return openai_error(429, f"too many concurrent requests (limit {settings.max_concurrency})", "rate_limit_error",
+                                code="concurrency_limit")
+        state["requests"] += 1
+        session = request.headers.get("x-session-id")
+        try:
+            t0 = time.perf_counter()
+            decision = None
+            if settings.mode == "convert":
+                decision = await run_in_threadpool(engine.answer, body["messages"], body.get("tools"))
+                if decision.use_slm:
+                    state["slm"] += 1
+                    out = completion_body(decision, body.get("model") or f"slmconvert:{decision.site}")
+                    served = {"by": "slm", "site": decision.site, "task": decision.task, "reason": decision.reason,
+                              "confidence": decision.confidence}
+                    log_call(body, out, (time.perf_counter() - t0) * 1000.0, served, session)
+                    return JSONResponse(out, headers={"x-slmconvert-answered-by": "slm", "x-slmconvert-site": _header(decision.site),
+                                                      "x-slmconvert-task": _header(decision.task),
+                                                      "x-slmconvert-reason": _header(decision.reason)})
+            try:
+                status, payload, upstream_ms = await upstream_call(raw)
+            except UpstreamError as e:
+                state["errors"] += 1
+                return openai_error(e.status, e.message, "upstream_error", code="upstream_unavailable" if e.status == 502 else "upstream_timeout")
+            reason = "proxy mode" if decision is None else decision.reason
+            headers = {"x-slmconvert-answered-by": "llm", "x-slmconvert-reason": _header(reason)}
+            if decision is not None:
+                headers.update({"x-slmconvert-site": _header(decision.site), "x-slmconvert-task": _header(decision.task)})
+            if status == 200:
+                state["llm"] += 1
+                log_call(body, payload, upstream_ms, {"by": "llm", "reason": reason,
+                                                     "site": decision.site if decision else None}, session)
+            return JSONResponse(payload, status_code=status, headers=headers)
+        finally:
+            state["sem"].release()
+
+    app.state.stats = state
+    return app
+
+
+class UpstreamError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message

@@ -1,0 +1,137 @@
+"""Every served call, SLM or LLM, appended to the workspace in collect's request-response format.
+
+Records are scrubbed (the workspace's scrub policy and key, so surrogates match what `collect`
+produced for the same session) by a writer thread, off the request path, then appended to
+WS/serve/calls-YYYY-MM-DD.jsonl one line at a time, flushed and fsynced. Nothing unscrubbed is
+ever written; a torn last line after a crash is skipped by `collect`. Point `collect.paths` at
+WS/serve/ and the next `slmconvert run` learns from live traffic (paper step S6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from slmconvert.workspace import Workspace
+
+SERVE_DIR = "serve"
+
+
+class CallLogger:
+    def __init__(self, workspace: Workspace, config, *, scrub: bool | None = None):
+        self.workspace = workspace
+        self.config = config
+        self.folder = workspace.root / SERVE_DIR
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.scrub = config.scrub.enabled if scrub is None else scrub
+        self._scrubber = None
+        self._template_values: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        self.written = 0
+        self.failed = 0
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="slmconvert-call-log", daemon=True)
+        self._thread.start()
+
+    # -- producer side (request handlers)
+    def log(self, record: dict[str, Any]) -> None:
+        self._queue.put(record)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every record handed in so far is on disk."""
+        self._queue.join() if timeout is None else _join_with_timeout(self._queue, timeout)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def path_for(self, when: datetime) -> Path:
+        return self.folder / f"calls-{when:%Y-%m-%d}.jsonl"
+
+    # -- writer thread
+    def _run(self) -> None:
+        while True:
+            record = self._queue.get()
+            try:
+                if record is None:
+                    return
+                line = json.dumps(self._prepare(record), ensure_ascii=False, default=str)
+                with open(self.path_for(datetime.now(timezone.utc)), "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                self.written += 1
+            except Exception as e:  # a record that cannot be scrubbed is not written raw: it is counted
+                self.failed += 1
+                self.last_error = f"{type(e).__name__}: {e}"[:300]
+            finally:
+                self._queue.task_done()
+
+    def _prepare(self, record: dict[str, Any]) -> dict[str, Any]:
+        if not self.scrub:
+            return record
+        from slmconvert.collect.formats import ParseContext, RequestResponseFormat
+        from slmconvert.scrub import scrub_invocations
+
+        if self._scrubber is None:
+            self._init_scrubber()
+        [inv] = RequestResponseFormat().parse(record, ParseContext(path="serve", locator="live", format="request-response"))
+        out, _ = scrub_invocations([inv], self.config.scrub, self.workspace, scrubber=self._scrubber,
+                                   template_values=self._template_values)
+        if not out:  # the policy drops calls with this entity
+            return {"dropped": "scrub policy", "timestamp": record.get("timestamp")}
+        return to_record(out[0], record)
+
+    def _init_scrubber(self) -> None:
+        from slmconvert.io import read_json
+        from slmconvert.scrub.engine import Scrubber, scrub_key
+        from slmconvert.scrub.policy import load_policy
+
+        sc = self.config.scrub
+        self._scrubber = Scrubber(load_policy(sc.policy), scrub_key(self.workspace, sc.seed), sc.surrogates, sc.batch_size, 1)
+        report = self.workspace.stage_dir("collect") / "scrub_report.json"
+        if report.exists():
+            self._template_values = read_json(report).get("template_values_kept", [])
+
+
+def to_record(inv, original: dict[str, Any]) -> dict[str, Any]:
+    """An Invocation back into the request-response format, with the served call's metadata."""
+    from slmconvert.chat import response_message
+
+    msg = response_message(inv.response)
+    if msg.get("tool_calls"):
+        msg["tool_calls"] = [{**tc, "function": {**tc["function"], "arguments": json.dumps(tc["function"]["arguments"], ensure_ascii=False)}}
+                             for tc in msg["tool_calls"]]
+    else:
+        msg.pop("tool_calls", None)
+    messages = []
+    for m in inv.request.messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{**tc, "function": {**tc["function"], "arguments": json.dumps(tc["function"]["arguments"], ensure_ascii=False)}}
+                               for tc in m["tool_calls"]]
+        messages.append(m)
+    request = {"model": original.get("request", {}).get("model"), "messages": messages, **inv.request.params}
+    if inv.request.tools:
+        request["tools"] = inv.request.tools
+    out = {"timestamp": original.get("timestamp"), "request": request,
+           "response": {"model": inv.model, "choices": [{"index": 0, "message": msg, "finish_reason": inv.response.finish_reason}]},
+           "latency_ms": original.get("latency_ms"), "served_by": original.get("served_by")}
+    if original.get("session_id"):
+        out["session_id"] = original["session_id"]
+    if inv.usage:
+        out["usage"] = {"prompt_tokens": inv.usage.prompt_tokens, "completion_tokens": inv.usage.completion_tokens}
+    return out
+
+
+def _join_with_timeout(q: queue.Queue, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while q.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.01)
