@@ -12,8 +12,9 @@ Targets (issue 6): function name >= 0.80, arguments >= 0.60, >= 40 points above 
 Runtime on 2 CPU cores: training runs at ~40 tokens/s on ~1.5k-token examples (attention cost and
 activation checkpointing) and ~150 tokens/s on ~700-token ones, so the defaults (600 examples x 2
 epochs x 1.5k tokens) take many hours here: they are for a GPU (`--device cuda`: minutes). A CPU run
-that fits a work session: `--train-examples 200 --epochs 1 --test-calls 40 --max-length 768
---history-tokens 512 --no-activation-checkpointing` (about 30-40 minutes; shorter windows cost accuracy).
+that fits a work session (a smoke run of the whole path, not a quality result): `--train-examples 48
+--epochs 1 --test-calls 20 --max-length 768 --history-tokens 512 --batch-size 4
+--no-activation-checkpointing` (about 15 minutes; ~8 GB).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--test-calls", type=int, default=120)
     ap.add_argument("--max-length", type=int, default=1536)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--history-tokens", type=int, default=1536, help="compaction.max_history_tokens")
     ap.add_argument("--no-activation-checkpointing", action="store_true", help="faster; fine for --max-length <= 1024")
     ap.add_argument("--device", default=None)
@@ -51,7 +53,7 @@ def main() -> None:
     sets = [f"workspace={json.dumps(ws_path)}", f"collect.paths={json.dumps([args.log])}", "collect.model=gpt-4o",
             "finetune.models=[smollm2-135m-instruct]", f"finetune.max_train_examples={args.train_examples}",
             f"finetune.epochs={args.epochs}", f"finetune.max_length={args.max_length}",
-            f"compaction.max_history_tokens={args.history_tokens}",
+            f"compaction.max_history_tokens={args.history_tokens}", f"finetune.batch_size={args.batch_size}",
             f"finetune.activation_checkpointing={'false' if args.no_activation_checkpointing else 'true'}",
             f"evaluate.max_test_examples={args.test_calls}", "evaluate.max_new_tokens=160",
             f"evaluate.max_prompt_tokens={max(args.max_length, 4096)}"]

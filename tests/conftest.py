@@ -166,3 +166,65 @@ def tiny_catalogue(path, folder, name="tiny-llama", **fields):
              "tool_calling": False, "sources": {"folder": str(folder)}, **fields}
     path.write_text(yaml.safe_dump({"kind": "model-catalogue", "models": [entry]}))
     return path
+
+
+class StopAfter:
+    """A progress reporter that simulates Ctrl-C after n steps (for interrupted-run tests)."""
+
+    def __init__(self, n):
+        self.n, self.seen = n, 0
+
+    def start(self, label, total=None):
+        pass
+
+    def stop(self):
+        pass
+
+    def describe(self, label):
+        pass
+
+    def advance(self, k=1):
+        self.seen += k
+        if self.seen > self.n:
+            raise KeyboardInterrupt
+
+
+class FakeLLM:
+    """An OpenAI-compatible /chat/completions on loopback: `reply(body) -> str` answers, every request is recorded."""
+
+    def __init__(self, reply=lambda body: "The LLM answered.", delay: float = 0.0):
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                if delay:
+                    time.sleep(delay)
+                out = json.dumps({"id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": body.get("model", "gpt-4o"),
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": reply(body)},
+                                               "finish_reason": "stop"}],
+                                  "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()

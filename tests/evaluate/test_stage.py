@@ -50,16 +50,7 @@ def test_evaluate_writes_results_summary_and_report_that_agree(tuned_ws, tmp_pat
 
 def test_interrupted_evaluation_resumes_from_cached_generations(tuned_ws, tmp_path):
     from slmconvert.evaluate.stage import run
-    from slmconvert.progress import Progress
-
-    class StopAfter(Progress):
-        def __init__(self, n):
-            self.n, self.seen = n, 0
-
-        def advance(self, k=1):
-            self.seen += k
-            if self.seen > self.n:
-                raise KeyboardInterrupt
+    from tests.conftest import StopAfter
 
     ws, cfg = copy_ws(tuned_ws, tmp_path)
     with pytest.raises(KeyboardInterrupt):
@@ -101,33 +92,12 @@ def test_evaluate_before_finetune_is_a_clear_error(clustered_demo, tmp_path):
 
 @pytest.fixture
 def judge_server():
-    """A small OpenAI-compatible endpoint on loopback: grades 5 when the candidate contains the word 'cancel', else 1."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    """A judge on loopback: grades 5 when the candidate contains the word 'cancel', else 1."""
+    from tests.conftest import FakeLLM
 
-    seen = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            candidate = body["messages"][-1]["content"].split("Candidate reply:")[-1]
-            grade = "5" if "cancel" in candidate.lower() else "1"
-            out = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
-                              "choices": [{"index": 0, "message": {"role": "assistant", "content": grade}, "finish_reason": "stop"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *a):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
-    server.shutdown()
+    judge = FakeLLM(reply=lambda body: "5" if "cancel" in body["messages"][-1]["content"].split("Candidate reply:")[-1].lower() else "1")
+    yield judge.url, judge.seen
+    judge.close()
 
 
 def test_llm_as_judge_grades_text_replies_through_an_openai_compatible_endpoint(tuned_ws, tmp_path, judge_server, monkeypatch):

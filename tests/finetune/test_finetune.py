@@ -8,9 +8,8 @@ import torch
 
 from slmconvert.config import FinetuneConfig
 from slmconvert.errors import StageError
-from slmconvert.progress import Progress
 from slmconvert.workspace import Workspace
-from tests.conftest import stage_config, tiny_llama, tiny_model_folder
+from tests.conftest import StopAfter, stage_config, tiny_llama, tiny_model_folder
 
 ROWS = [{"prompt": f"<|im_start|>user\nQ{c}<|im_end|>\n<|im_start|>assistant\n", "completion": f"A{c}{c}<|im_end|>"}
         for c in "abcdefgh"]
@@ -62,18 +61,6 @@ def test_adapter_learns_and_base_weights_stay(tmp_path):
         key = name.replace("base_layer.", "")
         if "lora_" not in name and key in base_before:
             assert torch.equal(value, base_before[key]), name
-
-
-class StopAfter(Progress):
-    """Simulates Ctrl-C after n optimizer steps."""
-
-    def __init__(self, n):
-        self.n, self.seen = n, 0
-
-    def advance(self, k=1):
-        self.seen += k
-        if self.seen > self.n:
-            raise KeyboardInterrupt
 
 
 @pytest.fixture

@@ -1,12 +1,11 @@
 """Real servers on loopback: slmconvert serve under uvicorn, and a small fake upstream LLM."""
 
-import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tests.conftest import FakeLLM
 from tests.evaluate.conftest import tuned_ws  # noqa: F401  (a demo workspace fine-tuned with a tiny model)
 
 
@@ -34,42 +33,7 @@ class Uvicorn:
         self.thread.join(timeout=30)
 
 
-class FakeUpstream:
-    """An OpenAI-compatible LLM: answers every chat completion, records what it received."""
-
-    def __init__(self, delay: float = 0.0):
-        self.seen = []
-        self.delay = delay
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                if outer.delay:
-                    time.sleep(outer.delay)
-                out = json.dumps({"id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": body.get("model", "gpt-4o"),
-                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "The LLM answered."},
-                                               "finish_reason": "stop"}],
-                                  "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
+FakeUpstream = FakeLLM
 
 
 @pytest.fixture
