@@ -3,10 +3,11 @@
     python benchmarks/serve_load.py [--clients 50] [--requests 2000]
     HF_HUB_OFFLINE=1 python benchmarks/serve_load.py --slm workspace/quickstart [--slm-requests 20]
 
-1. Proxy mode in front of a local fake upstream (an uvicorn app that answers at once): N concurrent
-   clients (bounded) send chat completions through the proxy, then the same load goes straight to
-   the upstream. Prints requests/s and p50/p95 latency both ways; the overhead is their difference.
-   Then checks the log: one scrubbed line per request (zero lost).
+1. Proxy mode (`slmconvert serve --mode proxy`, its own process) in front of a local fake upstream
+   (an uvicorn app in another process that answers at once): N concurrent clients (bounded, from
+   this process) send chat completions straight to the upstream, then through the proxy. Prints
+   requests/s and p50/p95 latency both ways; the overhead is their difference. Then stops the proxy
+   gracefully and counts the log: one scrubbed line per request (zero lost).
 2. With --slm WS: convert mode on a converted workspace on CPU; latency per request of the SLM path
    (requests drawn from the workspace's test split, one client at a time).
 """
@@ -30,6 +31,10 @@ def fake_upstream_app():
     from fastapi import FastAPI
 
     app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
 
     @app.post("/v1/chat/completions")
     async def chat(body: dict):
@@ -59,7 +64,9 @@ class Server:
         self.thread.join()
 
 
-async def load(url: str, body: dict, clients: int, total: int, headers: dict) -> tuple[list[float], float, int]:
+async def load(url: str, body: dict, clients: int, total: int, headers: dict, rate: float | None = None) -> tuple[list[float], float, int]:
+    """`clients` concurrent connections send `total` requests; with `rate`, requests start on a fixed
+    schedule (open loop, `rate` per second in all), so latency is measured below saturation."""
     import httpx
 
     lat: list[float] = []
@@ -73,6 +80,10 @@ async def load(url: str, body: dict, clients: int, total: int, headers: dict) ->
             nonlocal errors
             while not queue.empty():
                 i = queue.get_nowait()
+                if rate:
+                    delay = t0 + i / rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
                 t = time.perf_counter()
                 r = await client.post(url, json={**body, "messages": body["messages"] + [{"role": "user", "content": f"n{i}"}]},
                                       headers=headers)
@@ -90,35 +101,70 @@ def pct(values: list[float], p: float) -> float:
     return v[min(len(v) - 1, int(round(p * (len(v) - 1))))]
 
 
-def proxy_benchmark(clients: int, total: int) -> None:
-    from slmconvert.config import load_config
-    from slmconvert.serve.app import ServeSettings, create_app
-    from slmconvert.serve.calllog import CallLogger
-    from slmconvert.workspace import Workspace
+def free_port() -> int:
+    import socket
 
-    ws = Workspace(Path(tempfile.mkdtemp()) / "ws")
-    cfg = load_config(None, [f"workspace={json.dumps(str(ws.root))}"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, proc, timeout: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url}: the server exited ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def proxy_benchmark(clients: int, total: int, rate: float | None) -> None:
+    """Upstream, proxy and clients in three processes (one Python process each: no shared GIL)."""
+    import os
+    import signal
+    import subprocess
+
+    ws = Path(tempfile.mkdtemp()) / "ws"
+    up_port, px_port = free_port(), free_port()
+    upstream = subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "SLMCONVERT_API_KEYS": "k"}
+    proxy = subprocess.Popen([sys.executable, "-m", "slmconvert", "serve", "-w", str(ws), "--mode", "proxy", "--port", str(px_port),
+                              "--upstream", f"http://127.0.0.1:{up_port}/v1", "--set", f"serve.max_concurrency={max(64, clients)}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=Path(__file__).resolve().parents[1])
     body = {"model": "gpt-4o", "messages": [{"role": "system", "content": "You are the billing agent."},
                                             {"role": "user", "content": "My email is jo@example.com, what do I owe?"}]}
-    with Server(fake_upstream_app()) as up:
-        logger = CallLogger(ws, cfg)
-        app = create_app(ServeSettings(upstream=up.url + "/v1", mode="proxy", api_keys=["k"], max_concurrency=max(64, clients)),
-                         logger=logger)
-        with Server(app) as proxy:
-            asyncio.run(load(proxy.url + "/v1/chat/completions", body, clients, min(200, total), {"Authorization": "Bearer k"}))  # warm-up
-            direct, d_wall, d_err = asyncio.run(load(up.url + "/v1/chat/completions", body, clients, total, {}))
-            via, p_wall, p_err = asyncio.run(load(proxy.url + "/v1/chat/completions", body, clients, total, {"Authorization": "Bearer k"}))
-        t = time.perf_counter()
-        logger.close()
-        drain = time.perf_counter() - t
-    lines = sum(1 for f in (ws.root / "serve").glob("calls-*.jsonl") for _ in open(f))
-    expected = total + min(200, total)
-    print(f"{clients} concurrent clients, {total} requests each way (loopback, 2 cores shared by clients, proxy and upstream)")
+    try:
+        wait_up(f"http://127.0.0.1:{up_port}/health", upstream)
+        wait_up(f"http://127.0.0.1:{px_port}/health", proxy)
+        direct_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
+        proxy_url = f"http://127.0.0.1:{px_port}/v1/chat/completions"
+        auth = {"Authorization": "Bearer k"}
+        warm = min(200, total)
+        asyncio.run(load(proxy_url, body, clients, warm, auth))
+        asyncio.run(load(direct_url, body, clients, warm, {}))
+        direct, d_wall, d_err = asyncio.run(load(direct_url, body, clients, total, {}, rate))
+        via, p_wall, p_err = asyncio.run(load(proxy_url, body, clients, total, auth, rate))
+    finally:
+        proxy.send_signal(signal.SIGINT)  # graceful: the call log is drained before exit
+        proxy.wait(timeout=300)
+        upstream.terminate()
+        upstream.wait()
+    lines = sum(1 for f in (ws / "serve").glob("calls-*.jsonl") for _ in open(f))
+    expected = total + warm
+    print(f"{clients} concurrent clients, {total} requests each way"
+          f"{f' at {rate:g} req/s (open loop)' if rate else ' (closed loop: as fast as they can)'}; upstream, proxy and load generator in separate "
+          f"processes on the same {os.cpu_count()} cores (loopback)")
     print(f"  direct to upstream: {total / d_wall:7.0f} req/s  p50 {statistics.median(direct):6.2f} ms  p95 {pct(direct, .95):6.2f} ms  errors {d_err}")
     print(f"  through the proxy:  {total / p_wall:7.0f} req/s  p50 {statistics.median(via):6.2f} ms  p95 {pct(via, .95):6.2f} ms  errors {p_err}")
     print(f"  added by the proxy: p50 {statistics.median(via) - statistics.median(direct):+.2f} ms  p95 {pct(via, .95) - pct(direct, .95):+.2f} ms")
-    print(f"  call log: {lines} of {expected} requests logged, scrubbed ({expected - lines} lost; "
-          f"{logger.failed} failed); the writer drained its backlog in {drain:.1f} s after the load")
+    print(f"  call log: {lines} of {expected} requests logged, scrubbed ({expected - lines} lost)")
 
 
 def slm_benchmark(workspace: str, n: int) -> None:
@@ -158,13 +204,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--rate", type=float, default=None, help="total requests/s (open loop); default: as fast as possible")
     ap.add_argument("--slm", default=None, help="a converted workspace (after evaluate) for the SLM-path latency")
     ap.add_argument("--slm-requests", type=int, default=20)
+    ap.add_argument("--role", choices=["bench", "upstream"], default="bench", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.slm:
+    if a.role == "upstream":
+        import uvicorn
+
+        uvicorn.run(fake_upstream_app(), host="127.0.0.1", port=a.port, log_level="error")
+    elif a.slm:
         slm_benchmark(a.slm, a.slm_requests)
     else:
-        proxy_benchmark(a.clients, a.requests)
+        proxy_benchmark(a.clients, a.requests, a.rate)
 
 
 if __name__ == "__main__":

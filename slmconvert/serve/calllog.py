@@ -55,37 +55,58 @@ class CallLogger:
 
     # -- writer thread
     def _run(self) -> None:
+        """Scrub and append in batches: whatever has queued up while the last batch was written goes
+        in one scrub pass (repeated texts — system prompts, tool schemas — are detected once)."""
         while True:
-            record = self._queue.get()
+            batch = [self._queue.get()]
+            while len(batch) < 256:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(r is None for r in batch)
+            records = [r for r in batch if r is not None]
             try:
-                if record is None:
-                    return
-                line = json.dumps(self._prepare(record), ensure_ascii=False, default=str)
-                with open(self.path_for(datetime.now(timezone.utc)), "a", encoding="utf-8") as f:
-                    f.write(line + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                self.written += 1
-            except Exception as e:  # a record that cannot be scrubbed is not written raw: it is counted
-                self.failed += 1
-                self.last_error = f"{type(e).__name__}: {e}"[:300]
+                if records:
+                    self._write(records)
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
+            if stop:
+                return
 
-    def _prepare(self, record: dict[str, Any]) -> dict[str, Any]:
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        try:
+            lines = [json.dumps(r, ensure_ascii=False, default=str) for r in self._prepare(records)]
+        except Exception as e:  # a batch that cannot be scrubbed is not written raw: it is counted
+            self.failed += len(records)
+            self.last_error = f"{type(e).__name__}: {e}"[:300]
+            return
+        with open(self.path_for(datetime.now(timezone.utc)), "a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        self.written += len(lines)
+
+    def _prepare(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not self.scrub:
-            return record
+            return records
         from slmconvert.collect.formats import ParseContext, RequestResponseFormat
         from slmconvert.scrub import scrub_invocations
 
         if self._scrubber is None:
             self._init_scrubber()
-        [inv] = RequestResponseFormat().parse(record, ParseContext(path="serve", locator="live", format="request-response"))
-        out, _ = scrub_invocations([inv], self.config.scrub, self.workspace, scrubber=self._scrubber,
+        fmt = RequestResponseFormat()
+        invs = []
+        for k, record in enumerate(records):
+            [inv] = fmt.parse(record, ParseContext(path="serve", locator=f"live {k}", format="request-response"))
+            invs.append(inv)
+        out, _ = scrub_invocations(invs, self.config.scrub, self.workspace, scrubber=self._scrubber,
                                    template_values=self._template_values)
-        if not out:  # the policy drops calls with this entity
-            return {"dropped": "scrub policy", "timestamp": record.get("timestamp")}
-        return to_record(out[0], record)
+        kept = {inv.source.locator: inv for inv in out}
+        return [to_record(kept[inv.source.locator], rec) if inv.source.locator in kept
+                else {"dropped": "scrub policy", "timestamp": rec.get("timestamp")}
+                for inv, rec in zip(invs, records)]
 
     def _init_scrubber(self) -> None:
         from slmconvert.io import read_json
