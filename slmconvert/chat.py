@@ -34,6 +34,13 @@ def _tool_call_text(name: str, arguments: dict) -> str:
     return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "</tool_call>"
 
 
+def answer_text(response: Response) -> str:
+    """A logged answer as plain text: its tool calls in the fallback format, else its reply."""
+    if response.tool_calls:
+        return "\n".join(_tool_call_text(c.name, c.arguments) for c in response.tool_calls)
+    return response.content or ""
+
+
 def _fn(tc: dict) -> tuple[str, dict]:
     fn = tc.get("function", tc)
     args = fn.get("arguments", {})

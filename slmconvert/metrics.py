@@ -134,24 +134,36 @@ def arguments(expected: Response, pred: Prediction, tools=None) -> float | None:
     return float(_calls_match(expected, pred.response, tools, with_args=True))
 
 
-@metrics.register("argument_values")
-def argument_values(expected: Response, pred: Prediction, tools=None) -> float | None:
-    """Per-argument accuracy: the share of expected arguments given with the right value (calls paired by
-    name; arguments of a call the model did not make count as wrong, unexpected arguments as errors)."""
-    if not expected.tool_calls:
-        return None
-    remaining = list(pred.response.tool_calls)
-    right = total = 0
+def argument_outcomes(expected: Response, got: Response, tools: list[dict] | None) -> tuple[list[tuple[str, str, bool]], int]:
+    """(tool, argument, right?) for every expected argument, and the number of unexpected arguments.
+
+    Calls are paired by name, in order, each predicted call used once; the arguments of an expected
+    call the model did not make are wrong; an unexpected argument at its schema default is no error.
+    """
+    remaining = list(got.tool_calls)
+    outcomes: list[tuple[str, str, bool]] = []
+    unexpected = 0
     for call in expected.tool_calls:
         hit = next((p for p in remaining if p.name == call.name), None)
-        schema = schema_for(tools, call.name)
-        total += len(call.arguments)
         if hit is None:
+            outcomes += [(call.name, k, False) for k in call.arguments]
             continue
         remaining.remove(hit)
-        right += sum(argument_diff(call.arguments, hit.arguments, schema).values())
-        total += sum(1 for k in hit.arguments if k not in call.arguments and not _is_default(schema, k, hit.arguments[k]))
-    return right / total if total else None
+        schema = schema_for(tools, call.name)
+        outcomes += [(call.name, k, ok) for k, ok in argument_diff(call.arguments, hit.arguments, schema).items()]
+        unexpected += sum(1 for k in hit.arguments if k not in call.arguments and not _is_default(schema, k, hit.arguments[k]))
+    return outcomes, unexpected
+
+
+@metrics.register("argument_values")
+def argument_values(expected: Response, pred: Prediction, tools=None) -> float | None:
+    """Per-argument accuracy: the share of expected arguments given with the right value (see
+    `argument_outcomes`; unexpected arguments count as errors)."""
+    if not expected.tool_calls:
+        return None
+    outcomes, unexpected = argument_outcomes(expected, pred.response, tools)
+    total = len(outcomes) + unexpected
+    return sum(ok for _, _, ok in outcomes) / total if total else None
 
 
 @metrics.register("exact_match")

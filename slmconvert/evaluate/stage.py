@@ -70,14 +70,6 @@ def tuned_messages(inv, recipe) -> tuple[list[dict], list[dict] | None]:
     return compact(inv.request.messages, recipe), compact_tools(inv.request.tools, recipe)
 
 
-def expected_text(resp) -> str:
-    from slmconvert.chat import _tool_call_text
-
-    if resp.tool_calls:
-        return "\n".join(_tool_call_text(c.name, c.arguments) for c in resp.tool_calls)
-    return resp.content or ""
-
-
 # ----------------------------------------------------------------------------- generation cache
 
 
@@ -134,7 +126,7 @@ def generate_cached(model, tok, prompts: list[str], variant_key: str, cache: Gen
 
 
 def score_rows(sample, gens, prompt_tokens, *, site, model, variant, specials, task_kind) -> list[dict[str, Any]]:
-    from slmconvert.chat import parse_completion
+    from slmconvert.chat import answer_text, parse_completion
     from slmconvert.metrics import Prediction, score
 
     rows = []
@@ -145,8 +137,8 @@ def score_rows(sample, gens, prompt_tokens, *, site, model, variant, specials, t
                      "kind": task_kind.get((site, task), "tool" if inv.response.tool_calls else "text"),
                      "model": model, "variant": variant, "prompt_tokens": pt, "new_tokens": g["new_tokens"],
                      "seconds": g["seconds"], "confidence": g["mean_logprob"],
-                     "expected": expected_text(inv.response), "prediction": g["text"],
-                     "predicted_call": bool(resp.tool_calls), "well_formed": ok, **s,
+                     "expected": answer_text(inv.response), "prediction": g["text"],
+                     "response": resp, "predicted_call": bool(resp.tool_calls), "well_formed": ok, **s,
                      "embedding_similarity": None, "judge": None, "acceptable": False,
                      "prompt_turn": _turn(inv)})
     return rows
@@ -457,7 +449,6 @@ def summarise(config, tasks_doc, rows, adapters, problems, judge_stats, by_id) -
         chosen[site] = max(models, key=lambda m: (sum(r["acceptable"] for r in models[m]) / len(models[m]), -len(m)))
 
     tasks_out = []
-    moved_input = []
     for site, sd in tasks_doc["sites"].items():
         llm_model = ec.llm_model or (sd.get("models") or [None])[0]
         for t in sd["tasks"]:
@@ -489,8 +480,7 @@ def summarise(config, tasks_doc, rows, adapters, problems, judge_stats, by_id) -
                      "finetuned": per_model.get(f"{m}/finetuned") if m else None,
                      "all_models": per_model, **v.to_dict()}
             tasks_out.append(entry)
-            moved_input.append(entry)
-    headline = share_moved(moved_input)
+    headline = share_moved(tasks_out)
     headline["paper_estimate"] = "40-70% of calls (Belcak et al., 2025, §5)"
 
     # speed and cost of the SLM side
@@ -536,18 +526,14 @@ def summarise(config, tasks_doc, rows, adapters, problems, judge_stats, by_id) -
 
 
 def _per_argument(r: dict[str, Any], by_id, acc) -> None:
-    from slmconvert.chat import parse_completion
-    from slmconvert.metrics import argument_diff, schema_for
+    from slmconvert.metrics import argument_outcomes
 
     inv = by_id.get(r["invocation_id"])
     if inv is None:
         return
-    pred, _ = parse_completion(r["prediction"])
-    for call in inv.response.tool_calls:
-        hit = next((p for p in pred.tool_calls if p.name == call.name), None)
-        diff = argument_diff(call.arguments, hit.arguments if hit else {}, schema_for(inv.request.tools, call.name))
-        for arg, ok in diff.items():
-            acc[call.name][arg].append(float(ok and hit is not None))
+    outcomes, _ = argument_outcomes(inv.response, r["response"], inv.request.tools)
+    for tool, arg, ok in outcomes:
+        acc[tool][arg].append(float(ok))
 
 
 def _write_results(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -102,12 +102,10 @@ def probe_sample(site: dict[str, Any], sc) -> tuple[list[tuple[str, Invocation]]
 
 
 def _shot_text(inv: Invocation) -> str:
-    from slmconvert.chat import _tool_call_text
+    from slmconvert.chat import answer_text
     from slmconvert.cluster.features import prompting_turn
 
-    answer = "\n".join([inv.response.content] if inv.response.content and not inv.response.tool_calls else []
-                       + [_tool_call_text(c.name, c.arguments) for c in inv.response.tool_calls])
-    return f"Turn:\n{prompting_turn(inv.request.messages, 400)}\nAnswer:\n{answer}"
+    return f"Turn:\n{prompting_turn(inv.request.messages, 400)}\nAnswer:\n{answer_text(inv.response)}"
 
 
 def probe_messages(inv: Invocation, recipe, shots: list[Invocation]) -> list[dict]:

@@ -42,9 +42,9 @@ class CallLogger:
     def log(self, record: dict[str, Any]) -> None:
         self._queue.put(record)
 
-    def flush(self, timeout: float | None = None) -> None:
+    def flush(self) -> None:
         """Block until every record handed in so far is on disk."""
-        self._queue.join() if timeout is None else _join_with_timeout(self._queue, timeout)
+        self._queue.join()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -124,19 +124,18 @@ def to_record(inv, original: dict[str, Any]) -> dict[str, Any]:
     """An Invocation back into the request-response format, with the served call's metadata."""
     from slmconvert.chat import response_message
 
-    msg = response_message(inv.response)
-    if msg.get("tool_calls"):
-        msg["tool_calls"] = [{**tc, "function": {**tc["function"], "arguments": json.dumps(tc["function"]["arguments"], ensure_ascii=False)}}
-                             for tc in msg["tool_calls"]]
-    else:
-        msg.pop("tool_calls", None)
-    messages = []
-    for m in inv.request.messages:
+    def wire(m: dict[str, Any]) -> dict[str, Any]:
+        """Tool-call arguments back to JSON strings, as the chat-completions API carries them."""
         m = dict(m)
         if m.get("tool_calls"):
             m["tool_calls"] = [{**tc, "function": {**tc["function"], "arguments": json.dumps(tc["function"]["arguments"], ensure_ascii=False)}}
                                for tc in m["tool_calls"]]
-        messages.append(m)
+        return m
+
+    msg = wire(response_message(inv.response))
+    if not msg.get("tool_calls"):
+        msg.pop("tool_calls", None)
+    messages = [wire(m) for m in inv.request.messages]
     request = {"model": original.get("request", {}).get("model"), "messages": messages, **inv.request.params}
     if inv.request.tools:
         request["tools"] = inv.request.tools
@@ -148,11 +147,3 @@ def to_record(inv, original: dict[str, Any]) -> dict[str, Any]:
     if inv.usage:
         out["usage"] = {"prompt_tokens": inv.usage.prompt_tokens, "completion_tokens": inv.usage.completion_tokens}
     return out
-
-
-def _join_with_timeout(q: queue.Queue, timeout: float) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while q.unfinished_tasks and time.monotonic() < deadline:
-        time.sleep(0.01)
