@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1536)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--history-tokens", type=int, default=1536, help="compaction.max_history_tokens")
+    ap.add_argument("--lr", type=float, default=1e-3, help="finetune.learning_rate (LoRA on a 135M model: 1e-3 learns in few steps)")
     ap.add_argument("--no-activation-checkpointing", action="store_true", help="faster; fine for --max-length <= 1024")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
@@ -52,7 +53,7 @@ def main() -> None:
     ws_path = args.workspace or str(Path(tempfile.mkdtemp()) / "ws")
     sets = [f"workspace={json.dumps(ws_path)}", f"collect.paths={json.dumps([args.log])}", "collect.model=gpt-4o",
             "finetune.models=[smollm2-135m-instruct]", f"finetune.max_train_examples={args.train_examples}",
-            f"finetune.epochs={args.epochs}", f"finetune.max_length={args.max_length}",
+            f"finetune.epochs={args.epochs}", f"finetune.learning_rate={args.lr}", f"finetune.max_length={args.max_length}",
             f"compaction.max_history_tokens={args.history_tokens}", f"finetune.batch_size={args.batch_size}",
             f"finetune.activation_checkpointing={'false' if args.no_activation_checkpointing else 'true'}",
             f"evaluate.max_test_examples={args.test_calls}", "evaluate.max_new_tokens=160",

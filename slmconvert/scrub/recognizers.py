@@ -51,12 +51,26 @@ def secret_recognizers() -> list[PatternRecognizer]:
     ]
 
 
+# USPS Publication 28 street suffixes (primary names and common abbreviations) and a few British ones.
 _STREET_TYPES = (
-    r"Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|Terrace|Ter|Circle|Cir|"
-    r"Parkway|Pkwy|Square|Sq|Trail|Trl|Highway|Hwy|Crescent|Close|Gardens|Grove|Row|Alley|Plaza|Loop|Run|Path|Pike|"
-    r"Ridge|Heights|Hill|Park|Walk|View|Point|Crossing|Station|Estates|Mews|Wharf|Quay"
+    r"Street|St|Streets|Avenue|Ave|Road|Rd|Roads|Boulevard|Blvd|Lane|Ln|Drive|Dr|Drives|Court|Ct|Courts|Way|Ways|Place|Pl|"
+    r"Terrace|Ter|Circle|Cir|Circles|Parkway|Pkwy|Parkways|Square|Sq|Squares|Trail|Trl|Highway|Hwy|Crescent|Close|"
+    r"Garden|Gardens|Grove|Groves|Row|Alley|Aly|Plaza|Loop|Run|Path|Pike|Ridge|Ridges|Heights|Hts|Hill|Hills|Park|Parks|"
+    r"Walk|Walks|View|Views|Point|Points|Crossing|Xing|Crossroad|Crossroads|Station|Estate|Estates|Mews|Wharf|Quay|"
+    r"Anex|Arcade|Bayou|Beach|Bend|Bluff|Bluffs|Bottom|Branch|Bridge|Brook|Brooks|Burg|Burgs|Bypass|Camp|Canyon|Cape|"
+    r"Causeway|Center|Centers|Cliff|Cliffs|Club|Common|Commons|Corner|Corners|Course|Cove|Coves|Creek|Crest|Curve|Dale|"
+    r"Dam|Divide|Expressway|Expy|Extension|Ext|Fall|Falls|Ferry|Field|Fields|Flat|Flats|Ford|Fords|Forest|Forge|Forges|"
+    r"Fork|Forks|Fort|Freeway|Fwy|Gateway|Glen|Glens|Green|Greens|Harbor|Harbors|Haven|Hollow|Inlet|Island|Islands|Isle|"
+    r"Junction|Junctions|Key|Keys|Knoll|Knolls|Lake|Lakes|Land|Landing|Light|Lights|Lock|Locks|Lodge|Mall|Manor|Manors|"
+    r"Meadow|Meadows|Mill|Mills|Mission|Motorway|Mount|Mountain|Mountains|Neck|Orchard|Oval|Overpass|Pass|Passage|Pine|"
+    r"Pines|Plain|Plains|Port|Ports|Prairie|Radial|Ramp|Ranch|Rapid|Rapids|Rest|River|Route|Rte|Shoal|Shoals|Shore|"
+    r"Shores|Skyway|Spring|Springs|Spur|Spurs|Stravenue|Stream|Summit|Trace|Track|Trafficway|Tunnel|Turnpike|Underpass|"
+    r"Union|Unions|Valley|Valleys|Viaduct|Village|Villages|Ville|Vista|Wall|Well|Wells"
 )
 _CAP = r"[A-ZÀ-ÖØ-Þ][A-Za-zÀ-ÖØ-öø-ÿ'\-]+"
+_NOT_DATE_WORD = (r"(?!(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec|January|February|March|April|June|July|August|"
+                  r"September|October|November|December|Mon|Tue|Wed|Thu|Fri|Sat|Sun)\b)")
+_NOT_SMALL_WORD = r"(?!(?i:and|or|to|of|for|the|in|on|at|by|with|from|per|is|are|was|x|am|pm|a|an)\b)"
 
 
 def address_recognizer() -> PatternRecognizer:
@@ -67,9 +81,17 @@ def address_recognizer() -> PatternRecognizer:
             # 123 Main Street / 4 W. Elm Ave.
             Pattern("us_street", rf"\b\d{{1,6}}[A-Z]?\s+(?:[NSEW]\.?\s+)?(?:{_CAP}\s+){{0,3}}{_CAP}\s+(?:{_STREET_TYPES})\b\.?", 0.7),
             # 6750 Koskikatu 25 / 727 Gesterbyntie 68 (house number, street, number)
-            Pattern("eu_street", rf"\b\d{{1,6}}\s+{_CAP}(?:\s+{_CAP})?\s+\d{{1,4}}[A-Za-z]?\b", 0.55),
+            # (short lower-case words allowed: "233 Erzsébet tér 19", "808 Kálmán Imre u. 12"; not "5 May 2024",
+            # not across lines: "$1,008\n\nOption 3")
+            Pattern("eu_street", rf"(?<![\d,.$€£])\b\d{{1,6}}[ \t]+{_NOT_DATE_WORD}{_NOT_SMALL_WORD}{_CAP}(?:[ \t]+{_NOT_SMALL_WORD}(?:{_CAP}|[a-zà-ÿ]{{1,4}}\.?)){{0,3}}[ \t]+\d{{1,4}}[A-Za-z]?\b", 0.55),
             # Street name followed by house number: Hauptstraße 12
             Pattern("street_suffix_de", r"\b[A-ZÀ-Þ][a-zà-ÿ]+(?:straße|strasse|gasse|weg|platz|allee|katu|tie|gatan|vägen|laan|straat|gade|vej)\s+\d{1,4}[a-z]?\b", 0.6),
+            # "the corner of 11 Botley Road and Herceg Gateway": two streets
+            Pattern("corner", rf"(?i:\bcorner of)\s+\K(?:\d{{1,6}}\s+)?{_CAP}(?:\s+(?:\d{{1,5}}\.?|{_CAP}|[a-z]{{1,4}}\.?)){{0,4}}"
+                              rf"\s+and\s+(?:\d{{1,6}}\s+)?{_CAP}(?:\s+(?:\d{{1,5}}\.?|{_CAP})){{0,4}}", 0.6),
+            # "lives at 255 Hersnapvej 18, Copenhagen" / "ship it to 12 Rue de la Paix": a number after an address cue
+            Pattern("address_cue", r"(?i:\blives?\s+(?:at|on)|\baddress(?:\s+is)?\s*:?|\bship(?:ped)?\s+(?:it\s+)?to|\bdeliver(?:ed)?\s+(?:it\s+)?to|"
+                                   r"\bsen[dt]\s+(?:it\s+)?to|\bmail(?:ed)?\s+(?:it\s+)?to|\bmeet\s+me\s+at)\s+\K\d{1,6}\s+\w[^\n.;!?()]{2,60}?(?=\s*(?:[.;!?()\n]|$))", 0.5),
             # Apt. 5 / Suite 300 / Unit 12B
             Pattern("unit", r"\b(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Room|Floor|Fl\.)\s*#?\s*\d{1,5}[A-Z]?\b", 0.5),
             # PO boxes and US military addresses
@@ -99,6 +121,11 @@ class LuhnNumberRecognizer(PatternRecognizer):
         return luhn_valid(pattern_text)
 
 
+_EXTENSION = r"(?:[ ]?(?:x|ext\.?|extension)[ ]?\d{1,6})?"
+# A phone number's digits: optional country code or (area code), then 6-15 digits in groups.
+_PHONE = r"\+?\(?\d[\d ().\-]{4,18}\d" + _EXTENSION
+
+
 def context_recognizers() -> list[PatternRecognizer]:
     """Values identified by the words before them: "my name is X", "Phone: X", "ZIP: X"."""
     name = r"[A-ZÀ-Þ][\w'’\-]+(?:[ \t]+[A-Z](?:\.|(?=[ \t])))?(?:[ \t]+[A-ZÀ-Þ][\w'’\-]+){0,2}"
@@ -107,17 +134,65 @@ def context_recognizers() -> list[PatternRecognizer]:
             supported_entity="PERSON", name="NameContextRecognizer", global_regex_flags=_CASE,
             patterns=[Pattern("name_cue", r"(?i:\bmy name is|\bi am|\bi'm|\bname\s*:|\bdear|\bmr\.?|\bmrs\.?|\bms\.?|\bmiss|\bdr\.?|"
                                           r"\bprof\.?|\bdirected by:?|\bwritten by:?|\bsigned,?|\bregards,?|\bsincerely,?|\bthanks,?|"
-                                          r"\bcontact person:?|\bcustomer:?|\bpassenger:?)[ \t]*\n?[ \t]*\K" + name, 0.7)],
+                                          r"\bcontact person:?|\bcustomer:?|\bpassenger:?|\bnamed|\bunder the name(?: of)?|"
+                                          r"\b(?:first|last|family|given|middle|sur)[ ]?name(?: is)?[:?]?|\b(?:speak|talk)(?: to| with)|\bask for|"
+                                          r"\bfounders?:?|\bmy (?:kid|son|daughter|child|wife|husband|partner|brother|sister|mother|father|mom|mum|"
+                                          r"dad|friend|colleague|boss|manager|fianc[eé]e?|grand(?:mother|father|ma|pa|son|daughter)|aunt|uncle|"
+                                          r"cousin|nephew|niece|assistant|doctor|lawyer),?)[ \t]*\n?[ \t]*\K" + name, 0.7),
+                      # typed in lower case, after a cue that leaves no doubt: "my name is lena andersson"
+                      Pattern("lower_name_cue", r"(?i:\bmy name is|\bname\s*:|\bpeople call me|\b(?:maiden|first|last|family|given|sur)[ ]?name is)"
+                                                r"[ \t]+\K(?!(?:not|on|in|the|a|an|also|still|just|and|but|spelled|written)\b)"
+                                                r"\p{Ll}[\p{Ll}'’\-]+(?:[ \t]+\p{Ll}\.?(?=[ \t]))?(?:[ \t]+(?!(?:and|or|but|from|in|at|on)\b)\p{Ll}[\p{Ll}'’\-]+){0,2}", 0.7)],
         ),
         PatternRecognizer(
             supported_entity="PHONE_NUMBER", name="PhoneContextRecognizer", global_regex_flags=_CASE,
-            patterns=[Pattern("phone_cue", r"(?i:\bphone|\btel\.?|\btelephone|\bcall(?: me)?(?: at| on)?|\bmobile|\bcell|\bfax|\breach me at|"
-                                           r"\btext me at|\bnumber is)[\s:#.]{0,6}\K\+?\(?\d[\d ().\-]{4,18}\d\b", 0.6)],
+            patterns=[
+                # after a cue word: "Phone: 0490 39 07 81", "Desk: +1-903-140-4508x769", "not answering at 78 651 450"
+                Pattern("phone_cue", r"(?i:\bphone|\btel\.?|\btelephone|\bcall(?: me)?(?: at| on)?|\bmobile|\bcell|\bfax|\bdesk|\boffice|"
+                                     r"\bhome|\bwork|\blandline|\bwhatsapp|\bdial|\breach me at|\btext me at|\banswering at|\bnumber is|"
+                                     r"\bregistered)[\s:#.]{0,6}\K" + _PHONE + r"\b", 0.6),
+                # before a cue word: "655 437 108 office", "(37) 788-063-Office", "+447700 208 815-Fax"
+                Pattern("phone_cue_after", _PHONE + r"(?=[\s\-]{0,2}\(?(?i:office|fax|mobile|cell|home|work|desk|phone|tel)\b)", 0.6),
+                # an international number written with its country code: "+46 (0)8 928 571 38"
+                Pattern("international", r"(?<![\w+])\+\d{1,3}[ .\-]?(?:\(0\)[ ]?)?\(?\d{1,4}\)?(?:[ .\-]?\d{2,4}){2,4}" + _EXTENSION + r"\b", 0.5),
+                # North American 3-3-4 with any area code (phonenumbers rejects the unassigned ones), extension kept
+                Pattern("nanp", r"(?<![\w+\-.])(?:\+?1[ .\-])?(?:\(\d{3}\)[ ]?|\d{3}[ .\-])\d{3}[ .\-]\d{4}" + _EXTENSION + r"(?![\w\-])", 0.4),
+            ],
         ),
         PatternRecognizer(
             supported_entity="ZIP_CODE", name="ZipContextRecognizer", global_regex_flags=_CASE,
-            patterns=[Pattern("zip_cue", r"(?i:\bzip(?: code)?|\bpostal code|\bpostcode)[\s:#]{0,4}\K(?:\d{3,5}(?:[ -]\d{2,4})?|[A-Z]\d[A-Z] ?\d[A-Z]\d)\b", 0.7)],
+            patterns=[Pattern("zip_cue", r"(?i:\bzip(?: code)?|\bpostal code|\bpostcode)(?:\s+is)?[\s:#]{0,4}\K(?:\d{3,5}(?:[ -]\d{2,4})?|[A-Z]\d[A-Z] ?\d[A-Z]\d)\b", 0.7)],
         ),
+    ]
+
+
+class AnyCaseIbanRecognizer(PatternRecognizer):
+    """IBANs written in lower case ("my iban is gb42nawi0445..."), which Presidio's recogniser skips; mod-97 checked."""
+
+    def __init__(self) -> None:
+        super().__init__(supported_entity="IBAN_CODE", name="AnyCaseIbanRecognizer", global_regex_flags=_CASE,
+                         patterns=[Pattern("iban_any_case", r"(?i)\b[a-z]{2}\d{2}(?:[ ]?[a-z0-9]{4}){2,7}(?:[ ]?[a-z0-9]{1,4})?\b", 0.5)])
+
+    def validate_result(self, pattern_text: str) -> bool:
+        from slmconvert.scrub.surrogates import iban_valid
+
+        return iban_valid(pattern_text)
+
+
+def _id_cue(entity: str, name: str, cue: str) -> PatternRecognizer:
+    # "my driver's license number is F162823540116": a token with digits right after the cue
+    return PatternRecognizer(
+        supported_entity=entity, name=name, global_regex_flags=_CASE,
+        patterns=[Pattern(f"{entity.lower()}_cue", rf"(?i:{cue})(?:\s+(?i:number|no\.?|#|id))?(?:\s+(?i:is))?[\s:#]{{0,4}}\K"
+                                                   r"(?=[A-Z\-]*\d)[A-Z0-9][A-Z0-9\-]{4,20}[A-Z0-9]\b", 0.6)],
+    )
+
+
+def id_recognizers() -> list[PatternRecognizer]:
+    """Identity-document numbers named by the words before them."""
+    return [
+        _id_cue("US_DRIVER_LICENSE", "DriverLicenseContextRecognizer", r"\bdriver'?s?\s+licen[cs]e|\bdriving\s+licen[cs]e|\blicen[cs]e"),
+        _id_cue("US_PASSPORT", "PassportContextRecognizer", r"\bpassport"),
     ]
 
 
@@ -149,9 +224,11 @@ def structured_recognizers(entities: set[str]) -> list:
         LuhnNumberRecognizer(),
         UsSsnRecognizer(),
         IbanRecognizer(),
+        AnyCaseIbanRecognizer(),
         IpRecognizer(),
         address_recognizer(),
         *context_recognizers(),
+        *id_recognizers(),
         *secret_recognizers(),
     ]
     return [r for r in candidates if set(r.supported_entities) & entities]

@@ -65,6 +65,14 @@ def _card(value: str, rng: random.Random) -> str:
     return "".join(next(new) if c.isdigit() else c for c in value)
 
 
+def iban_valid(value: str) -> bool:
+    """ISO 13616 check digits (mod 97), any case, spaces allowed."""
+    compact = re.sub(r"\s", "", value).upper()
+    if not re.fullmatch(r"[A-Z]{2}\d{2}[A-Z0-9]{10,30}", compact):
+        return False
+    return int("".join(str(int(c, 36)) for c in compact[4:] + compact[:4])) % 97 == 1
+
+
 def _iban(value: str, rng: random.Random) -> str:
     compact = re.sub(r"\s", "", value).upper()
     if len(compact) < 8 or not compact[:2].isalpha():
