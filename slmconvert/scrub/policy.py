@@ -104,7 +104,20 @@ class ScrubPolicy(StrictModel):
 
 
 def configs_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "configs"
+    """The shipped configs/: $SLMCONVERT_CONFIGS, the source checkout's, or the installed copy."""
+    import os
+    import sys
+
+    if os.environ.get("SLMCONVERT_CONFIGS"):
+        return Path(os.environ["SLMCONVERT_CONFIGS"])
+    checkout = Path(__file__).resolve().parents[2] / "configs"
+    if (checkout / "models.yaml").is_file():
+        return checkout
+    for prefix in (sys.prefix, sys.base_prefix, os.path.expanduser("~/.local")):
+        installed = Path(prefix) / "share" / "slmconvert" / "configs"
+        if (installed / "models.yaml").is_file():
+            return installed
+    return checkout
 
 
 def load_policy(name_or_path: str) -> ScrubPolicy:
