@@ -106,6 +106,21 @@ def find_sites(rows: list[Row], template_vecs: dict[str, np.ndarray], threshold:
 # ----------------------------------------------------------------------------- tasks
 
 
+def tool_task_name(names: str, shape: tuple[str, ...] | None = None) -> str:
+    """A tool-call task's name: `tool:NAME`, or `tool:NAME(arg,...)` when the tool's argument shapes are tasks of their own."""
+    return f"tool:{names}" if shape is None else f"tool:{names}({','.join(shape)})"
+
+
+def known_tool_task(names: str, shape: tuple[str, ...], known: list[str]) -> str | None:
+    """The task, among a site's `known` ones, of a new call of tool NAME with this argument shape;
+    None when it is ambiguous (an unseen shape of a tool split by shapes)."""
+    for task in (tool_task_name(names, shape), tool_task_name(names)):
+        if task in known:
+            return task
+    shaped = [t for t in known if t.startswith(tool_task_name(names) + "(")]
+    return shaped[0] if len(shaped) == 1 else None
+
+
 def tool_tasks(rows: list[Row], min_size: int) -> None:
     """Tool-call tasks: one per tool name; an argument shape gets its own task when it is common."""
     by_tool: dict[str, list[Row]] = defaultdict(list)
@@ -119,7 +134,7 @@ def tool_tasks(rows: list[Row], min_size: int) -> None:
         for r in tool_rows:
             shape = F.tool_action_key(r.inv)[1]
             shape = shape if shape in kept else main
-            r.task = f"tool:{names}" if len(kept) == 1 else f"tool:{names}({','.join(shape)})"
+            r.task = tool_task_name(names, None if len(kept) == 1 else shape)
 
 
 def text_tasks(rows: list[Row], vecs: np.ndarray, cc, seed: int) -> dict[str, Any]:

@@ -138,6 +138,7 @@ class SlmEngine:
 
     def task_of(self, site: str, messages: list[dict], response) -> str | None:
         from slmconvert.cluster import features as F
+        from slmconvert.cluster.stage import known_tool_task
         from slmconvert.invocation import Invocation, Request, Source
 
         inv = Invocation(id="live", source=Source("serve", "live", "-"), session_id="live", step=0,
@@ -145,14 +146,7 @@ class SlmEngine:
         known = self.site_tasks.get(site, [])
         key = F.tool_action_key(inv)
         if key is not None:
-            names, shape = key
-            exact = f"tool:{names}({','.join(shape)})"
-            if exact in known:
-                return exact
-            if f"tool:{names}" in known:
-                return f"tool:{names}"
-            shaped = [t for t in known if t.startswith(f"tool:{names}(")]
-            return shaped[0] if len(shaped) == 1 else None
+            return known_tool_task(*key, known)
         if site not in self._centroids:
             return "text" if "text" in known else None
         names, cents = self._centroids[site]
