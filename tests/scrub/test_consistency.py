@@ -61,7 +61,7 @@ def test_capitalised_common_words_are_not_taken_for_names(scrub):
 
 
 def test_name_shaped_organisations_are_treated_as_names_but_real_organisations_are_not():
-    from slmconvert.scrub.engine import _looks_like_person
+    from slmconvert.scrub.spans import looks_like_person as _looks_like_person
 
     assert _looks_like_person("Tomomi Nishiyama") and _looks_like_person("Faina D. Yefremova")
     assert not _looks_like_person("Palantir Technologies") and not _looks_like_person("Bank of America")
