@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1536)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--history-tokens", type=int, default=1536, help="compaction.max_history_tokens")
+    ap.add_argument("--tool-result-chars", type=int, default=2000, help="compaction.max_tool_result_chars")
+    ap.add_argument("--no-base", action="store_true", help="skip the untrained base model (its full-instruction prompts are most of the CPU evaluation time)")
     ap.add_argument("--lr", type=float, default=1e-3, help="finetune.learning_rate (LoRA on a 135M model: 1e-3 learns in few steps)")
     ap.add_argument("--no-activation-checkpointing", action="store_true", help="faster; fine for --max-length <= 1024")
     ap.add_argument("--device", default=None)
@@ -54,7 +56,8 @@ def main() -> None:
     sets = [f"workspace={json.dumps(ws_path)}", f"collect.paths={json.dumps([args.log])}", "collect.model=gpt-4o",
             "finetune.models=[smollm2-135m-instruct]", f"finetune.max_train_examples={args.train_examples}",
             f"finetune.epochs={args.epochs}", f"finetune.learning_rate={args.lr}", f"finetune.max_length={args.max_length}",
-            f"compaction.max_history_tokens={args.history_tokens}", f"finetune.batch_size={args.batch_size}",
+            f"compaction.max_history_tokens={args.history_tokens}", f"compaction.max_tool_result_chars={args.tool_result_chars}",
+            f"evaluate.base={'false' if args.no_base else 'true'}", f"finetune.batch_size={args.batch_size}",
             f"finetune.activation_checkpointing={'false' if args.no_activation_checkpointing else 'true'}",
             f"evaluate.max_test_examples={args.test_calls}", "evaluate.max_new_tokens=160",
             f"evaluate.max_prompt_tokens={max(args.max_length, 4096)}"]
