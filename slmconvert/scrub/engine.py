@@ -53,6 +53,10 @@ _PREFILTER: dict[str, Callable[[str, int], bool]] = {
     "UsSsnRecognizer": lambda t, d: d >= 9,
     "IbanRecognizer": lambda t, d: d >= 6,
     "AnyCaseIbanRecognizer": lambda t, d: d >= 6,
+    "PhoneContextRecognizer": lambda t, d: d >= 2,
+    "ZipContextRecognizer": lambda t, d: d >= 3,
+    "DriverLicenseContextRecognizer": lambda t, d: d >= 1,
+    "PassportContextRecognizer": lambda t, d: d >= 1,
     "IpRecognizer": lambda t, d: d >= 4 or t.count(":") >= 2,
     "StreetAddressRecognizer": lambda t, d: d >= 1,
     "PrivateKeyRecognizer": lambda t, d: "-----BEGIN" in t,
@@ -332,7 +336,7 @@ class Scrubber:
         for low in re.sub(r"['’]s$", "", token.lower()).split("-"):
             if self.lower_counts[low] >= 1 and self.lower_counts[low] * 2 >= self.cap_counts[low]:
                 return False
-        return not token.isupper() and not self._place_word(token)
+        return not token.isupper()
 
     def _place_word(self, token: str) -> bool:
         low = token.lower().strip(".,")

@@ -7,6 +7,7 @@ rules, each guarded against real words, fill those gaps. `engine.Scrubber` appli
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -69,23 +70,18 @@ class _CensusNames:
     last: frozenset
 
 
-_CENSUS: _CensusNames | None = None
-
-
+@functools.cache
 def census_names() -> _CensusNames:
     """US Census 1990 name frequency lists, shipped in the `names` package (MIT; public-domain data)."""
-    global _CENSUS
-    if _CENSUS is None:
-        from importlib.resources import files
+    from importlib.resources import files
 
-        def read(name: str, max_rank: int | None = None) -> frozenset:
-            rows = (line.split() for line in files("names").joinpath(name).read_text().splitlines() if line.strip())
-            return frozenset(r[0].lower() for r in rows if max_rank is None or int(r[3]) <= max_rank)
+    def read(name: str, max_rank: int | None = None) -> frozenset:
+        rows = (line.split() for line in files("names").joinpath(name).read_text().splitlines() if line.strip())
+        return frozenset(r[0].lower() for r in rows if max_rank is None or int(r[3]) <= max_rank)
 
-        first = read("dist.male.first") | read("dist.female.first")
-        common = read("dist.male.first", 400) | read("dist.female.first", 800)
-        _CENSUS = _CensusNames(first, common, read("dist.all.last", 20000))
-    return _CENSUS
+    first = read("dist.male.first") | read("dist.female.first")
+    common = read("dist.male.first", 400) | read("dist.female.first", 800)
+    return _CensusNames(first, common, read("dist.all.last", 20000))
 
 
 def resolve(dets: list[Detection]) -> list[Detection]:
