@@ -185,6 +185,10 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
     cc = config.collect
     if cc.format is not None:
         log_formats.get(cc.format)  # unknown name -> clear error before any work
+    if config.scrub.enabled:  # a bad policy fails now, not only once a run finds records to scrub
+        from slmconvert.scrub.policy import load_policy
+
+        load_policy(config.scrub.policy)
     timer = Timer()
     files, skipped_files = resolve_inputs(cc.paths, cc.recursive)
     tools_from_file = load_tools_file(cc.tools_file) if cc.tools_file else None

@@ -89,3 +89,15 @@ def test_scrub_stage_on_a_raw_workspace(tmp_path, collect_config):
 
 
 import re  # noqa: E402
+
+
+def test_collect_rejects_an_unknown_policy_before_reading_even_when_no_record_parses(tmp_path):
+    from slmconvert.config import load_config
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("{not json\n")
+    cfg = load_config(None, [f"workspace={json.dumps(str(tmp_path / 'ws'))}", f"collect.paths={json.dumps([str(log)])}",
+                             "scrub.policy=nosuch"])
+    with pytest.raises(ConfigError, match="unknown policy 'nosuch'"):
+        collect(cfg, Workspace(tmp_path / "ws"))
+    assert not (tmp_path / "ws" / "invocations").exists()
