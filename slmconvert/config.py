@@ -106,6 +106,7 @@ class SelectConfig(StrictModel):
     licences: list[str] = Field(default_factory=lambda: list(DEFAULT_LICENCES), description="Licence allow-list (catalogue licence ids).")
     require_native_tools: bool = Field(False, description="Exclude models whose chat template has no native tool calling.")
     local_models: dict[str, str] = Field(default_factory=dict, description="Catalogue name -> local folder with its weights.")
+    download: bool = Field(False, description="Also consider hub models that are not on this machine yet: one quick check of the hub, the size shown, then downloaded into the Hugging Face cache when probed. Off: only folders, package files and the local Hugging Face cache.")
     probe: bool = Field(True, description="Probe the available models zero-shot and few-shot on a sample of each site's tasks.")
     probe_max_examples: int = Field(8, ge=1, description="Probe examples per call site, drawn round-robin over its tasks from the train split.")
     probe_shots: int = Field(2, ge=0, description="Examples shown in the few-shot probe.")

@@ -39,10 +39,11 @@ def list_models(catalogue: Optional[str] = CatalogueOpt, as_json: bool = JsonOpt
         tools = {True: "native", False: "fallback", None: "?"}[e.tool_calling]
         t.add_row(e.name, f"{e.params_b:g}B", e.licence, f"{e.context_length:,}" if e.context_length else "?", tools,
                   f"{e.memory('bf16'):.2f}/{e.memory('int4'):.2f}",
-                  "[dim]download[/]" if av.source == "hub" else f"[green]{av.source}[/]" if av.available else "[dim]no[/]")
+                  f"[green]{av.source}[/]" if av.available else "[dim]no[/]")
     console.print(t)
     console.print("tools: native = the chat template renders tool calls; fallback = slmconvert's <tool_call> format. "
-                  "here: loadable now from a package, folder or the local HF cache; download: from the hub on first use.", highlight=False)
+                  "here: loadable now from a package, a folder or the local Hugging Face cache; no: not on this machine "
+                  "(select.download: true lets select fetch hub models).", highlight=False)
 
 
 @models_app.command("show")

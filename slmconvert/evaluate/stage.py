@@ -385,7 +385,8 @@ def _generate_all(config, workspace, adapters, samples, cache, task_kind, proble
     for model_name, ads in by_model.items():
         entry = resolve_model(model_name)
         try:
-            model, tok, info = load_model(entry, local_folder=config.select.local_models.get(entry.name), device=device)
+            model, tok, info = load_model(entry, local_folder=config.select.local_models.get(entry.name), device=device,
+                                          download_ok=config.select.download)
         except ModelNotFound as e:
             problems.append(f"{model_name}: {e}")
             continue

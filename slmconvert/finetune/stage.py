@@ -103,7 +103,7 @@ def train_one(workspace: Workspace, config: PipelineConfig, site: str, model_nam
     device = pick_device(fc.device)
     if fc.method == "qlora" and not device.startswith("cuda"):
         raise StageError("finetune.method qlora needs a CUDA GPU (bitsandbytes 4-bit training); use lora on CPU")
-    model, tok, info = load_model(entry, local_folder=config.select.local_models.get(entry.name), device=device,
+    model, tok, info = load_model(entry, local_folder=config.select.local_models.get(entry.name), device=device, download_ok=config.select.download,
                                   dtype="bfloat16" if device.startswith("cuda") else "float32",
                                   quantization="4bit" if fc.method == "qlora" else None, for_training=True)
     native = supports_native_tools(tok)

