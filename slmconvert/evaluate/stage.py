@@ -245,13 +245,13 @@ def _config_hash(config: PipelineConfig) -> str:
 
 
 def _adapter_problem(workspace: Workspace, a: dict[str, Any]) -> str | None:
-    from slmconvert.finetune.stage import COMPLETE
+    from slmconvert.finetune.stage import COMPLETE, load_artefact
 
     d = workspace.root / a["path"]
     if not (d / COMPLETE).exists():
         return f"adapter {a['path']} is missing or unfinished (no {COMPLETE}): re-run `slmconvert finetune`"
-    if not any((d / sub / "adapter_config.json").exists() or (d / sub / "config.json").exists() for sub in ("adapter", "model")):
-        return f"adapter {a['path']} has no weights (adapter/ or model/): re-run `slmconvert finetune --force`"
+    if load_artefact(d) is None:
+        return f"adapter {a['path']} has lost the weights its {COMPLETE} names: re-run `slmconvert finetune --force`"
     return None
 
 
@@ -345,7 +345,7 @@ def _generate_all(config, workspace, adapters, samples, cache, task_kind, proble
     from slmconvert.chat import supports_native_tools
     from slmconvert.compaction import CompactionRecipe
     from slmconvert.finetune.data import fit_prompt
-    from slmconvert.finetune.stage import COMPLETE
+    from slmconvert.finetune.stage import COMPLETE, load_artefact
     from slmconvert.finetune.trainer import pick_device
     from slmconvert.models.loading import load_model, resolve_model
 
@@ -407,23 +407,24 @@ def _generate_all(config, workspace, adapters, samples, cache, task_kind, proble
         peft_model = None
         for a, d, sample, recipe, fp in todo:
             key = sha256_obj({**settings, "adapter": fp, "budget": ft_budget})
-            if (d / "adapter").exists():  # several adapters share one base model in memory
+            kind, weights, _ = load_artefact(d)
+            if kind == "adapter":  # several adapters share one base model in memory
                 from peft import PeftModel
 
                 name = f"a{fp[:12]}"
                 with warnings.catch_warnings():  # peft asks transformers 5 for a renamed attribute
                     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                     if peft_model is None:
-                        peft_model = PeftModel.from_pretrained(model, str(d / "adapter"), adapter_name=name)
+                        peft_model = PeftModel.from_pretrained(model, str(weights), adapter_name=name)
                     else:
-                        peft_model.load_adapter(str(d / "adapter"), adapter_name=name)
+                        peft_model.load_adapter(str(weights), adapter_name=name)
                 peft_model.set_adapter(name)
                 peft_model.eval()
                 tuned = peft_model
             else:  # full fine-tuning saved a whole model
                 from transformers import AutoModelForCausalLM
 
-                tuned = AutoModelForCausalLM.from_pretrained(d / "model").to(device).eval()
+                tuned = AutoModelForCausalLM.from_pretrained(weights, local_files_only=True).to(device).eval()
             rows += run_variant(tuned, tok, a["site"], sample, lambda inv, r=recipe: tuned_messages(inv, r), "finetuned",
                                 key, ft_budget, entry.name)
             del tuned
@@ -522,7 +523,8 @@ def summarise(config, tasks_doc, rows, adapters, problems, judge_stats, by_id) -
         "thresholds": {"replace_at": ec.replace_at, "hybrid_min_coverage": ec.hybrid_min_coverage,
                        "min_test_examples": ec.min_test_examples, "text_similarity_at": ec.text_similarity_at,
                        "judge_pass_at": ec.judge.pass_at if ec.judge else None},
-        "adapters": [{k: a.get(k) for k in ("site", "model", "path", "examples", "train_loss")} for a in adapters],
+        "adapters": [{k: a.get(k) for k in ("site", "model", "path", "method", "artefact", "examples", "train_loss")}
+                     for a in adapters],
     }
 
 

@@ -36,6 +36,26 @@ def adapter_dir(workspace: Workspace, site: str, model: str) -> Path:
     return workspace.stage_dir(STAGE) / _slug(site) / _slug(model)
 
 
+ARTEFACTS = ("adapter", "model", "merged")  # what a finetune leaves in an adapter folder
+
+
+def load_artefact(folder: Path) -> tuple[str, Path, dict[str, Any]] | None:
+    """What the last finished finetune left in an adapter folder, read from its complete.json:
+    ("adapter", PEFT folder, record) for LoRA/QLoRA, ("model", full model folder, record) for full
+    fine-tuning; None when unfinished or when that artefact is gone. Readers (evaluate, serve)
+    never guess from whichever sub-folder happens to exist."""
+    done = Path(folder) / COMPLETE
+    if not done.exists():
+        return None
+    record = read_json(done)
+    kind = record.get("artefact") or next((f for f in record.get("files", []) if f in ("adapter", "model")), None)
+    if kind is None:
+        return None
+    path = Path(folder) / kind
+    marker = "adapter_config.json" if kind == "adapter" else "config.json"
+    return (kind, path, record) if (path / marker).exists() else None
+
+
 def plan(config: PipelineConfig, workspace: Workspace) -> dict[str, list[str]]:
     """site -> models to train: `finetune.models`, else select's top candidates."""
     from slmconvert.cluster.stage import load_tasks
@@ -111,6 +131,8 @@ def train_one(workspace: Workspace, config: PipelineConfig, site: str, model_nam
     if not rows:
         raise StageError(f"finetune: no training example of site {site!r} fits finetune.max_length={fc.max_length} "
                          f"({data_stats})")
+    for stale in ARTEFACTS:  # a folder holds exactly the artefact of its last finetune (lora -> full leaves no adapter/)
+        shutil.rmtree(out / stale, ignore_errors=True)
     ckpt.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stamp, {"fingerprint": fp})
     targets = fc.target_modules or entry.lora_target_modules
@@ -126,7 +148,8 @@ def train_one(workspace: Workspace, config: PipelineConfig, site: str, model_nam
               "files": files + ["recipe.json", "train_stats.json", "README.md"], "examples": data_stats["examples"],
               "train_loss": public["train_loss"], "first_loss": public["first_loss"], "last_loss": public["last_loss"],
               "seconds": public["seconds"], "tokens_per_s": public["tokens_per_s"], "resumed_from": public["resumed_from"],
-              "tool_format": "native" if native else "fallback"}
+              "tool_format": "native" if native else "fallback", "method": fc.method,
+              "artefact": next(f for f in files if f in ("adapter", "model"))}
     write_json_atomic(done, record)
     return {**record, "status": "ran"}
 

@@ -44,7 +44,7 @@ class SlmEngine:
         from slmconvert.cluster.router import load_router
         from slmconvert.compaction import CompactionRecipe
         from slmconvert.evaluate.stage import load_summary
-        from slmconvert.finetune.stage import COMPLETE
+        from slmconvert.finetune.stage import load_artefact
         from slmconvert.finetune.trainer import pick_device
         from slmconvert.io import read_json
 
@@ -67,9 +67,12 @@ class SlmEngine:
         self.adapters: dict[str, dict[str, Any]] = {}
         for a in fm.extra.get("adapters", []):
             d = workspace.root / a["path"]
-            if chosen.get(a["site"]) == a["model"] and (d / COMPLETE).exists() and (d / "adapter").exists():
-                self.adapters[a["site"]] = {**a, "dir": d, "recipe": CompactionRecipe.from_dict(read_json(d / "recipe.json")),
-                                            "name": "site_" + read_json(d / COMPLETE)["fingerprint"][:12]}
+            found = load_artefact(d) if chosen.get(a["site"]) == a["model"] else None
+            if found is not None:  # the artefact complete.json names, never a stale sibling folder
+                kind, weights, record = found
+                self.adapters[a["site"]] = {**a, "dir": d, "kind": kind, "weights": weights,
+                                            "recipe": CompactionRecipe.from_dict(read_json(d / "recipe.json")),
+                                            "name": "site_" + record["fingerprint"][:12]}
         self._lock = threading.Lock()
         self._models: dict[str, tuple[Any, Any]] = {}  # model ref -> (peft model, tokenizer)
         self._centroids: dict[str, tuple[list[str], np.ndarray]] = {}
@@ -84,6 +87,13 @@ class SlmEngine:
 
         by_ref: dict[str, list[dict]] = defaultdict(list)
         for a in self.adapters.values():
+            if a["kind"] == "model":  # full fine-tuning: a whole model of its own, with its saved tokenizer
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                model = AutoModelForCausalLM.from_pretrained(a["weights"], local_files_only=True).to(self.device).eval()
+                self._models[a["name"]] = (model, AutoTokenizer.from_pretrained(a["weights"], local_files_only=True))
+                a["model_key"] = a["name"]
+                continue
             by_ref[a.get("model_ref") or a["model"]].append(a)
         for ref, ads in by_ref.items():
             entry = resolve_model(ref)
@@ -94,9 +104,9 @@ class SlmEngine:
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 for a in ads:
                     if model is None:
-                        model = PeftModel.from_pretrained(base, str(a["dir"] / "adapter"), adapter_name=a["name"])
+                        model = PeftModel.from_pretrained(base, str(a["weights"]), adapter_name=a["name"])
                     else:
-                        model.load_adapter(str(a["dir"] / "adapter"), adapter_name=a["name"])
+                        model.load_adapter(str(a["weights"]), adapter_name=a["name"])
             model.eval()
             self._models[ref] = (model, tok)
             for a in ads:
@@ -181,7 +191,8 @@ class SlmEngine:
             return d
         prompt, d.prompt_tokens = fitted
         with self._lock:  # one generation at a time per process: the model is not re-entrant
-            model.set_adapter(adapter["name"])
+            if adapter["kind"] == "adapter":
+                model.set_adapter(adapter["name"])
             [g] = generate(model, tok, [prompt], max_new_tokens=self.max_new_tokens, batch_size=1, max_prompt_tokens=budget)
         d.seconds = time.perf_counter() - t0
         d.completion_tokens, d.confidence = g.new_tokens, g.mean_logprob

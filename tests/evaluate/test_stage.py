@@ -133,3 +133,29 @@ def test_an_unreachable_judge_is_reported_not_fatal(tuned_ws, tmp_path):
     summary = json.loads((ws / "eval" / "summary.json").read_text())
     assert summary["judge"]["judged"] == 0 and summary["judge"]["failed"] > 0
     assert "ConnectError" in summary["judge"]["first_error"]
+
+
+def test_switching_lora_to_full_leaves_one_artefact_and_evaluate_scores_it(tuned_ws, tmp_path):
+    """After finetune.method lora -> full, the folder holds exactly model/ (no stale adapter/), and
+    evaluate scores the full model: generations are not the adapter's, summary.json names the method."""
+    from slmconvert.evaluate.stage import load_summary, run as evaluate
+    from slmconvert.finetune.stage import run as finetune
+
+    ws, cfg = copy_ws(tuned_ws, tmp_path)
+    evaluate(cfg, Workspace(ws))
+    lora = {a["site"]: a for a in load_summary(Workspace(ws))["adapters"]}
+    assert {a["method"] for a in lora.values()} == {"lora"} and {a["artefact"] for a in lora.values()} == {"adapter"}
+    full_cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"method": "full", "learning_rate": 5e-3})})
+    finetune(full_cfg, Workspace(ws))
+    for a in lora.values():
+        d = ws / a["path"]
+        assert (d / "model" / "config.json").exists() and not (d / "adapter").exists()
+        assert json.loads((d / "complete.json").read_text())["artefact"] == "model"
+    evaluate(full_cfg, Workspace(ws))
+    summary = load_summary(Workspace(ws))
+    assert {a["method"] for a in summary["adapters"]} == {"full"} and {a["artefact"] for a in summary["adapters"]} == {"model"}
+    import pandas as pd
+
+    res = pd.read_parquet(ws / "eval" / "results.parquet")
+    tuned = res[res.variant == "finetuned"]
+    assert len(tuned) > 0
