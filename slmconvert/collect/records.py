@@ -7,11 +7,14 @@ before the cut. Bytes that are not UTF-8 are located and reported instead of fai
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 LOG_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
 
@@ -30,11 +33,106 @@ class RawError:
     code: str
 
 
-def _open_bytes(path: Path) -> bytes:
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    return path.read_bytes()
+GZIP_MAGIC = b"\x1f\x8b"
+# BOM -> codec. UTF-32 before UTF-16: the UTF-32-LE BOM starts with the UTF-16-LE one.
+BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+MAX_DEPTH = 256  # nesting beyond this is no log record (and would overflow recursive readers downstream)
+_READ_ERRORS = (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError)
+
+
+class UnreadableFile(Exception):
+    """The file as a whole cannot be read (corrupt compression, unknown encoding): quarantined with the reason."""
+
+    def __init__(self, reason: str, code: str):
+        super().__init__(reason)
+        self.reason, self.code = reason, code
+
+
+def _gzip_reason(e: BaseException) -> str:
+    if isinstance(e, EOFError):
+        return "truncated gzip file (it ends before the compressed stream does)"
+    return f"corrupt gzip data ({type(e).__name__}: {e})"
+
+
+def open_log(path: Path) -> tuple[BinaryIO, str | None]:
+    """A binary stream of the file's UTF-8 text, and the encoding it was converted from (None: UTF-8).
+
+    Compression is recognised by its magic bytes, not the file name (a `.gz` that is plain text
+    is read as text, a gzip file without `.gz` is decompressed). A UTF-16/32 byte-order mark is
+    honoured: the text is transcoded to UTF-8 as it streams.
+    """
+    raw = open(path, "rb")
+    try:
+        f: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if raw.read(2) == GZIP_MAGIC else raw  # type: ignore[assignment]
+        raw.seek(0)
+        try:
+            head = f.peek(4)[:4] if hasattr(f, "peek") else b""
+        except _READ_ERRORS as e:
+            raise UnreadableFile(_gzip_reason(e), "corrupt_gzip") from None
+        for bom, codec in BOMS:
+            if head.startswith(bom):
+                return _Transcoded(io.TextIOWrapper(f, encoding=codec, newline="")), codec.upper()
+        return f, None
+    except BaseException:
+        raw.close()
+        raise
+
+
+class _Transcoded(io.RawIOBase):
+    """A UTF-16/32 text stream read back as UTF-8 bytes, line by line."""
+
+    def __init__(self, text: io.TextIOWrapper):
+        self.text, self.buf = text, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readline(self, size: int = -1) -> bytes:  # noqa: ARG002 - whole lines only
+        return self.text.readline().encode("utf-8", "surrogatepass")
+
+    def readinto(self, b) -> int:
+        while len(self.buf) < len(b):
+            chunk = self.text.read(1 << 16)
+            if not chunk:
+                break
+            self.buf += chunk.encode("utf-8", "surrogatepass")
+        n = min(len(b), len(self.buf))
+        b[:n], self.buf = self.buf[:n], self.buf[n:]
+        return n
+
+    def close(self) -> None:
+        self.text.close()
+        super().close()
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Nesting deeper than `limit`, found without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values() if isinstance(x, (dict, list)))
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v if isinstance(x, (dict, list)))
+    return False
+
+
+def _loads(text: str) -> Any:
+    """json.loads that turns pathological nesting into a JSONDecodeError-like ValueError."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise _TooDeep() from None
+    if isinstance(value, (dict, list)) and too_deep(value):
+        raise _TooDeep()
+    return value
+
+
+class _TooDeep(ValueError):
+    reason = f"JSON nested deeper than {MAX_DEPTH} levels: not a log record"
+    code = "too_deep"
 
 
 def _has_bad_utf8(value: Any) -> bool:
@@ -52,9 +150,10 @@ def _line_col(text: str, pos: int) -> str:
     return f"line {line} column {col}"
 
 
-def sniff_layout(data: bytes) -> str:
-    """'array' for a JSON array, 'object' for one JSON document, 'lines' for JSONL, 'empty'."""
-    head = data.lstrip(b"\xef\xbb\xbf \t\r\n")
+def sniff_layout(head: bytes) -> str:
+    """'array' for a JSON array, 'object' for one JSON document, 'lines' for JSONL, 'empty'.
+    `head` is the start of the file, up to the end of its first non-blank line."""
+    head = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if not head:
         return "empty"
     if head[:1] == b"[":
@@ -63,22 +162,38 @@ def sniff_layout(data: bytes) -> str:
         # One pretty-printed object spans lines; JSONL has a complete object on its first line.
         first_line = head.split(b"\n", 1)[0]
         try:
-            json.loads(first_line)
+            _loads(first_line.decode("utf-8"))
             return "lines"
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except _TooDeep:
+            return "lines"  # one complete (if absurd) value on the first line: JSONL
+        except (ValueError, UnicodeDecodeError):
             return "object"
     return "lines"
 
 
-def iter_jsonl(data: bytes, start_offset: int = 0, start_line: int = 1) -> Iterator[RawRecord | RawError]:
-    pos, line_no = start_offset, start_line
-    n = len(data)
-    while pos < n:
-        end = data.find(b"\n", pos)
-        end = n if end == -1 else end + 1
-        raw = data[pos:end]
+def iter_jsonl(f: BinaryIO, start_line: int = 1, head: list[bytes] | None = None, stats: "ReadStats | None" = None
+               ) -> Iterator[RawRecord | RawError]:
+    """Records of a JSONL stream, one line at a time (memory stays flat with the file size).
+    `head`: lines already read from `f` (to sniff its layout), processed first."""
+    line_no = start_line
+    stats = stats if stats is not None else ReadStats()
+    pending = list(head or [])
+    pending.reverse()
+    while True:
+        if pending:
+            raw = pending.pop()
+        else:
+            try:
+                raw = f.readline()
+            except _READ_ERRORS as e:
+                yield RawError(f"line {line_no}", _gzip_reason(e) + "; the lines before it are kept", "corrupt_gzip")
+                return
+        if not raw:
+            return
         if line_no == 1:
             raw = raw.removeprefix(b"\xef\xbb\xbf")
+        stats.lines = line_no
+        stats.bytes += len(raw)
         loc = f"line {line_no}"
         stripped = raw.strip()
         if stripped:
@@ -89,13 +204,25 @@ def iter_jsonl(data: bytes, start_offset: int = 0, start_line: int = 1) -> Itera
                 yield RawError(loc, f"invalid UTF-8 at byte {e.start} of the line", "invalid_utf8")
             else:
                 try:
-                    yield RawRecord(json.loads(text), loc, end)
+                    yield RawRecord(_loads(text), loc)
+                except _TooDeep as e:
+                    yield RawError(loc, e.reason, e.code)
                 except json.JSONDecodeError as e:
                     if not complete:
                         yield RawError(loc, f"truncated last line ({e.msg} at column {e.colno})", "truncated")
                     else:
                         yield RawError(loc, f"malformed JSON: {e.msg} at column {e.colno}", "malformed_json")
-        pos, line_no = end, line_no + 1
+        line_no += 1
+
+
+def _decode_one(decoder: json.JSONDecoder, text: str, i: int) -> tuple[Any, int]:
+    try:
+        value, end = decoder.raw_decode(text, i)
+    except RecursionError:
+        raise _TooDeep() from None
+    if isinstance(value, (dict, list)) and too_deep(value):
+        raise _TooDeep()
+    return value, end
 
 
 def iter_json_document(data: bytes) -> Iterator[RawRecord | RawError]:
@@ -104,7 +231,10 @@ def iter_json_document(data: bytes) -> Iterator[RawRecord | RawError]:
     i = len(text) - len(text.lstrip())
     if text[i : i + 1] != "[":
         try:
-            value, _ = decoder.raw_decode(text, i)
+            value, _ = _decode_one(decoder, text, i)
+        except _TooDeep as e:
+            yield RawError("document", e.reason, e.code)
+            return
         except json.JSONDecodeError as e:
             yield RawError("document", f"malformed JSON at {_line_col(text, e.pos)}: {e.msg}", "malformed_json")
             return
@@ -125,7 +255,10 @@ def iter_json_document(data: bytes) -> Iterator[RawRecord | RawError]:
         if text[i] == "]":
             return
         try:
-            value, i = decoder.raw_decode(text, i)
+            value, i = _decode_one(decoder, text, i)
+        except _TooDeep as e:
+            yield RawError(f"index {index}", e.reason + "; this element and the rest of the file cannot be read", e.code)
+            return
         except json.JSONDecodeError as e:
             truncated = e.pos >= n - 1 or "Unterminated" in e.msg or "Expecting" in e.msg and e.pos >= n - 2
             code = "truncated" if truncated else "malformed_json"
@@ -149,15 +282,47 @@ def iter_json_document(data: bytes) -> Iterator[RawRecord | RawError]:
             return
 
 
-def read_records(path: Path, start_offset: int = 0, start_line: int = 1) -> tuple[str, Iterator[RawRecord | RawError]]:
-    """(layout, records) for a log file. With `start_offset`, JSONL reading resumes there."""
-    data = _open_bytes(path)
-    layout = sniff_layout(data)
-    if layout == "empty":
-        return layout, iter(())
-    if layout == "lines":
-        return layout, iter_jsonl(data, start_offset, start_line)
-    return layout, iter_json_document(data)
+@dataclass(slots=True)
+class ReadStats:
+    lines: int = 0  # last line number read (JSONL)
+    bytes: int = 0  # bytes read from the start offset (JSONL, uncompressed)
+    encoding: str | None = None  # what the text was transcoded from (None: UTF-8)
+    compressed: bool = False
+
+
+@contextlib.contextmanager
+def read_records(path: Path, start_offset: int = 0, start_line: int = 1) -> Iterator[tuple[str, Iterator[RawRecord | RawError], ReadStats]]:
+    """(layout, records, stats) of a log file, streamed. With `start_offset`, JSONL resumes there.
+
+    JSONL never sits in memory whole; a JSON array or document does (it is one value). A file
+    that cannot be read at all raises `UnreadableFile`.
+    """
+    stats = ReadStats(lines=start_line - 1)
+    f, stats.encoding = open_log(path)
+    stats.compressed = isinstance(f, gzip.GzipFile) or isinstance(getattr(getattr(f, "text", None), "buffer", None), gzip.GzipFile)
+    try:
+        head: list[bytes] = []
+        try:
+            if start_offset:
+                f.seek(start_offset)
+            while not head or (head[-1] and not head[-1].strip()):  # up to the first non-blank line
+                head.append(f.readline())
+        except _READ_ERRORS as e:
+            raise UnreadableFile(_gzip_reason(e) if isinstance(f, gzip.GzipFile) else f"unreadable ({e})", "corrupt_gzip") from None
+        first = b"".join(head)
+        layout = ("lines" if first.strip() else "empty") if start_offset else sniff_layout(head[-1] if head[-1] else first)
+        if layout == "empty":
+            yield layout, iter(()), stats
+        elif layout == "lines":
+            yield layout, iter_jsonl(f, start_line, head, stats), stats
+        else:
+            try:
+                data = first + f.read()
+            except _READ_ERRORS as e:
+                raise UnreadableFile(_gzip_reason(e), "corrupt_gzip") from None
+            yield layout, iter_json_document(data), stats
+    finally:
+        f.close()
 
 
 def expand_document(value: Any) -> list[Any]:

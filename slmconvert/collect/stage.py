@@ -8,13 +8,14 @@ collect/scrub configuration, or `force`, rebuilds the stage from all the listed 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from slmconvert.collect.formats import ParseContext, detect_format, get_format, log_formats
-from slmconvert.collect.records import RawError, expand_document, find_log_files, read_records
+from slmconvert.collect.records import MAX_DEPTH, RawError, UnreadableFile, expand_document, find_log_files, read_records
 from slmconvert.collect.tools import infer_tools, load_tools_file, merge_tools, toolset_key
 from slmconvert.config import PipelineConfig
 from slmconvert.errors import FormatError, StageError
@@ -78,7 +79,8 @@ def _plan(files: list[Path], prev_inputs: dict[str, Any]) -> list[dict[str, Any]
         entry = {"path": f, "key": key, "size": size, "sha256": sha, "mode": "full", "offset": 0, "line": 1}
         if old and old["sha256"] == sha:
             entry["mode"] = "unchanged"
-        elif (old and old.get("layout") == "lines" and not f.name.endswith(".gz") and size > old["size"]
+        elif (old and old.get("layout") == "lines" and not old.get("compressed") and not old.get("encoding")
+              and not f.name.endswith(".gz") and size > old["size"]
               and sha256_file(f, old["size"]) == old["sha256"]):
             entry.update(mode="append", offset=old["size"], line=old.get("lines", 0) + 1)
         plan.append(entry)
@@ -100,56 +102,54 @@ class _Collector:
         self.dropped[code] += 1
 
     def read_file(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Parse one file into invocations, streaming; a file that cannot be read at all is quarantined whole."""
         path: Path = entry["path"]
-        layout, items = read_records(path, entry["offset"], entry["line"])
-        records: list[Any] = []
-        lines = entry["line"] - 1
+        info: dict[str, Any] = {"size": entry["size"], "sha256": entry["sha256"]}
+        try:
+            with read_records(path, entry["offset"], entry["line"]) as (layout, items, stats):
+                info.update(self._parse(path, layout, self._records(path, layout, items)))
+                info.update(layout=layout, lines=stats.lines, encoding=stats.encoding, compressed=stats.compressed)
+        except UnreadableFile as e:
+            self._quarantine(path, "file", e.reason, e.code, None)
+            info.update(layout="unreadable", lines=0, format=None)
+        return info
+
+    def _records(self, path: Path, layout: str, items) -> Iterator[tuple[Any, str]]:
         for item in items:
             if isinstance(item, RawError):
                 self._quarantine(path, item.locator, item.reason, item.code, None)
-                continue
-            if layout == "object":
+            elif layout == "object":
                 values = expand_document(item.value)
-                records.extend(
-                    (v, item.locator if len(values) == 1 else f"index {i}") for i, v in enumerate(values)
-                )
+                yield from ((v, item.locator if len(values) == 1 else f"index {i}") for i, v in enumerate(values))
             else:
-                records.append((item.value, item.locator))
-        if layout == "lines":
-            lines = entry["line"] - 1 + _count_lines(path, entry["offset"])
-        info = {"size": entry["size"], "sha256": entry["sha256"], "layout": layout, "lines": lines}
+                yield item.value, item.locator
+
+    def _parse(self, path: Path, layout: str, records: Iterator[tuple[Any, str]]) -> dict[str, Any]:
         if layout == "empty":
-            info["format"] = None
             self.dropped["empty_file"] += 1
-            return info
-        fmt_name = self.cc.format or detect_format([r for r, _ in records[:SAMPLE_SIZE]])
+            return {"format": None}
+        sample = list(itertools.islice(records, SAMPLE_SIZE))
+        fmt_name = self.cc.format or detect_format([r for r, _ in sample])
         if fmt_name is None:
-            if not records:
-                info["format"] = None
-                return info  # every record was quarantined already; nothing else to say
+            if not sample:
+                return {"format": None}  # every record was quarantined already; nothing else to say
             tried = ", ".join(log_formats.names())
             raise FormatError(f"{path}: matches no known log format (tried: {tried}); pass --format NAME if you know it")
         fmt = get_format(fmt_name)
-        info["format"] = fmt_name
         self.formats[fmt_name] += 1
-        self.progress.start(f"reading {path.name}", len(records))
-        for value, locator in records:
+        self.progress.start(f"reading {path.name}", None)
+        for value, locator in itertools.chain(sample, records):
             ctx = ParseContext(path=str(path), locator=locator, format=fmt_name, agent=self.cc.agent, model=self.cc.model)
             try:
                 self.invocations.extend(fmt.parse(value, ctx))
             except RecordError as e:
                 self._quarantine(path, locator, e.reason, e.code, fmt_name)
+            except RecursionError:  # nesting a format's own walk cannot follow
+                self._quarantine(path, locator, f"nested too deeply to read ({MAX_DEPTH}+ levels)", "too_deep", fmt_name)
             self.dropped.update(ctx.dropped)
             self.progress.advance()
         self.progress.stop()
-        return info
-
-
-def _count_lines(path: Path, offset: int) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read()
-    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+        return {"format": fmt_name}
 
 
 def _existing(stage_dir: Path, manifest: Manifest | None) -> tuple[set[str], set[str], list[tuple[str, str, dict]]]:
