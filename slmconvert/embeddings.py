@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from slmconvert.errors import ModelNotFound
-from slmconvert.io import atomic_path, sha256_text
+from slmconvert.io import sha256_text, write_parquet_atomic
 from slmconvert.progress import NULL_PROGRESS, Progress
 from slmconvert.sources import DEFAULT_EMBEDDING_MODEL, resolve_source
 
@@ -120,7 +120,6 @@ class EmbeddingCache:
         if not len(keys):
             return
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         self.folder.mkdir(parents=True, exist_ok=True)
         n = len(list(self.folder.glob("embeddings-*.parquet")))
@@ -130,8 +129,7 @@ class EmbeddingCache:
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), dim),
         })
         path = self.folder / f"embeddings-{n:05d}.parquet"
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
+        write_parquet_atomic(path, table)
         self._load().update(zip(keys, vectors))
 
 

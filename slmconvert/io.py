@@ -79,6 +79,20 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
 
 
+def write_parquet_atomic(path: Path, table: Any) -> None:
+    """An Arrow table as a Parquet file, atomically. The file is encoded in memory and written by
+    Python, so a full disk is a plain OSError (ENOSPC, the temp file removed) and never an abort
+    inside Arrow's C++ writer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(memoryview(data))
+
+
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from slmconvert.invocation import Invocation, Request, Response, Source, ToolCall, Usage, message_id
-from slmconvert.io import atomic_path
+from slmconvert.io import write_parquet_atomic
 from slmconvert.workspace import Manifest, Workspace
 
 INVOCATION_SHARD = "invocations-{:05d}.parquet"
@@ -94,9 +94,7 @@ def _write_parquet(path: Path, rows: dict[str, list], features=None) -> None:
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()  # our own progress display is the only one
-    ds = Dataset.from_dict(rows, features=features)
-    with atomic_path(path) as tmp:
-        ds.to_parquet(str(tmp))
+    write_parquet_atomic(path, Dataset.from_dict(rows, features=features).data.table)
 
 
 def _columns(rows: list[dict[str, Any]], names: Iterable[str]) -> dict[str, list]:

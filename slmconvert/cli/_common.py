@@ -8,12 +8,14 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from slmconvert.errors import SlmconvertError
 from slmconvert.progress import Progress
@@ -42,14 +44,28 @@ def handle_errors(fn: Callable) -> Callable:
             err_console.print("[yellow]Interrupted.[/] Nothing half-written was kept; run the same command again to resume.")
             raise typer.Exit(130) from None
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                err_console.print(f"[bold red]Error:[/] disk full while writing {e.filename or 'the workspace'}; "
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                what = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                        errno.EFBIG: "file size limit reached"}[e.errno]
+                err_console.print(f"[bold red]Error:[/] {what} while writing {e.filename or 'the workspace'}; "
                                   "free some space and re-run (finished stages are kept).")
                 raise typer.Exit(28) from None
             if e.errno in (errno.EACCES, errno.EROFS):
                 err_console.print(f"[bold red]Error:[/] cannot write {e.filename}: {e.strerror}")
                 raise typer.Exit(13) from None
+            err_console.print("[bold red]Error:[/] " + escape(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"),
+                              highlight=False)
+            raise typer.Exit(74) from None
+        except (typer.Exit, typer.Abort, SystemExit):
             raise
+        except Exception as e:  # noqa: BLE001 - the last line of defence: a bug is reported, not dumped
+            if os.environ.get("SLMCONVERT_DEBUG"):
+                raise
+            first = str(e).splitlines()[0][:300] if str(e).strip() else ""
+            err_console.print("[bold red]Error:[/] " + escape(f"unexpected {type(e).__name__}: {first}\n"
+                              "This is a bug in slmconvert; please report it. Set SLMCONVERT_DEBUG=1 to see the traceback."),
+                              highlight=False)
+            raise typer.Exit(70) from None
 
     return wrapper
 

@@ -23,7 +23,7 @@ from slmconvert.cluster import features as F
 from slmconvert.config import PipelineConfig
 from slmconvert.errors import StageError
 from slmconvert.invocation import Invocation
-from slmconvert.io import atomic_path, sha256_obj, sha256_text, write_json_atomic
+from slmconvert.io import atomic_path, sha256_obj, sha256_text, write_json_atomic, write_parquet_atomic
 from slmconvert.progress import NULL_PROGRESS, Progress
 from slmconvert.workspace import Manifest, Timer, Workspace
 
@@ -382,7 +382,6 @@ def _map_coords(vecs: np.ndarray, seed: int) -> np.ndarray:
 
 def _write_assignments(path, rows: list[Row], coords: np.ndarray) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     table = pa.table({
         "invocation_id": [r.inv.id for r in rows],
@@ -393,8 +392,7 @@ def _write_assignments(path, rows: list[Row], coords: np.ndarray) -> None:
         "x": coords[:, 0].tolist(),
         "y": coords[:, 1].tolist(),
     })
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet_atomic(path, table)
 
 
 def load_assignments(workspace: Workspace) -> list[dict[str, Any]]:

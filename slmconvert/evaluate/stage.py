@@ -24,7 +24,7 @@ from typing import Any
 
 from slmconvert.config import PipelineConfig
 from slmconvert.errors import ModelNotFound, StageError
-from slmconvert.io import atomic_path, read_json, sha256_obj, write_json_atomic
+from slmconvert.io import atomic_path, read_json, sha256_obj, write_json_atomic, write_parquet_atomic
 from slmconvert.progress import NULL_PROGRESS, Progress
 from slmconvert.workspace import Manifest, Timer, Workspace
 
@@ -541,14 +541,12 @@ def _per_argument(r: dict[str, Any], by_id, acc) -> None:
 
 def _write_results(path: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     cols = ["invocation_id", "session", "site", "task", "kind", "model", "variant", "prompt_tokens", "new_tokens",
             "seconds", "confidence", "acceptable", *ALL_METRICS, "embedding_similarity", "judge", "predicted_call",
             "well_formed", "expected", "prediction"]
     table = pa.table({c: [r.get(c) for r in rows] for c in cols}) if rows else pa.table({c: pa.array([], pa.string()) for c in cols})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet_atomic(path, table)
 
 
 def load_summary(workspace: Workspace) -> dict[str, Any]:
