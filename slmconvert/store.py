@@ -14,7 +14,8 @@ from typing import Any, Iterable
 
 from slmconvert.invocation import Invocation, Request, Response, Source, ToolCall, Usage, message_id
 from slmconvert.io import write_parquet_atomic
-from slmconvert.workspace import Manifest, Workspace
+from slmconvert.errors import StageError
+from slmconvert.workspace import STAGE_DIRS, Manifest, Workspace
 
 INVOCATION_SHARD = "invocations-{:05d}.parquet"
 MESSAGE_SHARD = "messages-{:05d}.parquet"
@@ -153,11 +154,22 @@ def read_table(stage_dir: Path, files: list[str], prefix: str):
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
-    tables = [pq.read_table(stage_dir / f) for f in files if f.startswith(prefix)]
+    tables = [_read_shard(pq, stage_dir / f) for f in files if f.startswith(prefix)]
     if not tables:
         return None
     table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
     return Dataset(InMemoryTable(table))
+
+
+def _read_shard(pq, path: Path):
+    import pyarrow as pa
+
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        stage = {v: k for k, v in STAGE_DIRS.items()}.get(path.parent.name, "collect")
+        why = "missing" if not path.exists() else f"damaged: {str(e).splitlines()[0][:160]}"
+        raise StageError(f"{path} is {why}; rebuild it with `slmconvert {stage} --workspace {path.parent.parent} --force`") from None
 
 
 def load_tools(stage_dir: Path) -> dict[str, list[dict]]:

@@ -33,6 +33,43 @@ STAGE_DIRS = {
 }
 
 
+# Lock files this process holds. A forked child (NER workers, data loaders) closes its copies at
+# once: an flock belongs to the open file, so a child that outlived a killed parent would
+# otherwise keep the workspace locked in the name of a dead pid.
+_HELD_LOCKS: set[int] = set()
+
+
+def _release_inherited_locks() -> None:
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_release_inherited_locks)
+
+
+def die_with_parent() -> None:
+    """Make this (worker) process die when its parent does, even by SIGKILL (Linux; elsewhere a no-op)."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class DamagedManifest(StageError):
+    """A manifest that is not what a stage wrote (hand-edited, truncated): --force rebuilds the stage."""
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -104,13 +141,35 @@ class Workspace:
         return self.stage_dir(stage) / "manifest.json"
 
     def read_manifest(self, stage: str) -> Manifest | None:
+        self.check_root()
         path = self.manifest_path(stage)
         if not path.exists():
             return None
         try:
-            return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise StageError(f"{path}: the manifest is unreadable ({e}); delete the folder or re-run the stage with --force") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON object was expected, got {type(data).__name__}")
+            m = Manifest.from_dict(data)
+            if not all(isinstance(v, str) for v in (m.stage, m.config_hash, m.input_hash)) or not isinstance(m.files, list):
+                raise TypeError("stage, hashes or file list missing or of the wrong type")
+            return m
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+            raise DamagedManifest(f"{path}: the manifest is damaged ({e}); rebuild the stage with "
+                                  f"`slmconvert {stage} --workspace {self.root} --force`") from None
+
+    def previous(self, stage: str, force: bool = False) -> Manifest | None:
+        """A stage's own last manifest; with `force` a damaged one counts as none (the stage rebuilds)."""
+        try:
+            return self.read_manifest(stage)
+        except DamagedManifest:
+            if not force:
+                raise
+            self.manifest_path(stage).unlink(missing_ok=True)
+            return None
+
+    def check_root(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StageError(f"the workspace {self.root} is a file, not a folder: choose another --workspace (or `workspace:` key)")
 
     def write_manifest(self, manifest: Manifest) -> None:
         manifest.updated_at = utcnow()
@@ -160,6 +219,7 @@ class Workspace:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """One writer at a time per workspace: a second concurrent run fails fast, naming the holder."""
+        self.check_root()
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / ".lock"
         f = open(path, "a+")
@@ -174,8 +234,10 @@ class Workspace:
             f.truncate()
             f.write(f"pid {os.getpid()}")
             f.flush()
+            _HELD_LOCKS.add(f.fileno())
             yield
         finally:
+            _HELD_LOCKS.discard(f.fileno())
             f.close()
 
     def invocation_stage(self) -> str:

@@ -266,7 +266,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
     with workspace.lock():
         in_stage, in_manifest = workspace.input_manifest("cluster")
         input_hash = in_manifest.fingerprint()
-        prev = workspace.read_manifest(STAGE)
+        prev = workspace.previous(STAGE, force)
         if workspace.unchanged(prev, config_hash, input_hash, force):
             return prev
         previous_split = _previous_split(workspace, prev) if prev and prev.extra.get("test_fraction") == cc.test_fraction \

@@ -196,7 +196,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
     stage_dir = workspace.stage_dir(STAGE)
 
     with workspace.lock():
-        prev = workspace.read_manifest(STAGE)
+        prev = workspace.previous(STAGE, force)
         rebuild = force or prev is None or prev.config_hash != config_hash
         base = None if rebuild else prev
         workspace.remove_unlisted(STAGE, prev, SHARD_PATTERNS)

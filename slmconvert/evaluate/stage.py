@@ -269,7 +269,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                              f"`slmconvert finetune --workspace {workspace.root}` first")
         input_hash = sha256_obj({"cluster": cm.fingerprint(), "finetune": fm.fingerprint()})
         config_hash = _config_hash(config)
-        prev = workspace.read_manifest(STAGE)
+        prev = workspace.previous(STAGE, force)
         outputs_intact = prev is not None and all((workspace.stage_dir(STAGE) / f).exists() for f in prev.files)
         if workspace.unchanged(prev, config_hash, input_hash, force, outputs_intact):
             return prev

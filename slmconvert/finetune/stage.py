@@ -189,7 +189,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         input_hash = sha256_obj({"cluster": cm.fingerprint(), "select": sm.fingerprint() if sm and not fc.models else None})
         config_hash = sha256_obj({"finetune": fc.model_dump(mode="json", exclude={"device", "checkpoint_steps"}),
                                   "compaction": config.compaction.model_dump(mode="json"), "version": TRAINING_VERSION})
-        prev = workspace.read_manifest(STAGE)
+        prev = workspace.previous(STAGE, force)
         adapters_intact = prev is not None and all((workspace.root / a["path"] / COMPLETE).exists()
                                                    for a in prev.extra.get("adapters", []))
         if workspace.unchanged(prev, config_hash, input_hash, force, adapters_intact):

@@ -31,6 +31,7 @@ from slmconvert.scrub.spans import (
     resolve, speaker_names,
 )
 from slmconvert.scrub.surrogates import SurrogateFactory
+from slmconvert.workspace import die_with_parent
 
 NER_LABELS = {"PERSON": "PERSON", "PER": "PERSON", "GPE": "LOCATION", "LOC": "LOCATION", "FAC": "LOCATION",
               "NORP": "NRP", "ORG": "ORGANIZATION", "DATE": "DATE_TIME", "TIME": "DATE_TIME"}
@@ -320,7 +321,7 @@ class Scrubber:
         chunk = max(50, len(texts) // (n * 8))
         pieces = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
         out = []
-        with ctx.Pool(n) as pool:
+        with ctx.Pool(n, initializer=die_with_parent) as pool:
             for part in pool.imap(_ner_worker, pieces):
                 out.extend(part)
                 progress.advance(len(part))

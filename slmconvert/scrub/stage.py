@@ -36,7 +36,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
     with workspace.lock():
         cm = workspace.require_manifest("collect", "scrub")
         input_hash = collect_fingerprint(cm)
-        prev = workspace.read_manifest(STAGE)
+        prev = workspace.previous(STAGE, force)
         if workspace.unchanged(prev, config_hash, input_hash, force):
             return prev
         workspace.remove_unlisted(STAGE, prev, SHARD_PATTERNS)

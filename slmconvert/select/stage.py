@@ -193,7 +193,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
     with workspace.lock():
         cm = workspace.require_manifest("cluster", "select")
         input_hash = cm.fingerprint()
-        prev = workspace.read_manifest(STAGE)
+        prev = workspace.previous(STAGE, force)
         # Availability is part of the input: a model installed since the last run changes the outcome.
         avail = {e.name: availability(e, sc.local_models.get(e.name), sc.download) for e in entries}
         avail_key = sha256_obj({n: [a.available, a.source] for n, a in avail.items()})
