@@ -221,7 +221,7 @@ class PipelineConfig(StrictModel):
 # --------------------------------------------------------------------------- loading
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def format_error(err: dict[str, Any]) -> str:
     path = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{path}: unknown key"
@@ -317,7 +317,7 @@ def build_config(data: dict, source: str = "config") -> PipelineConfig:
             warnings.simplefilter("default")
             return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        problems = [_format_error(err) for err in e.errors()]
+        problems = [format_error(err) for err in e.errors()]
         raise ConfigError(source, _suggest_unknown(problems, data)) from None
 
 

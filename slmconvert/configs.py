@@ -1,14 +1,17 @@
-"""Validation of every shipped YAML: pipelines and the catalogues/policies in configs/."""
+"""Shipped configuration files (configs/): where they are, and the registry of their kinds.
+
+A file in configs/ names its kind at the top (`kind: scrub-policy`); a file without `kind` is a
+pipeline. Each kind's module registers its validator here with `@register_kind(...)`; this
+module imports none of them (validation.py brings them together).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from slmconvert.errors import ConfigError
-
-# A file in configs/ names its kind at the top (`kind: scrub-policy`); a file without `kind`
-# is a pipeline.
 VALIDATORS: dict[str, Callable[[dict, str], Any]] = {}
 
 
@@ -20,21 +23,15 @@ def register_kind(kind: str):
     return deco
 
 
-def validate_config_file(path: Path, data: dict, overrides: list[str]) -> dict:
-    from slmconvert.config import apply_overrides, build_config
-
-    kind = data.get("kind")
-    if kind is None:
-        return build_config(apply_overrides(data, overrides), str(path)).model_dump(mode="json")
-    _load_validators()
-    if kind not in VALIDATORS:
-        raise ConfigError(str(path), [f"kind: unknown kind {kind!r} (known: {', '.join(sorted(VALIDATORS))}, or none for a pipeline)"])
-    body = {k: v for k, v in apply_overrides(data, overrides).items() if k != "kind"}
-    result = VALIDATORS[kind](body, str(path))
-    return result.model_dump(mode="json") if hasattr(result, "model_dump") else result
-
-
-def _load_validators() -> None:
-    import slmconvert.models.catalogue  # noqa: F401  (registers model-catalogue)
-    import slmconvert.scrub.policy  # noqa: F401  (registers scrub-policy)
-    import slmconvert.evaluate.prices  # noqa: F401  (registers llm-prices)
+def configs_dir() -> Path:
+    """The shipped configs/: $SLMCONVERT_CONFIGS, the source checkout's, or the installed copy."""
+    if os.environ.get("SLMCONVERT_CONFIGS"):
+        return Path(os.environ["SLMCONVERT_CONFIGS"])
+    checkout = Path(__file__).resolve().parents[1] / "configs"
+    if (checkout / "models.yaml").is_file():
+        return checkout
+    for prefix in (sys.prefix, sys.base_prefix, os.path.expanduser("~/.local")):
+        installed = Path(prefix) / "share" / "slmconvert" / "configs"
+        if (installed / "models.yaml").is_file():
+            return installed
+    return checkout

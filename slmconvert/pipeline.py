@@ -158,7 +158,7 @@ def record_iteration(ws: Workspace, results: list[dict[str, Any]], before: dict[
 
 def run_pipeline(config: PipelineConfig, ws: Workspace, *, start: str | None = None, stop: str | None = None,
                  force: bool = False, progress: Progress = NULL_PROGRESS,
-                 on_stage: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+                 on_stage: Callable[[str], None] | None = None, source: str = "pipeline") -> list[dict[str, Any]]:
     from slmconvert.workspace import utcnow
 
     names = list(PIPELINE_STAGES)
@@ -167,6 +167,10 @@ def run_pipeline(config: PipelineConfig, ws: Workspace, *, start: str | None = N
             raise StageError(f"{label} {value!r}: unknown stage (stages: {', '.join(names)})")
     i = names.index(start) if start else 0
     j = names.index(stop) + 1 if stop else len(names)
+    from slmconvert.validation import check_pipeline
+
+    # Every missing log, policy, catalogue, prices file or model at once, before any stage runs.
+    check_pipeline(config, source, set(names[i:j]))
     started, before = utcnow(), snapshot(ws) if ws.root.exists() else {}
     results: list[dict[str, Any]] = []
     for name in names[i:j]:

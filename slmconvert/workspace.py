@@ -249,9 +249,7 @@ class Workspace:
         sm = self.read_manifest("scrub")
         if sm is None:
             return "collect"
-        from slmconvert.scrub.stage import collect_fingerprint
-
-        if sm.input_hash != collect_fingerprint(cm):
+        if sm.input_hash != cm.fingerprint():  # scrub records the collect output it read
             raise StageError(f"{self.stage_dir('scrub')} is older than {self.stage_dir('collect')}: "
                              f"run `slmconvert scrub --workspace {self.root}` again")
         return "scrub"

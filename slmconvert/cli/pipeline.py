@@ -18,11 +18,13 @@ def validate(
     as_json: bool = typer.Option(False, "--json", help="Print the resolved configuration as JSON."),
 ) -> None:
     """Check a pipeline or config file: every unknown key and bad value is reported at once, with its key path."""
-    from slmconvert.config import load_yaml
-    from slmconvert.configs import validate_config_file
+    from slmconvert.config import build_config, load_yaml
+    from slmconvert.validation import check_pipeline, validate_config_file
 
     data = load_yaml(file)
     resolved = validate_config_file(file, data, set_ or [])
+    if data.get("kind") is None:  # a pipeline: what it refers to must exist too (logs, policy, models, ...)
+        check_pipeline(build_config(resolved, str(file)), str(file))
     if as_json:
         print_json(resolved)
         return
@@ -46,7 +48,7 @@ def run(
     cfg, ws = load(pipeline, set_, workspace)
     t0 = time.perf_counter()
     results = run_pipeline(cfg, ws, start=from_, stop=until, force=force, progress=RichProgress(not as_json),
-                           on_stage=None if as_json else _announce)
+                           on_stage=None if as_json else _announce, source=str(pipeline))
     evaluated = any(r["stage"] == "evaluate" for r in results) and ws.read_manifest("evaluate") is not None
     summary = None
     if evaluated:

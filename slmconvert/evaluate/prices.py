@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from slmconvert.configs import register_kind
+from slmconvert.config import format_error, load_yaml
+from slmconvert.configs import configs_dir, register_kind
 from slmconvert.errors import ConfigError
 
 
@@ -43,19 +44,15 @@ class PriceTable(BaseModel):
 
 
 def default_prices_path() -> Path:
-    from slmconvert.scrub.policy import configs_dir
-
     return configs_dir() / "prices.yaml"
 
 
 @register_kind("llm-prices")
 def validate_prices(data: dict, source: str) -> PriceTable:
-    from slmconvert.config import _format_error
-
     try:
         table = PriceTable.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(source, [_format_error(err) for err in e.errors()]) from None
+        raise ConfigError(source, [format_error(err) for err in e.errors()]) from None
     seen: dict[str, int] = {}
     problems = []
     for i, p in enumerate(table.models):
@@ -68,8 +65,6 @@ def validate_prices(data: dict, source: str) -> PriceTable:
 
 
 def load_prices(path: str | Path | None = None) -> PriceTable:
-    from slmconvert.config import load_yaml
-
     p = Path(path) if path else default_prices_path()
     data = load_yaml(p)
     if data.get("kind") != "llm-prices":

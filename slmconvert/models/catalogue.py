@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from slmconvert.config import StrictModel
-from slmconvert.configs import register_kind
+from slmconvert.config import StrictModel, format_error, load_yaml
+from slmconvert.configs import configs_dir, register_kind
 from slmconvert.errors import ConfigError, SlmconvertError
 
 
@@ -78,19 +78,15 @@ class Catalogue(StrictModel):
 
 
 def default_catalogue_path() -> Path:
-    from slmconvert.scrub.policy import configs_dir
-
     return configs_dir() / "models.yaml"
 
 
 @register_kind("model-catalogue")
 def validate_catalogue(data: dict, source: str) -> Catalogue:
-    from slmconvert.config import _format_error
-
     try:
         cat = Catalogue.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(source, [_format_error(err) for err in e.errors()]) from None
+        raise ConfigError(source, [format_error(err) for err in e.errors()]) from None
     problems, seen = [], {}
     for i, m in enumerate(cat.models):
         for key in [m.name, *m.aliases]:
@@ -105,8 +101,6 @@ def validate_catalogue(data: dict, source: str) -> Catalogue:
 
 
 def load_catalogue(path: str | Path | None = None) -> Catalogue:
-    from slmconvert.config import load_yaml
-
     p = Path(path) if path else default_catalogue_path()
     data = load_yaml(p)
     if data.get("kind") != "model-catalogue":

@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from slmconvert.config import StrictModel
-from slmconvert.configs import register_kind
+from slmconvert.config import StrictModel, format_error, load_yaml
+from slmconvert.configs import configs_dir, register_kind
 from slmconvert.errors import ConfigError
 
 Action = Literal["replace", "mask", "drop", "keep"]
@@ -103,26 +103,8 @@ class ScrubPolicy(StrictModel):
         return r is not None and r.action != "keep"
 
 
-def configs_dir() -> Path:
-    """The shipped configs/: $SLMCONVERT_CONFIGS, the source checkout's, or the installed copy."""
-    import os
-    import sys
-
-    if os.environ.get("SLMCONVERT_CONFIGS"):
-        return Path(os.environ["SLMCONVERT_CONFIGS"])
-    checkout = Path(__file__).resolve().parents[2] / "configs"
-    if (checkout / "models.yaml").is_file():
-        return checkout
-    for prefix in (sys.prefix, sys.base_prefix, os.path.expanduser("~/.local")):
-        installed = Path(prefix) / "share" / "slmconvert" / "configs"
-        if (installed / "models.yaml").is_file():
-            return installed
-    return checkout
-
-
 def load_policy(name_or_path: str) -> ScrubPolicy:
     """A policy by name (configs/scrub/NAME.yaml) or path. `default` works without the file."""
-    from slmconvert.config import load_yaml
 
     p = Path(name_or_path)
     if p.suffix not in (".yaml", ".yml"):
@@ -143,8 +125,6 @@ def load_policy(name_or_path: str) -> ScrubPolicy:
 def validate_policy(data: dict, source: str) -> ScrubPolicy:
     from pydantic import ValidationError
 
-    from slmconvert.config import _format_error
-
     problems = []
     try:
         base = ScrubPolicy().entities
@@ -152,7 +132,7 @@ def validate_policy(data: dict, source: str) -> ScrubPolicy:
                                for k, v in (data.get("entities") or {}).items()}}
         policy = ScrubPolicy.model_validate({**data, "entities": entities})
     except ValidationError as e:
-        raise ConfigError(source, [_format_error(err) for err in e.errors()]) from None
+        raise ConfigError(source, [format_error(err) for err in e.errors()]) from None
     known = set(PII_ENTITIES) | set(SECRET_ENTITIES)
     for name in policy.entities:
         if name not in known:

@@ -20,10 +20,6 @@ STAGE = "scrub"
 REPORT_FILE = "scrub_report.json"
 
 
-def collect_fingerprint(collect_manifest: Manifest) -> str:
-    return collect_manifest.fingerprint()
-
-
 def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, progress: Progress = NULL_PROGRESS) -> Manifest:
     from slmconvert.scrub.engine import scrub_invocations
     from slmconvert.scrub.policy import load_policy
@@ -35,7 +31,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                               "policy": policy.model_dump(mode="json")})
     with workspace.lock():
         cm = workspace.require_manifest("collect", "scrub")
-        input_hash = collect_fingerprint(cm)
+        input_hash = cm.fingerprint()
         prev = workspace.previous(STAGE, force)
         if workspace.unchanged(prev, config_hash, input_hash, force):
             return prev

@@ -1,7 +1,7 @@
 import pytest
 
 from slmconvert.config import load_config
-from slmconvert.configs import validate_config_file
+from slmconvert.validation import validate_config_file
 from slmconvert.config import load_yaml
 from slmconvert.errors import ConfigError
 from tests.conftest import REPO
@@ -59,3 +59,30 @@ def test_bad_set_and_bad_yaml_name_the_problem(tmp_path):
     f.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(f)
+
+
+def test_validate_and_run_report_every_missing_reference_at_once_before_any_stage(tmp_path):
+    """A missing log, tools file, policy, catalogue entry, local folder, prices file and unknown model:
+    all listed with their key paths by `validate` and by `run`, and `run` does no work."""
+    from typer.testing import CliRunner
+
+    from slmconvert.cli import app
+
+    f = tmp_path / "p.yaml"
+    ws = tmp_path / "ws"
+    f.write_text(f"workspace: {ws}\ncollect:\n  paths: [{tmp_path}/nope.jsonl]\n  tools_file: {tmp_path}/tools.json\n"
+                 "scrub:\n  policy: nosuch\nselect:\n  models: [smollm2, nosuch-model]\n"
+                 f"  local_models: {{qwen3-0.6b: {tmp_path}/qwen}}\nfinetune:\n  models: [gpt-9]\n"
+                 f"evaluate:\n  prices: {tmp_path}/prices.yaml\n")
+    expected = ["collect.paths[0]:", "collect.tools_file:", "scrub.policy: unknown policy 'nosuch'",
+                "select.models.nosuch-model: Unknown model", "select.local_models.qwen3-0.6b:", "finetune.models[0]: Unknown model: 'gpt-9'",
+                "evaluate.prices:"]
+    runner = CliRunner()
+    for args in (["validate", str(f)], ["run", str(f)]):
+        r = runner.invoke(app, args, env={"COLUMNS": "400"})
+        assert r.exit_code == 2, r.output
+        assert "7 problems" in r.stderr and all(e in r.stderr for e in expected), r.stderr
+    assert not ws.exists()  # no stage ran
+    # --until collect only checks what collect needs
+    r = runner.invoke(app, ["run", str(f), "--until", "collect"], env={"COLUMNS": "400"})
+    assert "3 problems" in r.stderr and "finetune.models" not in r.stderr

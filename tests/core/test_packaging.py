@@ -23,8 +23,8 @@ def test_wheel_install_outside_the_checkout_finds_configs(tmp_path):
     [wheel] = wheels.glob("slmconvert-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)], check=True,
                    capture_output=True)
-    code = ("import slmconvert, slmconvert.scrub.policy as p, slmconvert.models.catalogue as c, slmconvert.evaluate.prices as pr;"
-            "print(slmconvert.__file__); print(p.configs_dir()); print(len(c.load_catalogue().models));"
+    code = ("import slmconvert, slmconvert.configs as cf, slmconvert.scrub.policy as p, slmconvert.models.catalogue as c, "
+            "slmconvert.evaluate.prices as pr; print(slmconvert.__file__); print(cf.configs_dir()); print(len(c.load_catalogue().models));"
             "print(p.load_policy('strict').entities['LOCATION'].action); print(pr.load_prices() is not None)")
     out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}).stdout.split("\n")
