@@ -192,7 +192,8 @@ class StopAfter:
 class FakeLLM:
     """An OpenAI-compatible /chat/completions on loopback: `reply(body) -> str` answers, every request is recorded."""
 
-    def __init__(self, reply=lambda body: "The LLM answered.", delay: float = 0.0):
+    def __init__(self, reply=lambda body: "The LLM answered.", delay: float = 0.0, raw=None):
+        """`raw(body) -> (status, JSON value)` replaces the whole answer (refusals, errors, odd JSON)."""
         import threading
         import time
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -208,11 +209,12 @@ class FakeLLM:
                 outer.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
                 if delay:
                     time.sleep(delay)
-                out = json.dumps({"id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": body.get("model", "gpt-4o"),
-                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": reply(body)},
-                                               "finish_reason": "stop"}],
-                                  "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}}).encode()
-                self.send_response(200)
+                status, value = raw(body) if raw else (200, {
+                    "id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": body.get("model", "gpt-4o"),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply(body)}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}})
+                out = json.dumps(value).encode()
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(out)))
                 self.end_headers()

@@ -62,6 +62,9 @@ def serve(
         raise ConfigError("serve", ["--mode proxy needs --upstream URL"])
     if sc.host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"[yellow]warning:[/] listening on {sc.host}: reachable from other machines", highlight=False)
+    if sc.no_auth:
+        err_console.print(f"[yellow]warning:[/] --no-auth: anyone who can reach {sc.host}:{sc.port} can spend your upstream LLM "
+                          "key and read what the SLMs answer", highlight=False)
 
     from slmconvert.serve.app import ServeSettings, create_app
     from slmconvert.serve.calllog import CallLogger

@@ -89,6 +89,9 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from slmconvert.collect.records import MAX_DEPTH, too_deep
 
     if settings.mode == "convert" and engine is None:
         raise ValueError("convert mode needs an SlmEngine")
@@ -133,10 +136,16 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
                                      f"{settings.upstream_timeout_s:g} s") from None
         except httpx.HTTPError as e:
             raise UpstreamError(502, f"the upstream LLM at {settings.upstream} is unreachable ({type(e).__name__})") from None
+        if r.status_code in (401, 403):  # our upstream key, not the client's: never pass it on as theirs
+            raise UpstreamError(502, f"the upstream LLM at {settings.upstream} refused slmconvert's upstream key "
+                                     f"(HTTP {r.status_code}); check ${settings.upstream_key_env}", "upstream_auth")
         try:
             payload = r.json()
         except ValueError:
             raise UpstreamError(502, f"the upstream LLM at {settings.upstream} answered HTTP {r.status_code} without JSON") from None
+        if not isinstance(payload, dict):
+            raise UpstreamError(502, f"the upstream LLM at {settings.upstream} answered HTTP {r.status_code} with JSON "
+                                     f"that is not an object ({type(payload).__name__})")
         return r.status_code, payload, (time.perf_counter() - t) * 1000.0
 
     def log_call(body: dict, response: dict, latency_ms: float, served_by: dict, session: str | None) -> None:
@@ -156,34 +165,73 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
         return {"status": "ok", "mode": settings.mode, "upstream": settings.upstream,
                 "sites": engine.sites if engine is not None else [], **{k: v for k, v in state.items() if isinstance(v, int)},
                 "logged": logger.written if logger is not None else None,
-                "log_failures": logger.failed if logger is not None else None}
+                "log_failures": logger.failed if logger is not None else None,
+                "logged_reduced": logger.reduced if logger is not None else None}
+
+    def model_list() -> list[dict[str, Any]]:
+        data = [{"id": f"slmconvert:{s}", "object": "model", "created": 0, "owned_by": "slmconvert"}
+                for s in (engine.sites if engine is not None else [])]
+        data.append({"id": "upstream", "object": "model", "created": 0, "owned_by": "upstream"})
+        return data
 
     @app.get("/v1/models")
     async def models(request: Request):
         if not authorised(request):
             return openai_error(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key", code="invalid_api_key")
-        data = [{"id": f"slmconvert:{s}", "object": "model", "created": 0, "owned_by": "slmconvert"}
-                for s in (engine.sites if engine is not None else [])]
-        data.append({"id": "upstream", "object": "model", "created": 0, "owned_by": "upstream"})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": model_list()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        if not authorised(request):
+            return openai_error(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key", code="invalid_api_key")
+        found = next((m for m in model_list() if m["id"] == model_id), None)
+        if found is None:
+            return openai_error(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        return found
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = {404: f"unknown path {request.url.path}", 405: f"method {request.method} is not allowed on {request.url.path}"}
+        return openai_error(exc.status_code, message.get(exc.status_code, str(exc.detail)),
+                            code="not_found" if exc.status_code == 404 else None)
+
+    async def read_body(request: Request) -> bytes | None:
+        """The body, read chunk by chunk: over the limit (chunked uploads included) -> None, early."""
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_body_bytes:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_body_bytes:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def parse_body(raw: bytes) -> tuple[Any, JSONResponse | None]:
+        try:
+            body = json.loads(raw)
+        except RecursionError:
+            return None, openai_error(400, "the request body is nested too deeply to be a chat request")
+        except (ValueError, UnicodeDecodeError) as e:
+            return None, openai_error(400, f"the request body is not valid JSON ({e})")
+        if isinstance(body, (dict, list)) and too_deep(body):
+            return None, openai_error(400, f"the request body is nested deeper than {MAX_DEPTH} levels")
+        problem = validate_request(body)
+        if problem:
+            return None, openai_error(400, problem, param="messages" if "messages" in problem else None)
+        return body, None
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         if not authorised(request):
             return openai_error(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key", code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_bytes:
+        raw = await read_body(request)
+        if raw is None:
             return openai_error(413, f"request body over {settings.max_body_bytes:,} bytes", code="request_too_large")
-        raw = await request.body()
-        if len(raw) > settings.max_body_bytes:
-            return openai_error(413, f"request body over {settings.max_body_bytes:,} bytes", code="request_too_large")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            return openai_error(400, f"the request body is not valid JSON ({e})")
-        problem = validate_request(body)
-        if problem:
-            return openai_error(400, problem, param="messages" if "messages" in problem else None)
+        body, error = parse_body(raw)
+        if error is not None:
+            return error
         try:
             await asyncio.wait_for(state["sem"].acquire(), timeout=settings.queue_timeout_s)
         except asyncio.TimeoutError:
@@ -209,7 +257,7 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
                 status, payload, upstream_ms = await upstream_call(raw)
             except UpstreamError as e:
                 state["errors"] += 1
-                return openai_error(e.status, e.message, "upstream_error", code="upstream_unavailable" if e.status == 502 else "upstream_timeout")
+                return openai_error(e.status, e.message, "upstream_error", code=e.code)
             reason = "proxy mode" if decision is None else decision.reason
             headers = {"x-slmconvert-answered-by": "llm", "x-slmconvert-reason": _header(reason)}
             if decision is not None:
@@ -227,6 +275,7 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
 
 
 class UpstreamError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, code: str | None = None):
         super().__init__(message)
         self.status, self.message = status, message
+        self.code = code or ("upstream_unavailable" if status == 502 else "upstream_timeout")

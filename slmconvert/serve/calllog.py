@@ -27,19 +27,23 @@ class CallLogger:
         self.workspace = workspace
         self.config = config
         self.folder = workspace.root / SERVE_DIR
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.scrub = config.scrub.enabled if scrub is None else scrub
         self._scrubber = None
         self._template_values: list[str] = []
         self._queue: queue.Queue = queue.Queue()
         self.written = 0
-        self.failed = 0
+        self.failed = 0  # records that could not be written at all (kept for /health; 0 unless the disk fails)
+        self.reduced = 0  # records logged without their content (they could not be scrubbed)
+        self._session_key: bytes | None = None
         self.last_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="slmconvert-call-log", daemon=True)
         self._thread.start()
 
     # -- producer side (request handlers)
     def log(self, record: dict[str, Any]) -> None:
+        if record.get("session_id") is not None:
+            record = {**record, "session_id": self.session_pseudonym(record["session_id"])}
         self._queue.put(record)
 
     def flush(self) -> None:
@@ -69,6 +73,9 @@ class CallLogger:
             try:
                 if records:
                     self._write(records)
+            except OSError as e:  # the disk, not the data: counted, and the server keeps serving
+                self.failed += len(records)
+                self.last_error = f"{type(e).__name__}: {e}"[:300]
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -76,17 +83,52 @@ class CallLogger:
                 return
 
     def _write(self, records: list[dict[str, Any]]) -> None:
+        """Every call gets a line. A batch that cannot be scrubbed is retried record by record, and
+        a record that still cannot be is logged in a reduced form (who answered, when, why not;
+        no content, which might be raw PII) and counted in `reduced`."""
         try:
-            lines = [json.dumps(r, ensure_ascii=False, default=str) for r in self._prepare(records)]
-        except Exception as e:  # a batch that cannot be scrubbed is not written raw: it is counted
-            self.failed += len(records)
-            self.last_error = f"{type(e).__name__}: {e}"[:300]
-            return
-        with open(self.path_for(datetime.now(timezone.utc)), "a", encoding="utf-8") as f:
+            lines = [self._dumps(r) for r in self._prepare(records)]
+        except Exception:  # noqa: BLE001 - find the record(s) at fault, keep the others whole
+            lines = []
+            for record in records:
+                try:
+                    [line] = [self._dumps(r) for r in self._prepare([record])]
+                except Exception as e:  # noqa: BLE001
+                    self.reduced += 1
+                    self.last_error = f"{type(e).__name__}: {e}"[:300]
+                    line = self._dumps(self._reduced(record, e))
+                lines.append(line)
+        path = self.path_for(datetime.now(timezone.utc))
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # call logs hold prompts: owner only
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in lines))
             f.flush()
             os.fsync(f.fileno())
         self.written += len(lines)
+
+    @staticmethod
+    def _dumps(record: dict[str, Any]) -> str:
+        return json.dumps(record, ensure_ascii=False, default=str)
+
+    @staticmethod
+    def _reduced(record: dict[str, Any], error: BaseException) -> dict[str, Any]:
+        out = {k: record.get(k) for k in ("timestamp", "session_id", "latency_ms", "served_by", "usage") if k in record}
+        out["unlogged_content"] = f"could not be scrubbed ({type(error).__name__}); content withheld"
+        return out
+
+    def session_pseudonym(self, session: Any) -> str:
+        """The client's session id (an `x-session-id` header may carry an e-mail or a name) as a keyed
+        hash: calls of one session still group together, nothing of the value is stored."""
+        if not self.scrub:
+            return str(session)
+        import hashlib
+        import hmac
+
+        from slmconvert.scrub.engine import scrub_key
+
+        if self._session_key is None:
+            self._session_key = scrub_key(self.workspace, self.config.scrub.seed)
+        return "s-" + hmac.new(self._session_key, str(session).encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:20]
 
     def _prepare(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not self.scrub:
@@ -143,7 +185,7 @@ def to_record(inv, original: dict[str, Any]) -> dict[str, Any]:
            "response": {"model": inv.model, "choices": [{"index": 0, "message": msg, "finish_reason": inv.response.finish_reason}]},
            "latency_ms": original.get("latency_ms"), "served_by": original.get("served_by")}
     if original.get("session_id"):
-        out["session_id"] = original["session_id"]
+        out["session_id"] = original["session_id"]  # already a pseudonym when scrubbing (see CallLogger.log)
     if inv.usage:
         out["usage"] = {"prompt_tokens": inv.usage.prompt_tokens, "completion_tokens": inv.usage.completion_tokens}
     return out
