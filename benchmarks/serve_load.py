@@ -1,6 +1,6 @@
 """Load on `slmconvert serve` over loopback: the latency the proxy adds, and that no call is lost.
 
-    python benchmarks/serve_load.py [--clients 50] [--requests 2000]
+    python benchmarks/serve_load.py [--clients 50] [--requests 2000] [--malformed 0.1]
     HF_HUB_OFFLINE=1 python benchmarks/serve_load.py --slm workspace/quickstart [--slm-requests 20]
 
 1. Proxy mode (`slmconvert serve --mode proxy`, its own process) in front of a local fake upstream
@@ -27,10 +27,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def fake_upstream_app():
+# Answers real upstreams give that a call log must still record: a refusal (no content, no tool call),
+# tool-call arguments cut off mid-JSON, a number where text belongs.
+MALFORMED = [{"content": None, "refusal": "I can't help with that."},
+             {"content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": 1'}}]},
+             {"content": 42}]
+
+
+def fake_upstream_app(malformed: float = 0.0):
+    """Answers at once; `malformed` of the answers (every 1/share-th request, by its number) are odd ones."""
     from fastapi import FastAPI
 
     app = FastAPI()
+    every = round(1 / malformed) if malformed > 0 else 0
 
     @app.get("/health")
     async def health():
@@ -38,8 +47,11 @@ def fake_upstream_app():
 
     @app.post("/v1/chat/completions")
     async def chat(body: dict):
+        tail = str(body["messages"][-1].get("content", ""))
+        n = int(tail[1:]) if tail[:1] == "n" and tail[1:].isdigit() else 0
+        message = MALFORMED[n % len(MALFORMED)] if every and n % every == 0 else {"content": "ok"}
         return {"id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": body.get("model", "m"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}}
 
     return app
@@ -124,7 +136,7 @@ def wait_up(url: str, proc, timeout: float = 120.0) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
-def proxy_benchmark(clients: int, total: int, rate: float | None) -> None:
+def proxy_benchmark(clients: int, total: int, rate: float | None, malformed: float = 0.0) -> None:
     """Upstream, proxy and clients in three processes (one Python process each: no shared GIL)."""
     import os
     import signal
@@ -132,7 +144,7 @@ def proxy_benchmark(clients: int, total: int, rate: float | None) -> None:
 
     ws = Path(tempfile.mkdtemp()) / "ws"
     up_port, px_port = free_port(), free_port()
-    upstream = subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)],
+    upstream = subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port), "--malformed", str(malformed)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     env = {**os.environ, "SLMCONVERT_API_KEYS": "k"}
     proxy = subprocess.Popen([sys.executable, "-m", "slmconvert", "serve", "-w", str(ws), "--mode", "proxy", "--port", str(px_port),
@@ -156,7 +168,8 @@ def proxy_benchmark(clients: int, total: int, rate: float | None) -> None:
         proxy.wait(timeout=300)
         upstream.terminate()
         upstream.wait()
-    lines = sum(1 for f in (ws / "serve").glob("calls-*.jsonl") for _ in open(f))
+    records = [json.loads(line) for f in (ws / "serve").glob("calls-*.jsonl") for line in open(f)]
+    lines, reduced = len(records), sum("unlogged_content" in r for r in records)
     expected = total + warm
     print(f"{clients} concurrent clients, {total} requests each way"
           f"{f' at {rate:g} req/s (open loop)' if rate else ' (closed loop: as fast as they can)'}; upstream, proxy and load generator in separate "
@@ -164,7 +177,8 @@ def proxy_benchmark(clients: int, total: int, rate: float | None) -> None:
     print(f"  direct to upstream: {total / d_wall:7.0f} req/s  p50 {statistics.median(direct):6.2f} ms  p95 {pct(direct, .95):6.2f} ms  errors {d_err}")
     print(f"  through the proxy:  {total / p_wall:7.0f} req/s  p50 {statistics.median(via):6.2f} ms  p95 {pct(via, .95):6.2f} ms  errors {p_err}")
     print(f"  added by the proxy: p50 {statistics.median(via) - statistics.median(direct):+.2f} ms  p95 {pct(via, .95) - pct(direct, .95):+.2f} ms")
-    print(f"  call log: {lines} of {expected} requests logged, scrubbed ({expected - lines} lost)")
+    print(f"  call log: {lines} of {expected} requests logged, scrubbed ({expected - lines} lost); "
+          f"{malformed:.0%} malformed upstream answers, {reduced} logged in reduced form (content withheld)")
 
 
 def slm_benchmark(workspace: str, n: int) -> None:
@@ -205,6 +219,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--rate", type=float, default=None, help="total requests/s (open loop); default: as fast as possible")
+    ap.add_argument("--malformed", type=float, default=0.0, help="share of upstream answers that are odd (refusal, truncated "
+                    "tool arguments, numeric content); the call log must still hold every call")
     ap.add_argument("--slm", default=None, help="a converted workspace (after evaluate) for the SLM-path latency")
     ap.add_argument("--slm-requests", type=int, default=20)
     ap.add_argument("--role", choices=["bench", "upstream"], default="bench", help=argparse.SUPPRESS)
@@ -213,11 +229,11 @@ def main() -> None:
     if a.role == "upstream":
         import uvicorn
 
-        uvicorn.run(fake_upstream_app(), host="127.0.0.1", port=a.port, log_level="error")
+        uvicorn.run(fake_upstream_app(a.malformed), host="127.0.0.1", port=a.port, log_level="error")
     elif a.slm:
         slm_benchmark(a.slm, a.slm_requests)
     else:
-        proxy_benchmark(a.clients, a.requests, a.rate)
+        proxy_benchmark(a.clients, a.requests, a.rate, a.malformed)
 
 
 if __name__ == "__main__":

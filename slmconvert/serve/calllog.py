@@ -83,21 +83,27 @@ class CallLogger:
                 return
 
     def _write(self, records: list[dict[str, Any]]) -> None:
-        """Every call gets a line. A batch that cannot be scrubbed is retried record by record, and
-        a record that still cannot be is logged in a reduced form (who answered, when, why not;
-        no content, which might be raw PII) and counted in `reduced`."""
+        """Every call gets a line. A record that cannot be read as a chat call (an upstream refusal
+        with no content, truncated tool-call JSON) or scrubbed is logged in a reduced form (who
+        answered, when, why not; no content, which might be raw PII) and counted in `reduced`;
+        it never costs the other records of its batch."""
+        lines: list[str | None] = [None] * len(records)
+        parsed: list[tuple[int, Any]] = []
+        for k, record in enumerate(records):
+            try:
+                parsed.append((k, self._parse(record, k)))
+            except Exception as e:  # noqa: BLE001 - any record shape a client or upstream can send
+                lines[k] = self._reduce(record, e)
         try:
-            lines = [self._dumps(r) for r in self._prepare(records)]
-        except Exception:  # noqa: BLE001 - find the record(s) at fault, keep the others whole
-            lines = []
-            for record in records:
+            for k, out in zip([k for k, _ in parsed], self._prepare(parsed, records)):
+                lines[k] = self._dumps(out)
+        except Exception:  # noqa: BLE001 - the scrubber failed on the batch: find the record(s) at fault
+            for k, inv in parsed:
                 try:
-                    [line] = [self._dumps(r) for r in self._prepare([record])]
+                    [out] = self._prepare([(k, inv)], records)
+                    lines[k] = self._dumps(out)
                 except Exception as e:  # noqa: BLE001
-                    self.reduced += 1
-                    self.last_error = f"{type(e).__name__}: {e}"[:300]
-                    line = self._dumps(self._reduced(record, e))
-                lines.append(line)
+                    lines[k] = self._reduce(records[k], e)
         path = self.path_for(datetime.now(timezone.utc))
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # call logs hold prompts: owner only
         with os.fdopen(fd, "a", encoding="utf-8") as f:
@@ -105,6 +111,11 @@ class CallLogger:
             f.flush()
             os.fsync(f.fileno())
         self.written += len(lines)
+
+    def _reduce(self, record: dict[str, Any], error: BaseException) -> str:
+        self.reduced += 1
+        self.last_error = f"{type(error).__name__}: {error}"[:300]
+        return self._dumps(self._reduced(record, error))
 
     @staticmethod
     def _dumps(record: dict[str, Any]) -> str:
@@ -130,25 +141,29 @@ class CallLogger:
             self._session_key = scrub_key(self.workspace, self.config.scrub.seed)
         return "s-" + hmac.new(self._session_key, str(session).encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:20]
 
-    def _prepare(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _parse(self, record: dict[str, Any], k: int):
+        """The call as an Invocation (what the scrubber works on); raises on a record collect could not read."""
         if not self.scrub:
-            return records
+            return None
         from slmconvert.collect.formats import ParseContext, RequestResponseFormat
+
+        [inv] = RequestResponseFormat().parse(record, ParseContext(path="serve", locator=f"live {k}", format="request-response"))
+        return inv
+
+    def _prepare(self, parsed: list[tuple[int, Any]], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The scrubbed records of `parsed` ((index into records, invocation)), in order, scrubbed in one pass."""
+        if not self.scrub:
+            return [records[k] for k, _ in parsed]
         from slmconvert.scrub import scrub_invocations
 
         if self._scrubber is None:
             self._init_scrubber()
-        fmt = RequestResponseFormat()
-        invs = []
-        for k, record in enumerate(records):
-            [inv] = fmt.parse(record, ParseContext(path="serve", locator=f"live {k}", format="request-response"))
-            invs.append(inv)
-        out, _ = scrub_invocations(invs, self.config.scrub, self.workspace, scrubber=self._scrubber,
+        out, _ = scrub_invocations([inv for _, inv in parsed], self.config.scrub, self.workspace, scrubber=self._scrubber,
                                    template_values=self._template_values)
         kept = {inv.source.locator: inv for inv in out}
-        return [to_record(kept[inv.source.locator], rec) if inv.source.locator in kept
-                else {"dropped": "scrub policy", "timestamp": rec.get("timestamp")}
-                for inv, rec in zip(invs, records)]
+        return [to_record(kept[inv.source.locator], records[k]) if inv.source.locator in kept
+                else {"dropped": "scrub policy", "timestamp": records[k].get("timestamp")}
+                for k, inv in parsed]
 
     def _init_scrubber(self) -> None:
         from slmconvert.io import read_json
