@@ -107,6 +107,8 @@ class _Transcoded(io.RawIOBase):
 
 def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
     """Nesting deeper than `limit`, found without recursion."""
+    if not isinstance(value, (dict, list)):
+        return False
     stack = [(value, 1)]
     while stack:
         v, d = stack.pop()
@@ -125,7 +127,8 @@ def _loads(text: str) -> Any:
         value = json.loads(text)
     except RecursionError:
         raise _TooDeep() from None
-    if isinstance(value, (dict, list)) and too_deep(value):
+    # Fewer brackets than the limit cannot nest that deep: most records skip the walk.
+    if text.count("[") + text.count("{") > MAX_DEPTH and too_deep(value):
         raise _TooDeep()
     return value
 
@@ -220,7 +223,7 @@ def _decode_one(decoder: json.JSONDecoder, text: str, i: int) -> tuple[Any, int]
         value, end = decoder.raw_decode(text, i)
     except RecursionError:
         raise _TooDeep() from None
-    if isinstance(value, (dict, list)) and too_deep(value):
+    if text.count("[", i, end) + text.count("{", i, end) > MAX_DEPTH and too_deep(value):
         raise _TooDeep()
     return value, end
 

@@ -215,7 +215,7 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
             return None, openai_error(400, "the request body is nested too deeply to be a chat request")
         except (ValueError, UnicodeDecodeError) as e:
             return None, openai_error(400, f"the request body is not valid JSON ({e})")
-        if isinstance(body, (dict, list)) and too_deep(body):
+        if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and too_deep(body):
             return None, openai_error(400, f"the request body is nested deeper than {MAX_DEPTH} levels")
         problem = validate_request(body)
         if problem:
