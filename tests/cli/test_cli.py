@@ -55,6 +55,10 @@ def test_validate_reports_every_problem(tmp_path):
     assert r.exit_code == 2
     assert "2 problems" in r.stderr and "collect.strict" in r.stderr and "collect.nope: unknown key" in r.stderr
     f.write_text("collect:\n  strict: true\n")
+    r = runner.invoke(app, ["validate", str(f)])  # well-formed, but run would have no log to read
+    assert r.exit_code == 2 and "collect.paths: no log file or folder given" in r.stderr
+    (tmp_path / "log.jsonl").write_text("")
+    f.write_text(f"collect:\n  strict: true\n  paths: [{tmp_path / 'log.jsonl'}]\n")
     r = runner.invoke(app, ["validate", str(f)])
     assert r.exit_code == 0 and "OK" in r.stdout
 
