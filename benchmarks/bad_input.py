@@ -41,7 +41,10 @@ def kept(ws: Path) -> str:
     m = ws / "invocations" / "manifest.json"
     if not m.exists():
         return "0 (nothing stored)"
-    counts = json.loads(m.read_text())["counts"]
+    manifest = json.loads(m.read_text())
+    if not isinstance(manifest, dict):
+        return "the damaged manifest, untouched"
+    counts = manifest["counts"]
     return f"{counts.get('invocations', 0)} kept, {counts.get('quarantined', 0)} quarantined"
 
 
