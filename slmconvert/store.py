@@ -150,19 +150,20 @@ def next_shard_no(manifest: Manifest | None) -> int:
 def read_table(stage_dir: Path, files: list[str], prefix: str):
     """The listed shards with this prefix as one `datasets.Dataset` (in memory, no HF cache)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
-    tables = [_read_shard(pq, stage_dir / f) for f in files if f.startswith(prefix)]
+    tables = [_read_shard(stage_dir / f) for f in files if f.startswith(prefix)]
     if not tables:
         return None
     table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
     return Dataset(InMemoryTable(table))
 
 
-def _read_shard(pq, path: Path):
+def _read_shard(path: Path):
+    """One Parquet shard; a damaged or missing one is a StageError naming the command that rebuilds it."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     try:
         return pq.read_table(path)

@@ -54,8 +54,9 @@ def _gzip_reason(e: BaseException) -> str:
     return f"corrupt gzip data ({type(e).__name__}: {e})"
 
 
-def open_log(path: Path) -> tuple[BinaryIO, str | None]:
-    """A binary stream of the file's UTF-8 text, and the encoding it was converted from (None: UTF-8).
+def open_log(path: Path) -> tuple[BinaryIO, str | None, bool]:
+    """A binary stream of the file's UTF-8 text, the encoding it was converted from (None: UTF-8),
+    and whether it was compressed.
 
     Compression is recognised by its magic bytes, not the file name (a `.gz` that is plain text
     is read as text, a gzip file without `.gz` is decompressed). A UTF-16/32 byte-order mark is
@@ -63,16 +64,17 @@ def open_log(path: Path) -> tuple[BinaryIO, str | None]:
     """
     raw = open(path, "rb")
     try:
-        f: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if raw.read(2) == GZIP_MAGIC else raw  # type: ignore[assignment]
+        compressed = raw.read(2) == GZIP_MAGIC
         raw.seek(0)
+        f: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw  # type: ignore[assignment]
         try:
             head = f.peek(4)[:4] if hasattr(f, "peek") else b""
         except _READ_ERRORS as e:
             raise UnreadableFile(_gzip_reason(e), "corrupt_gzip") from None
         for bom, codec in BOMS:
             if head.startswith(bom):
-                return _Transcoded(io.TextIOWrapper(f, encoding=codec, newline="")), codec.upper()
-        return f, None
+                return _Transcoded(io.TextIOWrapper(f, encoding=codec, newline="")), codec.upper(), compressed
+        return f, None, compressed
     except BaseException:
         raw.close()
         raise
@@ -196,7 +198,6 @@ def iter_jsonl(f: BinaryIO, start_line: int = 1, head: list[bytes] | None = None
         if line_no == 1:
             raw = raw.removeprefix(b"\xef\xbb\xbf")
         stats.lines = line_no
-        stats.bytes += len(raw)
         loc = f"line {line_no}"
         stripped = raw.strip()
         if stripped:
@@ -288,7 +289,6 @@ def iter_json_document(data: bytes) -> Iterator[RawRecord | RawError]:
 @dataclass(slots=True)
 class ReadStats:
     lines: int = 0  # last line number read (JSONL)
-    bytes: int = 0  # bytes read from the start offset (JSONL, uncompressed)
     encoding: str | None = None  # what the text was transcoded from (None: UTF-8)
     compressed: bool = False
 
@@ -301,8 +301,7 @@ def read_records(path: Path, start_offset: int = 0, start_line: int = 1) -> Iter
     that cannot be read at all raises `UnreadableFile`.
     """
     stats = ReadStats(lines=start_line - 1)
-    f, stats.encoding = open_log(path)
-    stats.compressed = isinstance(f, gzip.GzipFile) or isinstance(getattr(getattr(f, "text", None), "buffer", None), gzip.GzipFile)
+    f, stats.encoding, stats.compressed = open_log(path)
     try:
         head: list[bytes] = []
         try:
@@ -311,7 +310,9 @@ def read_records(path: Path, start_offset: int = 0, start_line: int = 1) -> Iter
             while not head or (head[-1] and not head[-1].strip()):  # up to the first non-blank line
                 head.append(f.readline())
         except _READ_ERRORS as e:
-            raise UnreadableFile(_gzip_reason(e) if isinstance(f, gzip.GzipFile) else f"unreadable ({e})", "corrupt_gzip") from None
+            if stats.compressed:
+                raise UnreadableFile(_gzip_reason(e), "corrupt_gzip") from None
+            raise UnreadableFile(f"unreadable ({type(e).__name__}: {e})", "unreadable") from None
         first = b"".join(head)
         layout = ("lines" if first.strip() else "empty") if start_offset else sniff_layout(head[-1] if head[-1] else first)
         if layout == "empty":

@@ -36,7 +36,8 @@ def adapter_dir(workspace: Workspace, site: str, model: str) -> Path:
     return workspace.stage_dir(STAGE) / _slug(site) / _slug(model)
 
 
-ARTEFACTS = ("adapter", "model", "merged")  # what a finetune leaves in an adapter folder
+WEIGHTS = ("adapter", "model")  # the trained weights: a PEFT adapter (lora, qlora) or a whole model (full)
+ARTEFACTS = (*WEIGHTS, "merged")  # everything a finetune leaves in an adapter folder
 
 
 def load_artefact(folder: Path) -> tuple[str, Path, dict[str, Any]] | None:
@@ -48,7 +49,7 @@ def load_artefact(folder: Path) -> tuple[str, Path, dict[str, Any]] | None:
     if not done.exists():
         return None
     record = read_json(done)
-    kind = record.get("artefact") or next((f for f in record.get("files", []) if f in ("adapter", "model")), None)
+    kind = record.get("artefact") or next((f for f in record.get("files", []) if f in WEIGHTS), None)
     if kind is None:
         return None
     path = Path(folder) / kind
@@ -149,7 +150,7 @@ def train_one(workspace: Workspace, config: PipelineConfig, site: str, model_nam
               "train_loss": public["train_loss"], "first_loss": public["first_loss"], "last_loss": public["last_loss"],
               "seconds": public["seconds"], "tokens_per_s": public["tokens_per_s"], "resumed_from": public["resumed_from"],
               "tool_format": "native" if native else "fallback", "method": fc.method,
-              "artefact": next(f for f in files if f in ("adapter", "model"))}
+              "artefact": next(f for f in files if f in WEIGHTS)}
     write_json_atomic(done, record)
     return {**record, "status": "ran"}
 

@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import Any
 
 from slmconvert.config import PipelineConfig
-from slmconvert.errors import StageError
+from slmconvert.errors import ModelNotFound, StageError
 from slmconvert.invocation import Invocation
 from slmconvert.io import sha256_obj, write_json_atomic
 from slmconvert.progress import NULL_PROGRESS, Progress
@@ -159,10 +159,13 @@ def probe_model(model, tok, site: dict[str, Any], sc, progress: Progress) -> dic
     return result
 
 
+def _probe_calls(site: dict[str, Any], sc) -> int:
+    """Generations one model's probe of a site costs (zero-shot, plus few-shot when shots are on)."""
+    return min(sc.probe_max_examples, sum(len(v) for v in site["train_by_task"].values())) * (2 if sc.probe_shots else 1)
+
+
 def unavailable_reason(e: BaseException) -> str:
     """One line on why a candidate could not be loaded (offline, gated, missing, out of memory...)."""
-    from slmconvert.errors import ModelNotFound
-
     if isinstance(e, ModelNotFound):
         return f"unavailable: {e.hint}"
     text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
@@ -233,8 +236,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
 
         probes: dict[tuple[str, str], dict[str, Any]] = {}
         with timer.step("probe_s"):
-            total = sum(min(sc.probe_max_examples, sum(len(v) for v in sites[s]["train_by_task"].values()))
-                        * (2 if sc.probe_shots else 1) for m in to_probe for s in to_probe[m])
+            total = sum(_probe_calls(sites[s], sc) for m in to_probe for s in to_probe[m])
             if to_probe:
                 progress.start("probing candidate SLMs", total=total)
             try:
@@ -248,8 +250,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                         why = unavailable_reason(e)
                         for site_name in site_names:
                             report[site_name]["unavailable"].append({"model": model_name, "reason": why})
-                        progress.advance(sum(min(sc.probe_max_examples, sum(len(v) for v in sites[s]["train_by_task"].values()))
-                                             * (2 if sc.probe_shots else 1) for s in site_names))
+                        progress.advance(sum(_probe_calls(sites[s], sc) for s in site_names))
                         continue
                     progress.describe("probing candidate SLMs")
                     for site_name in site_names:

@@ -81,7 +81,7 @@ def test_jsonl_is_streamed_not_read_whole(tmp_path, monkeypatch):
     real_open = records.open_log
 
     def spy(path):
-        f, enc = real_open(path)
+        f, enc, compressed = real_open(path)
         orig_read = f.read
 
         def read(n=-1):
@@ -89,7 +89,7 @@ def test_jsonl_is_streamed_not_read_whole(tmp_path, monkeypatch):
             return orig_read(n)
 
         f.read = read
-        return f, enc
+        return f, enc, compressed
 
     monkeypatch.setattr(records, "open_log", spy)
     r, _ = _collect(tmp_path / "ws", log)
