@@ -54,6 +54,12 @@ class CollectConfig(StrictModel):
     agent: str | None = Field(None, description="Agent name recorded on every invocation that has none.")
     model: str | None = Field(None, description="LLM name recorded on every invocation whose log does not say.")
     recursive: bool = Field(True, description="Descend into sub-folders of a folder path.")
+    messages_path: str | None = Field(None, description="Dotted path to the message list(s) in each record, `*` for every list element (e.g. output.history, calls.*.messages). Default: found wherever they are nested.")
+    text_actions: list[str | dict[str, Any]] = Field(
+        default_factory=lambda: ["http", "call"],
+        description="Plain-text actions read as tool calls. Built-ins ('http': METHOD url [json]; 'call': NAME(json)) apply to "
+                    "conversations without structured tool calls; declared rules {name, pattern (regex with named groups), tool "
+                    "(name or {group}), arguments: json|query|text|http, render} always apply. [] turns it off.")
 
 
 class ScrubConfig(StrictModel):

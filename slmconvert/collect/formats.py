@@ -7,10 +7,12 @@ raises `RecordError` with a reason that lands in the quarantine file.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from slmconvert.invocation import (
+    ROLE_ALIASES,
     Invocation,
     RecordError,
     Request,
@@ -23,6 +25,7 @@ from slmconvert.invocation import (
     normalize_timestamp,
     response_from_message,
 )
+from slmconvert.collect.textactions import TextActionRule, apply_to_messages
 from slmconvert.io import canonical_json, sha256_text
 from slmconvert.registry import Registry
 
@@ -32,11 +35,26 @@ KEPT_PARAMS = (
     "temperature", "top_p", "max_tokens", "max_completion_tokens", "response_format", "tool_choice",
     "stop", "seed", "n", "parallel_tool_calls", "presence_penalty", "frequency_penalty", "reasoning_effort",
 )
-SESSION_KEYS = ("session_id", "conversation_id", "thread_id", "trace_id", "chat_id", "dialog_id", "id")
+SESSION_KEYS = ("session_id", "conversation_id", "thread_id", "trace_id", "chat_id", "dialog_id", "simulation_id",
+                "episode_id", "id")
+# A benchmark task is run several times: its id names a session together with the trial number.
+TASK_KEYS = ("task_id", "sample_id", "example_id")
+TRIAL_KEYS = ("trial", "trial_id", "run", "attempt", "seed")
 # Keys whose values are credentials or transport details: never stored, counted as dropped.
 SECRET_KEYS = {"headers", "authorization", "api_key", "apikey", "x-api-key", "api-key", "token", "access_token",
                "secret", "password", "cookie", "cookies", "request_headers", "response_headers"}
 MESSAGE_LIST_KEYS = ("messages", "traj", "conversation", "history", "trajectory", "dialog", "turns")
+# Fields that name the agent. A client, user or tenant id is never one: it splits one agent
+# into as many call sites as it has users.
+AGENT_KEYS = ("agent", "agent_name", "agent_id", "workload_id")
+# A file- or conversation-level field holding the agent's instructions, stored once instead
+# of as a system message in each conversation.
+SYSTEM_KEYS = ("system_prompt", "system", "instructions", "policy", "system_message", "wiki")
+# Sibling fields of a prompt's message list that hold that call's answer.
+RESPONSE_KEYS = ("response", "output", "completion", "answer", "result")
+_MAX_NEST = 12
+# Per-record ids of the end user or client app: a session hint for gateway logs, never the agent.
+USER_KEYS = ("user_id", "client_id", "user", "end_user_id", "customer_id")
 
 
 @dataclass
@@ -47,9 +65,21 @@ class ParseContext:
     agent: str | None = None
     model: str | None = None
     dropped: dict[str, int] = field(default_factory=dict)
+    # Text-action rules the user declared (always applied) and built-in ones (applied to
+    # conversations without structured tool calls only); what they matched, by rule and tool.
+    text_rules: list[TextActionRule] = field(default_factory=list)
+    auto_rules: list[TextActionRule] = field(default_factory=list)
+    text_actions: dict[str, dict[str, int]] = field(default_factory=dict)
+    messages_path: str | None = None
+
+    noted: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def note(self, what: str, n: int = 1) -> None:
+        """Count something kept in another form (not dropped)."""
+        self.noted[what] = self.noted.get(what, 0) + n
 
 
 class LogFormat:
@@ -109,11 +139,21 @@ def _normalize_tools(raw: Any, where: str) -> list[dict] | None:
     return tools or None
 
 
+def _id_value(record: dict, key: str) -> str | None:
+    v = record.get(key)
+    return str(v) if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v) else None
+
+
 def _session_from(record: dict) -> str | None:
     for key in SESSION_KEYS:
-        v = record.get(key)
-        if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v):
+        v = _id_value(record, key)
+        if v is not None:
             return f"{key}:{v}"
+    for key in TASK_KEYS:
+        v = _id_value(record, key)
+        if v is not None:
+            trial = next((f"/{t}:{_id_value(record, t)}" for t in TRIAL_KEYS if _id_value(record, t) is not None), "")
+            return f"{key}:{v}{trial}"
     return None
 
 
@@ -138,10 +178,81 @@ def _number(record: dict, keys: tuple[str, ...], where: str) -> float | None:
     return None
 
 
-def _messages(raw: Any, where: str) -> list[dict]:
+def _messages(raw: Any, where: str, ctx: ParseContext | None = None) -> list[dict]:
     if not isinstance(raw, list):
         raise RecordError(f"{where}: messages must be a list, got {type(raw).__name__}", "wrong_type")
-    return [normalize_message(m, f"{where}[{i}]") for i, m in enumerate(raw)]
+    return [normalize_message(m, f"{where}[{i}]") for i, m in enumerate(_environment_events(raw, ctx))]
+
+
+def _environment_events(raw: list, ctx: ParseContext | None) -> list:
+    """A user (simulated or real) that calls its own tools acts on its environment: the agent made
+    no call. Those calls and their results stay in the prompt as user-side context text."""
+    user_calls: set[str] = set()
+    out = []
+    for m in raw:
+        if not isinstance(m, dict):
+            out.append(m)
+            continue
+        role = m.get("role", m.get("from"))
+        calls = m.get("tool_calls")
+        if isinstance(role, str) and role.strip().lower() in ("user", "human", "customer") and isinstance(calls, list) and calls:
+            lines = [m["content"]] if isinstance(m.get("content"), str) and m["content"] else []
+            for c in calls:
+                fn = c.get("function", c) if isinstance(c, dict) else {}
+                if isinstance(c, dict) and isinstance(c.get("id"), str):
+                    user_calls.add(c["id"])
+                args = fn.get("arguments", fn.get("args", {}))
+                args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+                lines.append(f"[user action] {fn.get('name', '?')}({args})")
+            out.append({"role": "user", "content": "\n".join(lines)})
+            if ctx is not None:
+                ctx.note("user_side_tool_calls", len(calls))
+            continue
+        if (isinstance(role, str) and role.strip().lower() in ("tool", "function")
+                and (m.get("tool_call_id") in user_calls or m.get("requestor") == "user")):
+            content = m.get("content")
+            text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+            out.append({"role": "user", "content": f"[user action result] {text}"})
+            continue
+        out.append(m)
+    return out
+
+
+def _apply_text_actions(messages: list[dict], ctx: ParseContext) -> list[dict]:
+    """Plain-text actions become tool calls: declared rules always, built-in ones where the
+    conversation has no structured tool calls (an agent with real tool calls writes none in text)."""
+    rules = list(ctx.text_rules)
+    if ctx.auto_rules and not any(m.get("tool_calls") for m in messages):
+        rules += ctx.auto_rules
+    return apply_to_messages(messages, rules, ctx.text_actions) if rules else messages
+
+
+def _opening(messages: list[dict]) -> list[dict]:
+    """The messages up to and including the first user turn: what one conversation's calls share."""
+    head = []
+    for m in messages:
+        head.append(m)
+        if m["role"] == "user":
+            break
+    return head
+
+
+def _agent_of(record: dict) -> str | None:
+    for key in AGENT_KEYS:
+        v = record.get(key)
+        if isinstance(v, str) and v.strip():
+            return v
+    return None
+
+
+def _system_field(chain: list[dict]) -> str | None:
+    """The nearest instructions field (a prose string) up the chain of enclosing objects."""
+    for obj in reversed(chain):
+        for key in SYSTEM_KEYS:
+            v = obj.get(key)
+            if isinstance(v, str) and len(v) >= 40 and " " in v:
+                return v
+    return None
 
 
 def _make(ctx: ParseContext, session: str, step: int, messages: list[dict], tools: list[dict] | None,
@@ -189,11 +300,13 @@ class RequestResponseFormat(LogFormat):
             raise RecordError("request must be an object", "missing_field")
         if "messages" not in req:
             raise RecordError("request.messages is missing", "missing_field")
-        messages = _messages(req["messages"], "request.messages")
+        messages = _messages(req["messages"], "request.messages", ctx)
         tools = _normalize_tools(req.get("tools", req.get("functions")), "request.tools")
         params = {k: req[k] for k in KEPT_PARAMS if k in req}
-        response, resp_model, resp_usage, created = self._response(record.get("response"))
-        session = _session_from(record) or self._prefix_session(messages)
+        response, resp_model, resp_usage, created = self._response(record.get("response"), ctx, messages)
+        messages = _apply_text_actions(messages, ctx) if not response.tool_calls else messages
+        user = next((record[k] for k in USER_KEYS if isinstance(record.get(k), (str, int)) and not isinstance(record.get(k), bool)), None)
+        session = _session_from(record) or self._prefix_session(messages, user)
         step = record.get("step")
         if not (isinstance(step, int) and not isinstance(step, bool)):
             step = sum(1 for m in messages if m["role"] == "assistant")
@@ -204,7 +317,7 @@ class RequestResponseFormat(LogFormat):
         return [
             _make(
                 ctx, session, step, messages, tools, params, response,
-                agent=record.get("agent") or record.get("client_id"),
+                agent=_agent_of(record),
                 model=record.get("model") or resp_model or req.get("model"),
                 timestamp=normalize_timestamp(record.get("timestamp", created), "timestamp"),
                 usage=_usage(record.get("usage")) or resp_usage,
@@ -216,17 +329,14 @@ class RequestResponseFormat(LogFormat):
         ]
 
     @staticmethod
-    def _prefix_session(messages: list[dict]) -> str:
-        """Gateways log calls one by one; calls of one conversation share its opening turns."""
-        head = []
-        for m in messages:
-            head.append(m)
-            if m["role"] == "user":
-                break
-        return "prefix:" + sha256_text(canonical_json(head))[:16]
+    def _prefix_session(messages: list[dict], user: Any = None) -> str:
+        """Gateways log calls one by one; calls of one conversation share its opening turns (and
+        its user: two users who open with the same "hi" are two conversations)."""
+        return "prefix:" + sha256_text(canonical_json([_opening(messages), user]))[:16]
 
     @staticmethod
-    def _response(raw: Any) -> tuple[Response, str | None, Usage | None, Any]:
+    def _response(raw: Any, ctx: ParseContext | None = None, prompt: list[dict] | None = None
+                  ) -> tuple[Response, str | None, Usage | None, Any]:
         if not isinstance(raw, dict):
             raise RecordError(f"response must be an object, got {type(raw).__name__}", "missing_field")
         if raw.get("error"):
@@ -249,6 +359,9 @@ class RequestResponseFormat(LogFormat):
             raise RecordError("response has neither choices nor an assistant message", "missing_field")
         if msg["role"] != "assistant":
             raise RecordError(f"response message has role {msg['role']!r}, expected assistant", "unknown_role")
+        if ctx is not None and not msg.get("tool_calls"):
+            msg = _apply_text_actions([*(prompt or []), msg], ctx)[-1]
+            finish = "tool_calls" if msg.get("tool_calls") else finish
         response = response_from_message(msg, finish)
         if response.content is None and not response.tool_calls:
             raise RecordError("response has neither content nor tool calls", "empty_response")
@@ -263,61 +376,167 @@ class RequestResponseFormat(LogFormat):
 class TrajectoryFormat(LogFormat):
     """Whole conversations; every assistant message is one call whose prompt is all messages before it.
 
-    The message list sits under messages / traj / conversation / history (or the record is the
-    list). Conversation-level fields (ids, reward, trial ...) go to `meta`.
+    The message lists are found wherever they are nested (`output.history`, a list of calls each
+    holding its own prompt, several conversations in one object), or at `collect.messages_path`.
+    A list with an answer beside it (`{"messages": [...], "response": {...}}`) is one call.
+    Instructions stored once (a `system_prompt` / `policy` field of the conversation or the file)
+    become the system message. Conversation-level fields (ids, reward, trial ...) go to `meta`.
     """
 
     name = "trajectory"
-    description = "JSON array or JSONL of conversations (messages/traj/conversation/history)"
+    description = "conversations, message lists nested anywhere (messages/history/traj/..., or --messages-path)"
 
-    def _message_list(self, record: Any) -> tuple[str | None, Any]:
-        if isinstance(record, list):
-            return None, record
-        if isinstance(record, dict):
-            for key in MESSAGE_LIST_KEYS:
-                if isinstance(record.get(key), list):
-                    return key, record[key]
-        return None, None
+    def _nodes(self, record: Any, ctx: ParseContext | None = None) -> list[tuple[str, list, list[dict]]]:
+        """(path, message list, chain of enclosing objects) for every conversation in a record."""
+        if ctx is not None and ctx.messages_path:
+            return _at_path(record, ctx.messages_path)
+        out: list[tuple[str, list, list[dict]]] = []
+        _find_message_lists(record, "", [], out, 0)
+        return out
 
     def sniff(self, record: Any) -> bool:
-        _, msgs = self._message_list(record)
-        return bool(msgs) and isinstance(msgs[0], dict) and ("role" in msgs[0] or "from" in msgs[0])
+        return bool(self._nodes(record))
 
     def targets(self, raw_messages: list, index: int) -> bool:
         """Whether the assistant message at `index` is an LLM call worth keeping."""
         return True
 
     def parse(self, record: Any, ctx: ParseContext) -> list[Invocation]:
-        key, raw_messages = self._message_list(record)
-        if raw_messages is None:
-            raise RecordError(f"no message list (looked for {', '.join(MESSAGE_LIST_KEYS)})", "missing_field")
-        where = key or "conversation"
-        messages = _messages(raw_messages, where)
-        conv = record if isinstance(record, dict) else {}
-        tools = _normalize_tools(conv.get("tools", conv.get("functions")), "tools")
-        meta = _scalar_meta(conv, {key or "", "tools", "functions", "model", "agent"}, ctx)
-        session = _session_from(conv) or "conv:" + sha256_text(canonical_json(messages))[:16]
-        params = {k: conv[k] for k in KEPT_PARAMS if k in conv}
-        model = conv.get("model") if isinstance(conv.get("model"), str) else None
-        agent = conv.get("agent") if isinstance(conv.get("agent"), str) else None
-        out, step = [], 0
-        for i, msg in enumerate(messages):
-            if msg["role"] != "assistant":
+        nodes = self._nodes(record, ctx)
+        if not nodes:
+            if ctx.messages_path:
+                raise RecordError(f"nothing at messages path {ctx.messages_path!r} is a list of chat messages", "missing_field")
+            raise RecordError("no list of chat messages (objects with a role) anywhere in the record", "missing_field")
+        root = record if isinstance(record, dict) else {}
+        record_session = _session_from(root)
+        parsed = []
+        for path, raw_messages, chain in nodes:
+            where = path or "conversation"
+            messages = _messages(raw_messages, where, ctx)
+            system = _system_field([root, *chain]) if not any(m["role"] == "system" for m in messages) else None
+            if system is not None:
+                messages = [{"role": "system", "content": system}, *messages]
+            parsed.append((path, raw_messages, chain, messages, system is not None))
+        openings = {sha256_text(canonical_json(_opening(m)))[:12] for *_, m, _ in parsed}
+        out, seen = [], set()
+        for path, raw_messages, chain, messages, shifted in parsed:
+            owner = chain[-1] if chain else root
+            conv = {**root, **owner} if owner is not root else root
+            opening = sha256_text(canonical_json(_opening(messages)))[:12]
+            session = _nested_session(chain, root) or (
+                f"{record_session}:{opening}" if record_session and len(openings) > 1 else record_session
+            ) or "conv:" + sha256_text(canonical_json(messages))[:16]
+            tools = _normalize_tools(_first(chain, root, ("tools", "functions")), f"{path}.tools" if path else "tools")
+            skip = {*MESSAGE_LIST_KEYS, *SYSTEM_KEYS, *RESPONSE_KEYS, "tools", "functions", "model", *AGENT_KEYS}
+            meta = _scalar_meta(conv, skip, ctx)
+            params = {k: conv[k] for k in KEPT_PARAMS if k in conv}
+            model = _first(chain, root, ("model",))
+            fields = {"model": model if isinstance(model, str) else None, "agent": _agent_of(conv) or _agent_of(root), "meta": meta}
+            answer = _response_beside(chain, root)
+            if answer is not None:  # one call: this list is its prompt
+                response, resp_model, usage, _ = RequestResponseFormat._response(answer, ctx, messages)
+                prompt = _apply_text_actions(messages, ctx) if not response.tool_calls else messages
+                inv = _make(ctx, session, sum(m["role"] == "assistant" for m in prompt), prompt, tools, params, response,
+                            f"{ctx.locator} {where}", usage=usage, **{**fields, "model": fields["model"] or resp_model})
+                if inv.id not in seen:
+                    seen.add(inv.id)
+                    out.append(inv)
                 continue
-            if not self.targets(raw_messages, i):
-                ctx.drop("not_a_target")
-                continue
-            response = response_from_message(msg)
-            if response.content is None and not response.tool_calls:
-                ctx.drop("empty_response")
-                continue
-            loc = f"{ctx.locator} message {i}"
-            out.append(_make(ctx, session, step, messages[:i], tools, params, response, loc,
-                             model=model, agent=agent, meta=meta))
-            step += 1
+            messages = _apply_text_actions(messages, ctx)
+            step = 0
+            for i, msg in enumerate(messages):
+                if msg["role"] != "assistant":
+                    continue
+                if not self.targets(raw_messages, i - shifted):
+                    ctx.drop("not_a_target")
+                    continue
+                response = response_from_message(msg)
+                if response.content is None and not response.tool_calls:
+                    ctx.drop("empty_response")
+                    continue
+                nested = path and not (path in MESSAGE_LIST_KEYS and len(nodes) == 1)
+                loc = f"{ctx.locator} {path + ' ' if nested else ''}message {i - shifted}"
+                inv = _make(ctx, session, step, messages[:i], tools, params, response, loc, **fields)
+                step += 1
+                if inv.id not in seen:  # the calls of one conversation logged as growing prompts
+                    seen.add(inv.id)
+                    out.append(inv)
         if not out:
             raise RecordError("conversation has no assistant message with content or tool calls", "no_calls")
         return out
+
+
+def _is_message(x: Any) -> bool:
+    if not isinstance(x, dict):
+        return False
+    role = x.get("role", x.get("from"))
+    return isinstance(role, str) and role.strip().lower() in ROLE_ALIASES
+
+
+def _is_message_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and _is_message(v[0]) and sum(map(_is_message, v)) * 5 >= len(v) * 4
+
+
+def _find_message_lists(value: Any, path: str, chain: list[dict], out: list, depth: int) -> None:
+    if depth > _MAX_NEST:
+        return
+    if _is_message_list(value):
+        out.append((path, value, chain))
+        return
+    if isinstance(value, dict):
+        keys = sorted(value, key=lambda k: (k not in MESSAGE_LIST_KEYS, MESSAGE_LIST_KEYS.index(k) if k in MESSAGE_LIST_KEYS else 0))
+        for k in keys:
+            v = value[k]
+            if isinstance(v, (dict, list)):
+                _find_message_lists(v, f"{path}.{k}" if path else str(k), [*chain, value], out, depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if isinstance(v, (dict, list)):
+                _find_message_lists(v, f"{path}[{i}]", chain, out, depth + 1)
+
+
+def _at_path(record: Any, dotted: str) -> list[tuple[str, list, list[dict]]]:
+    """Message lists at a dotted path; `*` steps into every element of a list ("calls.*.messages")."""
+    found = [("", record, [])]
+    for part in dotted.split("."):
+        nxt = []
+        for path, value, chain in found:
+            if part == "*" and isinstance(value, list):
+                nxt += [(f"{path}[{i}]", v, chain) for i, v in enumerate(value)]
+            elif isinstance(value, dict) and part in value:
+                nxt.append((f"{path}.{part}" if path else part, value[part], [*chain, value]))
+        found = nxt
+    return [(p, v, c) for p, v, c in found if _is_message_list(v)]
+
+
+def _first(chain: list[dict], root: dict, keys: tuple[str, ...]) -> Any:
+    for obj in [*reversed(chain), root]:
+        for k in keys:
+            if obj.get(k) is not None:
+                return obj[k]
+    return None
+
+
+def _nested_session(chain: list[dict], root: dict) -> str | None:
+    """A session id named on an object below the record (a conversation inside a file-level object)."""
+    for obj in reversed(chain):
+        if obj is root:
+            break
+        session = _session_from({k: v for k, v in obj.items() if k != "id"})
+        if session is not None:
+            return session
+    return None
+
+
+def _response_beside(chain: list[dict], root: dict) -> Any:
+    """An answer stored next to the prompt list (or next to the object holding it): {"choices": ...} or an assistant message."""
+    for obj in list(reversed(chain))[:2]:
+        for key in RESPONSE_KEYS:
+            v = obj.get(key)
+            if isinstance(v, dict) and (isinstance(v.get("choices"), list) or _is_message(v) and
+                                        ROLE_ALIASES[str(v.get("role", v.get("from"))).strip().lower()] == "assistant"):
+                return v
+    return None
 
 
 # --------------------------------------------------------------------------- 3. OpenAI fine-tuning
@@ -340,6 +559,26 @@ class OpenAIFinetuneFormat(TrajectoryFormat):
         return not (isinstance(raw, dict) and raw.get("weight") == 0)
 
 
+def expand_document(value: Any) -> list[Any]:
+    """The records of a file that is one JSON object: the object itself when it is a record, else
+    the items of its list of conversations or calls ({"data": [...]}, {"policy": "...", "results": [...]}),
+    each given the file-level fields that belong to every conversation: instructions, tools,
+    agent and model."""
+    if not isinstance(value, dict) or RequestResponseFormat().sniff(value):
+        return [value]
+    if any(_is_message_list(v) for v in value.values()):
+        return [value]
+    lists = [(k, v) for k, v in value.items() if isinstance(v, list) and v and all(isinstance(x, (dict, list)) for x in v)]
+    holding = [(k, v) for k, v in lists if any(TrajectoryFormat().sniff(x) or RequestResponseFormat().sniff(x) for x in v[:5])]
+    if len(holding) != 1:
+        legacy = [k for k in ("data", "records", "conversations", "items", "logs", "invocations") if isinstance(value.get(k), list)]
+        return value[legacy[0]] if len(legacy) == 1 and len(value) <= 3 else [value]
+    shared = {k: value[k] for k in (*SYSTEM_KEYS, "tools", "functions", "model", *AGENT_KEYS) if k in value}
+    # A trace or session named on the object holds all its calls; a bare "id" names the file.
+    session = {k: value[k] for k in SESSION_KEYS if k != "id" and k in value}
+    return [{**shared, **({} if _session_from(x) else session), **x} if isinstance(x, dict) else x for x in holding[0][1]]
+
+
 DETECTION_ORDER = ("request-response", "openai-finetune", "trajectory")
 
 
@@ -356,4 +595,4 @@ def detect_format(samples: list[Any]) -> str | None:
     return None
 
 
-__all__ = ["LogFormat", "ParseContext", "log_formats", "get_format", "detect_format"]
+__all__ = ["LogFormat", "ParseContext", "log_formats", "get_format", "detect_format", "expand_document"]

@@ -329,15 +329,6 @@ def read_records(path: Path, start_offset: int = 0, start_line: int = 1) -> Iter
         f.close()
 
 
-def expand_document(value: Any) -> list[Any]:
-    """A single JSON document may wrap its records: {"data": [...]} or {"conversations": [...]}."""
-    if isinstance(value, dict):
-        for key in ("data", "records", "conversations", "items", "logs", "invocations"):
-            if isinstance(value.get(key), list) and len(value) <= 3:
-                return value[key]
-    return [value]
-
-
 def find_log_files(path: Path, recursive: bool = True) -> tuple[list[Path], list[Path]]:
     """(log files, skipped files) under a path. A file named directly is always read."""
     if path.is_file():

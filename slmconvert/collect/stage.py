@@ -14,8 +14,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from slmconvert.collect.formats import ParseContext, detect_format, get_format, log_formats
-from slmconvert.collect.records import MAX_DEPTH, RawError, UnreadableFile, expand_document, find_log_files, read_records
+from slmconvert.collect.formats import ParseContext, detect_format, expand_document, get_format, log_formats
+from slmconvert.collect.records import MAX_DEPTH, RawError, UnreadableFile, find_log_files, read_records
+from slmconvert.collect.textactions import load_rules
 from slmconvert.collect.tools import infer_tools, load_tools_file, merge_tools, toolset_key
 from slmconvert.config import PipelineConfig
 from slmconvert.errors import FormatError, StageError
@@ -30,7 +31,7 @@ QUARANTINE_FILE = "quarantine.jsonl"
 SCRUB_REPORT = "scrub_report.json"
 SAMPLE_SIZE = 20
 # Bump when readers change what they produce from the same bytes: forces a rebuild.
-READER_VERSION = 1
+READER_VERSION = 2
 
 
 class CollectStrictError(StageError):
@@ -94,7 +95,12 @@ class _Collector:
         self.invocations: list[Invocation] = []
         self.quarantine: list[dict[str, Any]] = []
         self.dropped: Counter[str] = Counter()
+        self.noted: Counter[str] = Counter()
         self.formats: Counter[str] = Counter()
+        rules = load_rules(self.cc.text_actions)
+        self.text_rules = [r for r in rules if not r.builtin]
+        self.auto_rules = [r for r in rules if r.builtin]
+        self.text_actions: dict[str, Counter[str]] = {}
 
     def _quarantine(self, path: Path, locator: str, reason: str, code: str, fmt: str | None) -> None:
         self.quarantine.append({"file": str(path), "locator": locator, "code": code, "reason": reason,
@@ -118,11 +124,14 @@ class _Collector:
         for item in items:
             if isinstance(item, RawError):
                 self._quarantine(path, item.locator, item.reason, item.code, None)
-            elif layout == "object":
+            else:  # a record (or the whole file) may hold many conversations, with file-level fields
                 values = expand_document(item.value)
-                yield from ((v, item.locator if len(values) == 1 else f"index {i}") for i, v in enumerate(values))
-            else:
-                yield item.value, item.locator
+                if len(values) == 1:
+                    yield values[0], item.locator
+                elif item.locator == "document":
+                    yield from ((v, f"index {i}") for i, v in enumerate(values))
+                else:
+                    yield from ((v, f"{item.locator} index {i}") for i, v in enumerate(values))
 
     def _parse(self, path: Path, layout: str, records: Iterator[tuple[Any, str]]) -> dict[str, Any]:
         if layout == "empty":
@@ -139,7 +148,8 @@ class _Collector:
         self.formats[fmt_name] += 1
         self.progress.start(f"reading {path.name}", None)
         for value, locator in itertools.chain(sample, records):
-            ctx = ParseContext(path=str(path), locator=locator, format=fmt_name, agent=self.cc.agent, model=self.cc.model)
+            ctx = ParseContext(path=str(path), locator=locator, format=fmt_name, agent=self.cc.agent, model=self.cc.model,
+                               text_rules=self.text_rules, auto_rules=self.auto_rules, messages_path=self.cc.messages_path)
             try:
                 self.invocations.extend(fmt.parse(value, ctx))
             except RecordError as e:
@@ -147,6 +157,9 @@ class _Collector:
             except RecursionError:  # nesting a format's own walk cannot follow
                 self._quarantine(path, locator, f"nested too deeply to read ({MAX_DEPTH}+ levels)", "too_deep", fmt_name)
             self.dropped.update(ctx.dropped)
+            self.noted.update(ctx.noted)
+            for rule, tools in ctx.text_actions.items():
+                self.text_actions.setdefault(rule, Counter()).update(tools)
             self.progress.advance()
         self.progress.stop()
         return {"format": fmt_name}
@@ -289,9 +302,11 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             (stage_dir / "quarantine.strict.jsonl").unlink(missing_ok=True)
 
         totals = _totals(stage_dir, files_out)
-        counts = {k: v for k, v in (base.counts if base else {}).items() if k.startswith("dropped_")}
+        counts = {k: v for k, v in (base.counts if base else {}).items() if k.startswith(("dropped_", "kept_"))}
         for reason, n in collector.dropped.items():
             counts[f"dropped_{reason}"] = counts.get(f"dropped_{reason}", 0) + n
+        for what, n in collector.noted.items():
+            counts[f"kept_{what}"] = counts.get(f"kept_{what}", 0) + n
         counts.update({k: v for k, v in totals.items() if k != "tools"})
         counts["quarantined"] = len(quarantine)
         counts["files"] = len(inputs)
@@ -309,6 +324,8 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             extra={
                 "tools": totals["tools"],
                 "formats": dict(collector.formats),
+                # rule -> tool -> calls: what `serve` renders back into text for an agent that acts in text
+                "text_actions": _merge_actions(base.extra.get("text_actions", {}) if base else {}, collector.text_actions),
                 "scrub": scrub_info,
                 "skipped_files": [str(p) for p in skipped_files],
                 "last_run": {"at": utcnow(), "status": status, "files_read": len(todo),
@@ -320,6 +337,13 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         workspace.write_manifest(manifest)
         workspace.remove_unlisted(STAGE, manifest, SHARD_PATTERNS)
         return manifest
+
+
+def _merge_actions(old: dict[str, dict[str, int]], new: dict[str, Counter]) -> dict[str, dict[str, int]]:
+    out = {rule: Counter(tools) for rule, tools in old.items()}
+    for rule, tools in new.items():
+        out.setdefault(rule, Counter()).update(tools)
+    return {rule: dict(sorted(tools.items())) for rule, tools in sorted(out.items())}
 
 
 def _merge_reports(old: dict | None, new: dict) -> dict:

@@ -34,7 +34,7 @@ def test_request_response_with_string_and_object_arguments(tmp_path, collect_con
     assert by_user["and order 8?"].response.tool_calls[0].arguments == {"order_id": "8"}
     assert first.timestamp == "2025-01-01T00:00:00Z"
     assert first.latency_ms == 812.5 and first.usage.prompt_tokens == 20
-    assert first.agent == "web" and first.meta["workload_id"] == "support"
+    assert first.agent == "support" and first.meta["client_id"] == "web"  # a client id never names the agent
     assert first.model == "gpt-4o" and first.hci is False
     assert by_user["thanks!"].hci is True and by_user["thanks!"].response.content == "You're welcome."
 
