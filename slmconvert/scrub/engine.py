@@ -25,7 +25,7 @@ import regex
 from slmconvert.errors import StageError
 from slmconvert.invocation import Invocation
 from slmconvert.progress import NULL_PROGRESS, Progress
-from slmconvert.scrub.policy import ScrubPolicy
+from slmconvert.scrub.policy import SECRET_ENTITIES, ScrubPolicy
 from slmconvert.scrub.spans import (
     NAME_TOKEN, NER_SCORE, NOT_A_PERSON_WORDS, Detection, addressee_names, coordinated_names, looks_like_person, merge_addresses,
     resolve, speaker_names,
@@ -44,6 +44,9 @@ _HINT_CHECKS: dict[str, Callable[[str], bool]] = {
     "DATE_OF_BIRTH": lambda v: any(c.isdigit() for c in v),
     "ZIP_CODE": lambda v: any(c.isdigit() for c in v),
     "USERNAME": lambda v: len(v) >= 3 and " " not in v,
+    "MEDICAL_RECORD_NUMBER": lambda v: any(c.isdigit() for c in v),
+    "US_BANK_NUMBER": lambda v: any(c.isdigit() for c in v),
+    "CREDIT_CARD": lambda v: sum(c.isdigit() for c in v) >= 4,
     "STREET_ADDRESS": lambda v: any(c.isalpha() for c in v),
 }
 # Cheap tests that say a recogniser cannot match (most units are ids, dates and prose).
@@ -58,6 +61,7 @@ _PREFILTER: dict[str, Callable[[str, int], bool]] = {
     "ZipContextRecognizer": lambda t, d: d >= 3,
     "DriverLicenseContextRecognizer": lambda t, d: d >= 1,
     "PassportContextRecognizer": lambda t, d: d >= 1,
+    "MrnContextRecognizer": lambda t, d: d >= 1,
     "IpRecognizer": lambda t, d: d >= 4 or t.count(":") >= 2,
     "StreetAddressRecognizer": lambda t, d: d >= 1,
     "PrivateKeyRecognizer": lambda t, d: "-----BEGIN" in t,
@@ -79,7 +83,9 @@ def segments_of(text: str) -> list[tuple[int, str]]:
         out.append((pos, text[pos:]))
     return out
 # Dates, times and sums look like phone numbers to a digit matcher.
-_NOT_A_PHONE = re.compile(r"^\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|^\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}$|\d\s[-+*/]\s\d|^\d{1,2}:\d{2}")
+# Drug codes (NDC: 4-4-2, 5-3-2, 5-4-1 digits) are no phone numbers either.
+_NOT_A_PHONE = re.compile(r"^\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|^\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}$|\d\s[-+*/]\s\d|^\d{1,2}:\d{2}"
+                          r"|^(?:\d{4}-\d{4}-\d{2}|\d{5}-\d{3}-\d{2}|\d{5}-\d{4}-\d)$")
 _PHONE_CANDIDATE = re.compile(r"(?:\+|\b)\(?\d[\d ().\-/]{5,24}\d\b")
 _ADDRESS_LIKE = re.compile(r"\S+@\S+|\b(?:https?|ftp)://\S+|\bwww\.\S+")
 _WORD = re.compile(r"[^\W\d_]+")
@@ -98,11 +104,20 @@ def _looks_json(text: str) -> bool:
     return t[:1] in ("{", "[")
 
 
+# Leaf keys that say nothing alone: the key above them does ("identifier.value", "telecom.value").
+_GENERIC_KEYS = {"value", "text", "display", "id", "code", "line"}
+
+
+def _child_key(parent: str | None, k: Any) -> str:
+    k = _norm_key(k)
+    return f"{parent.rsplit('.', 1)[-1]}.{k}" if parent and k in _GENERIC_KEYS else k
+
+
 def iter_units(obj: Any, key: str | None = None) -> Iterable[tuple[str, str | None]]:
     """(string, key) pairs of a JSON value; numbers under a key count too (a card number as int)."""
     if isinstance(obj, dict):
         for k, v in obj.items():
-            yield from iter_units(v, _norm_key(k))
+            yield from iter_units(v, _child_key(key, k))
     elif isinstance(obj, list):
         for v in obj:
             yield from iter_units(v, key)
@@ -114,7 +129,7 @@ def iter_units(obj: Any, key: str | None = None) -> Iterable[tuple[str, str | No
 
 def map_units(obj: Any, fn: Callable[[str, str | None], str], key: str | None = None) -> Any:
     if isinstance(obj, dict):
-        return {k: map_units(v, fn, _norm_key(k)) for k, v in obj.items()}
+        return {k: map_units(v, fn, _child_key(key, k)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [map_units(v, fn, key) for v in obj]
     if isinstance(obj, str):
@@ -173,6 +188,7 @@ class Scrubber:
         self.place_counts: Counter = Counter()
         self.person_counts: Counter = Counter()
         self.ner_cache: dict[str, list[tuple[int, int, str]]] = {}
+        self._segment_cache: dict[str, list[tuple[int, str]]] = {}
 
     # ------------------------------------------------------------------ detection
     @property
@@ -200,7 +216,11 @@ class Scrubber:
         check = _HINT_CHECKS.get(entity)
         if check is not None and not check(value):
             return []
-        start = text.index(value)
+        if entity == "MEDICAL_RECORD_NUMBER" and "/" in value:  # a reference: "Patient/S6541353" -> the id
+            value = value.rsplit("/", 1)[1]
+            if len(value) < 2:
+                return []
+        start = text.rindex(value)
         return [Detection(start, start + len(value), entity, 1.0)]
 
     def _structured(self, text: str) -> list[Detection]:
@@ -232,7 +252,7 @@ class Scrubber:
         for text, key in todo:
             self.stats["units"] += 1
             self.stats["chars"] += len(text)
-            hint = self.policy.key_hints.get(key) if key else None
+            hint = self.policy.hint(key)
             if hint and hint in self.entities:
                 self.cache[(text, key)] = self._hinted(text, hint)
                 continue
@@ -346,36 +366,66 @@ class Scrubber:
     def detections(self, text: str, key: str | None) -> list[Detection]:
         return self.cache.get((text, key), [])
 
-    def learn_template_values(self, units_of: dict[str, list[tuple[str, str | None]]], session_of: dict[str, str]) -> list[str]:
-        """NER values found in texts shared by >= policy.template_min_sessions sessions join the allow-list.
+    def learn_template_values(self, units_of: dict[str, list[tuple[str, str | None]]], session_of: dict[str, str],
+                              invocations: Iterable[Invocation] = ()) -> list[str]:
+        """The agent's own vocabulary joins the allow-list: what it wrote identically in many conversations.
 
-        A system prompt naming the company ("support agent of Northwind Outfitters") is the same in
-        every conversation; replacing that "name" per session would give every session a different
-        system prompt, hiding the call site's static template, and teach the SLM a random company name.
+        A sentence (or line) of a system prompt, an assistant reply or a tool description that recurs
+        verbatim in >= policy.template_min_sessions sessions is the agent's template: its capitalised
+        words ("Android", "Basic Connectivity", "Each", "Plan") are vocabulary, and every value detected
+        in it (the company's name, the server's IP, a drug code) is kept everywhere, so instructions,
+        tool docs and canned replies stay byte-identical and the URLs the agent emits stay learnable.
+        Secrets are scrubbed wherever they are. Whole texts shared by that many sessions count too.
         """
+        n_min = self.policy.template_min_sessions
         sessions_of: dict[str, set[str]] = defaultdict(set)
         for inv_id, units in units_of.items():
             for text, _key in units:
                 sessions_of[text].add(session_of[inv_id])
-        shared = {text for text, sessions in sessions_of.items() if len(sessions) >= self.policy.template_min_sessions}
-        learned = set()
-        if not shared:
-            return []
-        for units in units_of.values():
-            for text, key in units:
-                if text not in shared:
-                    continue
-                for d in self.cache.get((text, key), []):
-                    if d.score == NER_SCORE:  # NER only: structured hits (e-mails, keys) stay PII wherever they are
-                        value = text[d.start:d.end].strip()
-                        learned.add(value)
+        shared = {text for text, sessions in sessions_of.items() if len(sessions) >= n_min}
+        segment_sessions: dict[str, set[str]] = defaultdict(set)
+        seen: set[tuple[str, str]] = set()
+        for inv in invocations:
+            texts = [m.get("content") for m in inv.request.messages if m.get("role") in ("system", "assistant")]
+            texts.append(inv.response.content)
+            texts += [json.dumps(t, ensure_ascii=False) for t in inv.request.tools or []]
+            for t in texts:
+                if isinstance(t, str) and t and (t, inv.session_id) not in seen:
+                    seen.add((t, inv.session_id))
+                    for _, seg in self._segments(t):
+                        segment_sessions[seg].add(inv.session_id)
+        template = {seg for seg, sessions in segment_sessions.items() if len(sessions) >= n_min}
+        learned: set[str] = set()
+        for seg in template:
+            learned.update(w for w in _WORD.findall(seg) if w[:1].isupper() and len(w) >= 2)
+        for (text, key), dets in self.cache.items():
+            whole = text in shared
+            segs = [] if key is not None else [(o, seg) for o, seg in self._segments(text) if seg in template]
+            for d in dets:
+                if d.entity in SECRET_ENTITIES:
+                    continue  # secrets are never vocabulary
+                # a text shared whole (any role) teaches names; the agent's template sentences teach every value
+                if whole and d.score == NER_SCORE or any(o <= d.start and d.end <= o + len(seg) for o, seg in segs):
+                    value = text[d.start:d.end].strip()
+                    learned.add(value)
+                    if d.score == NER_SCORE:
                         learned.update(re.split(r"\s+", value))
         learned -= self.allow
         self.allow |= learned
         if learned:  # drop the detections of those values everywhere
-            for k, dets in self.cache.items():
-                self.cache[k] = [d for d in dets if not (d.score == NER_SCORE and k[0][d.start:d.end].strip() in self.allow)]
+            self._forget_allowed()
         return sorted(learned)
+
+    def _forget_allowed(self) -> None:
+        for k, dets in self.cache.items():
+            self.cache[k] = [d for d in dets if d.entity in SECRET_ENTITIES or d.score >= 1.0
+                             or k[0][d.start:d.end].strip() not in self.allow]
+
+    def _segments(self, text: str) -> list[tuple[int, str]]:
+        got = self._segment_cache.get(text)
+        if got is None:
+            got = self._segment_cache[text] = [(o, seg) for o, seg in segments_of(text) if seg.strip()]
+        return got
 
     # ------------------------------------------------------------------ the session map
     def session_map(self, session: str, units: list[tuple[str, str | None]]) -> tuple[dict[str, tuple[str, str]], set[str], Counter]:
@@ -525,21 +575,75 @@ def _invocation_units(inv: Invocation) -> list[tuple[str, str | None]]:
     return units
 
 
+_JSON_START = re.compile(r"[{\[](?=\s*[\"{\[\]}])")
+_MAX_EMBEDDED_TRIES = 64
+
+
+def embedded_json(text: str) -> list[tuple[str, Any]] | None:
+    """A text with JSON inside it ("Here is the patient: {...}") as (piece, parsed or None) parts; None when there is none.
+
+    The JSON parts are scrubbed by key like any JSON document (a FHIR resource's `family`,
+    `birthDate`, `identifier`), the prose between them as text.
+    """
+    if len(text) > 1_000_000 or "{" not in text and "[" not in text:
+        return None
+    decoder = json.JSONDecoder()
+    pieces: list[tuple[str, Any]] = []
+    pos = tries = 0
+    for m in _JSON_START.finditer(text):
+        if m.start() < pos:
+            continue
+        tries += 1
+        if tries > _MAX_EMBEDDED_TRIES:
+            break
+        try:
+            value, end = decoder.raw_decode(text, m.start())
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(value, (dict, list)) or not value or isinstance(value, list) and not any(
+                isinstance(v, (dict, list)) for v in value):
+            continue
+        pieces += [(text[pos:m.start()], None), (text[m.start():end], value)]
+        pos = end
+    if not pieces:
+        return None
+    pieces.append((text[pos:], None))
+    return [(p, v) for p, v in pieces if p]
+
+
 def _content_units(content: Any) -> list[tuple[str, str | None]]:
     if not isinstance(content, str) or not content:
         return []
     parsed = parse_json_text(content)
-    return list(iter_units(parsed)) if parsed is not None else [(content, None)]
+    if parsed is not None:
+        return list(iter_units(parsed))
+    parts = embedded_json(content)
+    if parts is None:
+        return [(content, None)]
+    units: list[tuple[str, str | None]] = []
+    for piece, value in parts:
+        units.extend(iter_units(value) if value is not None else [(piece, None)] if piece.strip() else [])
+    return units
 
 
 def _scrub_content(content: Any, rep: SessionReplacer, field: str) -> Any:
     if not isinstance(content, str) or not content:
         return content
     parsed = parse_json_text(content)
-    if parsed is None:
+    if parsed is not None:
+        new = map_units(parsed, lambda s, k: rep.replace(s, field))
+        return content if new == parsed else dump_like(new, content)
+    parts = embedded_json(content)
+    if parts is None:
         return rep.replace(content, field)
-    new = map_units(parsed, lambda s, k: rep.replace(s, field))
-    return content if new == parsed else dump_like(new, content)
+    out = []
+    for piece, value in parts:
+        if value is None:
+            out.append(rep.replace(piece, field) if piece.strip() else piece)
+        else:
+            new = map_units(value, lambda s, k: rep.replace(s, field))
+            out.append(piece if new == value else dump_like(new, piece))
+    return "".join(out)
 
 
 def _scrub_message(msg: dict, rep: SessionReplacer) -> dict:
@@ -623,7 +727,10 @@ def scrub_invocations(invocations: list[Invocation], config, workspace, progress
         sessions[inv.session_id].append(inv)
     units_of = {inv.id: _invocation_units(inv) for inv in invocations}
     scrubber.detect_all((u for units in units_of.values() for u in units), progress)
-    template_values = sorted(known | set(scrubber.learn_template_values(units_of, {inv.id: inv.session_id for inv in invocations})))
+    template_values = sorted(known | set(scrubber.learn_template_values(units_of, {inv.id: inv.session_id for inv in invocations},
+                                                                        invocations)))
+    if known:
+        scrubber._forget_allowed()
     t_detect = time.perf_counter() - t0
     counts: Counter = Counter()
     kept: Counter = Counter()

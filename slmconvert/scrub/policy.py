@@ -91,9 +91,25 @@ class ScrubPolicy(StrictModel):
             "token": "AUTH_TOKEN", "authorization": "AUTH_TOKEN", "private_key": "PRIVATE_KEY",
             "mrn": "MEDICAL_RECORD_NUMBER", "medical_record_number": "MEDICAL_RECORD_NUMBER",
             "passport": "US_PASSPORT", "passport_number": "US_PASSPORT", "driver_license": "US_DRIVER_LICENSE",
+            # FHIR resources (and other health records): names, birth dates, postal codes, identifiers, references
+            "family": "PERSON", "given": "PERSON", "birthdate": "DATE_OF_BIRTH", "postalcode": "ZIP_CODE",
+            "address.line": "STREET_ADDRESS", "telecom.value": "PHONE_NUMBER", "identifier.value": "MEDICAL_RECORD_NUMBER",
+            "patient_id": "MEDICAL_RECORD_NUMBER", "patientid": "MEDICAL_RECORD_NUMBER", "reference": "MEDICAL_RECORD_NUMBER",
+            "account_number": "US_BANK_NUMBER", "account_no": "US_BANK_NUMBER", "bank_account": "US_BANK_NUMBER",
         },
-        description="JSON keys whose string values are an entity of that type, whatever the value looks like.",
+        description="JSON keys whose string values are an entity of that type, whatever the value looks like. A generic leaf "
+        "key (value, text, display, id, code, line) is named with the key above it: identifier.value. Keys ending in "
+        "last_4 / last4 (the last digits of a card or account) are always identifiers.",
     )
+
+    def hint(self, key: str | None) -> str | None:
+        """The entity a JSON key says its values are."""
+        if not key:
+            return None
+        hit = self.key_hints.get(key)
+        if hit is None and key.replace("_", "").endswith("last4"):
+            return "CREDIT_CARD" if "card" in key else "US_BANK_NUMBER"
+        return hit
 
     def rule(self, entity: str) -> EntityRule | None:
         return self.entities.get(entity)

@@ -11,6 +11,25 @@ from presidio_analyzer import Pattern, PatternRecognizer
 _CASE = regex.MULTILINE  # case matters for these patterns (Presidio's default flags ignore it)
 
 
+class AuthTokenRecognizer(PatternRecognizer):
+    """Bearer tokens, JWTs, and HTTP basic credentials only when they decode to user:password."""
+
+    def validate_result(self, pattern_text: str) -> bool | None:
+        if pattern_text.startswith("eyJ"):
+            return None
+        import base64
+        import binascii
+
+        try:
+            decoded = base64.b64decode(pattern_text + "=" * (-len(pattern_text) % 4), validate=True).decode("utf-8")
+            if ":" in decoded and decoded.isprintable():
+                return True
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            pass
+        # an opaque token: long, and not a plain word ("Basic Connectivity", "Bearer Authentication")
+        return None if len(pattern_text) >= 16 and not pattern_text.isalpha() else False
+
+
 def secret_recognizers() -> list[PatternRecognizer]:
     return [
         PatternRecognizer(
@@ -27,12 +46,13 @@ def secret_recognizers() -> list[PatternRecognizer]:
                 Pattern("huggingface", r"\bhf_[A-Za-z0-9]{30,}\b", 0.9),
             ],
         ),
-        PatternRecognizer(
+        AuthTokenRecognizer(
             supported_entity="AUTH_TOKEN", name="AuthTokenRecognizer", global_regex_flags=_CASE,
             patterns=[
                 Pattern("jwt", r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}", 0.95),
                 Pattern("bearer", r"(?i:\bbearer)\s+\K[A-Za-z0-9\-._~+/]{16,}=*", 0.85),
-                Pattern("basic", r"(?i:\bbasic)\s+\K[A-Za-z0-9+/]{12,}={0,2}", 0.6),
+                # "Authorization: Basic dXNlcjpwYXNz": base64 of user:password (validated below), not "Basic Connectivity"
+                Pattern("basic", r"\b[Bb]asic[ ]+\K[A-Za-z0-9+/]{8,}={0,2}(?![\w+/=])", 0.6),
             ],
         ),
         PatternRecognizer(
@@ -183,7 +203,7 @@ def _id_cue(entity: str, name: str, cue: str) -> PatternRecognizer:
     # "my driver's license number is F162823540116": a token with digits right after the cue
     return PatternRecognizer(
         supported_entity=entity, name=name, global_regex_flags=_CASE,
-        patterns=[Pattern(f"{entity.lower()}_cue", rf"(?i:{cue})(?:\s+(?i:number|no\.?|#|id))?(?:\s+(?i:is))?[\s:#]{{0,4}}\K"
+        patterns=[Pattern(f"{entity.lower()}_cue", rf"(?i:{cue})(?:\s+(?i:number|no\.?|#|id))?(?:\s+(?i:is|of))?[\s:#]{{0,4}}\K"
                                                    r"(?=[A-Z\-]*\d)[A-Z0-9][A-Z0-9\-]{4,20}[A-Z0-9]\b", 0.6)],
     )
 
@@ -193,6 +213,9 @@ def id_recognizers() -> list[PatternRecognizer]:
     return [
         _id_cue("US_DRIVER_LICENSE", "DriverLicenseContextRecognizer", r"\bdriver'?s?\s+licen[cs]e|\bdriving\s+licen[cs]e|\blicen[cs]e"),
         _id_cue("US_PASSPORT", "PassportContextRecognizer", r"\bpassport"),
+        # "MRN S6541353", "patient S6541353", "medical record number: 1234567"
+        _id_cue("MEDICAL_RECORD_NUMBER", "MrnContextRecognizer",
+                r"\bmrn|\bMRN|\bmedical\s+record(?:\s+number)?|\bpatient(?:\s+(?:id|identifier))?|\bPatient/"),
     ]
 
 
