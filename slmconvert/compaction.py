@@ -2,6 +2,9 @@
 
 - A static system prompt shared by every call of the site (same template once variables are
   masked) is dropped: the SLM learns the behaviour it asks for. `serve` drops it the same way.
+  When the site's prompts come in variants (a per-user profile, a date, a product block in an
+  otherwise fixed text), the part they share (a long common head and tail) is dropped and the
+  part that varies is kept.
 - Tool results longer than `max_tool_result_chars` are cut, with a marker saying so.
 - The history is windowed to the most recent messages that fit `max_history_tokens`; the
   window starts at a user turn when one fits, and the last message is always kept.
@@ -16,7 +19,10 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+# A shared head/tail is worth dropping when it is at least this long (characters) ...
+MIN_SHARED_CHARS = 200
+_BOUNDARY_CHARS = "\n.!?:"
 
 
 def estimate_tokens(text: str) -> int:
@@ -30,6 +36,8 @@ class CompactionRecipe:
     max_history_tokens: int = 1536
     max_tool_result_chars: int = 2000
     drop_tools: bool = False  # the site's tool definitions never change: the SLM learns them, like the system prompt
+    system_prefix: str | None = None  # head every variant of the site's system prompt shares: dropped
+    system_suffix: str | None = None  # tail every variant shares: dropped
     version: int = RECIPE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,9 +62,46 @@ def fit_recipe(prompts: Sequence[Sequence[dict]], *, enabled: bool = True, max_h
     templates = {mask_variables(_system_text(p)) for p in prompts}
     static = len(templates) == 1 and next(iter(templates)) != ""
     distinct_tools = {json.dumps(t, sort_keys=True) for t in (toolsets or []) if t}
+    prefix = suffix = None
+    if not static:
+        prefix, suffix = shared_parts([_system_text(p) for p in prompts])
     return CompactionRecipe(drop_system_prompt=static, system_template=next(iter(templates)) if static else None,
                             max_history_tokens=max_history_tokens, max_tool_result_chars=max_tool_result_chars,
-                            drop_tools=static and len(distinct_tools) == 1)
+                            drop_tools=static and len(distinct_tools) == 1, system_prefix=prefix, system_suffix=suffix)
+
+
+def shared_parts(texts: Sequence[str]) -> tuple[str | None, str | None]:
+    """The head and tail all (non-empty) system prompts share, each cut back to a line or sentence end."""
+    import os
+
+    texts = [t for t in dict.fromkeys(texts)]
+    if len(texts) < 2 or any(not t for t in texts):
+        return None, None
+    head = os.path.commonprefix(texts)
+    if len(head) < min(map(len, texts)):  # not the whole of the shortest: cut back to a boundary
+        cut = max(head.rfind(c) for c in _BOUNDARY_CHARS)
+        head = head[: cut + 1] if cut >= 0 else ""
+    rest = [t[len(head):] for t in texts]
+    tail = os.path.commonprefix([r[::-1] for r in rest])[::-1]
+    if len(tail) < min(map(len, rest)):
+        starts = [tail.find(c) for c in "\n"]
+        cut = min((i for i in starts if i >= 0), default=-1)
+        tail = tail[cut:] if cut >= 0 else ""
+    head = head if len(head) >= MIN_SHARED_CHARS else ""
+    tail = tail if len(tail) >= MIN_SHARED_CHARS else ""
+    return head or None, tail or None
+
+
+def _drop_shared(msgs: list[dict], head: str, tail: str) -> list[dict]:
+    """The system prompt without the head and tail every variant of the site shares (what varies stays)."""
+    i = next((k for k, m in enumerate(msgs) if m.get("role") == "system"), None)
+    if i is None:
+        return msgs
+    text = msgs[i].get("content") or ""
+    if not (text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail)):
+        return msgs  # a variant the site never showed: kept whole
+    middle = text[len(head): len(text) - len(tail)].strip()
+    return msgs[:i] + ([{**msgs[i], "content": middle}] if middle else []) + msgs[i + 1:]
 
 
 def compact_tools(tools: list[dict] | None, recipe: CompactionRecipe) -> list[dict] | None:
@@ -77,6 +122,8 @@ def compact(messages: Sequence[dict], recipe: CompactionRecipe, count: Callable[
     if recipe.drop_system_prompt and recipe.system_template is not None:
         if mask_variables(_system_text(msgs)) == recipe.system_template:
             msgs = [m for m in msgs if m.get("role") != "system"]
+    elif recipe.system_prefix or recipe.system_suffix:
+        msgs = _drop_shared(msgs, recipe.system_prefix or "", recipe.system_suffix or "")
     system = [m for m in msgs if m.get("role") == "system"]
     rest = [m for m in msgs if m.get("role") != "system"]
     for m in rest:

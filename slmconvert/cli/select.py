@@ -14,7 +14,7 @@ from slmconvert.cli._common import ConfigOpt, ForceOpt, JsonOpt, RichProgress, S
 def select_(
     workspace: Optional[Path] = WorkspaceOpt,
     memory_budget_gb: Optional[float] = typer.Option(None, "--memory-gb", help="Memory available to train one model (GB)."),
-    no_probe: bool = typer.Option(False, "--no-probe", help="Filter the catalogue only; do not load and probe models."),
+    no_probe: bool = typer.Option(False, "--no-probe", help="Do not load and probe models: rank the eligible, available ones by the catalogue (smallest first, native tool calling first where needed)."),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     force: bool = ForceOpt,
@@ -47,9 +47,14 @@ def select_(
                         f"{', needs tool calls' if site['needs_tools'] else ''}", title_justify="left")
         for c in site["ranked"]:
             p = c["probe"]
+            if p is None:  # ranked by the catalogue (--no-probe)
+                t.add_row(str(c["rank"]), c["model"], "—", "—", "—", "native" if c["tool_calling"] else "—", f"{c['params_b']:g}B")
+                continue
             t.add_row(str(c["rank"]), c["model"], f"{c['score']:.3f}", f"{p['zero_shot']['score']:.3f}",
                       f"{p['few_shot']['score']:.3f}" if "few_shot" in p else "—", p["tool_format"], f"{c['params_b']:g}B")
         console.print(t)
+        if site.get("ranked_by"):
+            console.print(f"ranked by {site['ranked_by']}", highlight=False)
         for key, label in (("not_probed", "not probed"), ("unavailable", "not available"), ("excluded", "excluded")):
             items = site[key]
             if items:

@@ -90,6 +90,7 @@ def model_card(site: str, entry, fc, recipe, data_stats: dict, stats: dict, info
              f"- {data_stats['examples']} training examples (train split of the site), "
              f"{data_stats['prompt_tokens']:,} prompt and {data_stats['completion_tokens']:,} completion tokens",
              *[f"- dropped ({k[8:]}): {v}" for k, v in data_stats.items() if k.startswith("dropped_")],
+             *[f"- prompts fitted ({k[7:].replace('_', ' ')}): {v}" for k, v in data_stats.items() if k.startswith("fitted_")],
              f"- prompt compaction: {json.dumps(recipe.to_dict())}", "",
              "## Hyper-parameters", "", *[f"- {k}: {v}" for k, v in hp.items()],
              f"- precision: {'bf16' if stats['bf16'] else 'fp32'}; packing: {stats['packing']}", "",
@@ -147,6 +148,7 @@ def train_one(workspace: Workspace, config: PipelineConfig, site: str, model_nam
     shutil.rmtree(ckpt, ignore_errors=True)
     record = {"site": site, "model": entry.name, "model_ref": model_name, "path": str(out.relative_to(workspace.root)), "fingerprint": fp,
               "files": files + ["recipe.json", "train_stats.json", "README.md"], "examples": data_stats["examples"],
+              "data": {k: v for k, v in data_stats.items() if k.startswith(("dropped_", "fitted_"))},
               "train_loss": public["train_loss"], "first_loss": public["first_loss"], "last_loss": public["last_loss"],
               "seconds": public["seconds"], "tokens_per_s": public["tokens_per_s"], "resumed_from": public["resumed_from"],
               "tool_format": "native" if native else "fallback", "method": fc.method,
@@ -215,7 +217,12 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                     warnings_.append(f"site {site}: no training examples in the train split; nothing trained")
                     continue
                 for m in models:
-                    adapters.append(train_one(workspace, config, site, m, sites[site]["train"], sites[site]["recipe"], progress))
+                    a = train_one(workspace, config, site, m, sites[site]["train"], sites[site]["recipe"], progress)
+                    adapters.append(a)
+                    fitted = {k[7:]: v for k, v in a.get("data", {}).items() if k.startswith("fitted_") and v}
+                    if fitted:
+                        warnings_.append(f"site {site} ({a['model']}): prompts longer than finetune.max_length={config.finetune.max_length} "
+                                         "were fitted, not dropped: " + ", ".join(f"{k.replace('_', ' ')} in {v}" for k, v in fitted.items()))
         if not adapters:
             raise StageError("finetune trained nothing: " + "; ".join(warnings_))
         counts = {"adapters": len(adapters), "trained": sum(a["status"] == "ran" for a in adapters),

@@ -72,6 +72,17 @@ _BOUNDARY = re.compile(r"\n+|(?<=[.!?])" + "".join(rf"(?<!\b{re.escape(a)}\.)" f
                        + r"(?<!\b[A-Z]\.)\s+(?=[\"'(]?[A-Z0-9])")
 
 
+_ESCAPED = re.compile(r"\\[ntr]")
+
+
+def escape_view(text: str) -> str:
+    """The text with literal escape sequences (a double-encoded log's "\\n") as real whitespace, same length,
+    so "...\\nPhone: 776 5737" has its line break and its cue word; offsets stay those of the text."""
+    if "\\" not in text:
+        return text
+    return _ESCAPED.sub(lambda m: " \n" if m.group(0)[1] in "nr" else "  ", text)
+
+
 def segments_of(text: str) -> list[tuple[int, str]]:
     """(offset, sentence) pieces of a text: split at line breaks and sentence ends, not at "Mr." or "1.5"."""
     out, pos = [], 0
@@ -224,6 +235,7 @@ class Scrubber:
         return [Detection(start, start + len(value), entity, 1.0)]
 
     def _structured(self, text: str) -> list[Detection]:
+        text = escape_view(text)
         dets = []
         digits = sum(c.isdigit() for c in text) if len(text) < 4096 else 99
         for r in self.recognizers:
@@ -279,7 +291,7 @@ class Scrubber:
         # provide your user ID?") across thousands of calls, and entities rarely span sentences.
         segments: dict[str, list[tuple[int, str]]] = {}
         for text in dict.fromkeys(ner_texts):
-            segments[text] = [(o, seg) for o, seg in segments_of(text) if _NER_CANDIDATE.search(seg)]
+            segments[text] = [(o, seg) for o, seg in segments_of(escape_view(text)) if _NER_CANDIDATE.search(seg)]
         todo_sents = [x for x in dict.fromkeys(seg for segs in segments.values() for _, seg in segs) if x not in self.ner_cache]
         self.stats["ner_units"] += len(todo_sents)
         self.stats["ner_chars"] += sum(map(len, todo_sents))

@@ -154,7 +154,8 @@ def context_recognizers() -> list[PatternRecognizer]:
             supported_entity="PERSON", name="NameContextRecognizer", global_regex_flags=_CASE,
             patterns=[Pattern("name_cue", r"(?i:\bmy name is|\bi am|\bi'm|\bname\s*:|\bdear|\bmr\.?|\bmrs\.?|\bms\.?|\bmiss|\bdr\.?|"
                                           r"\bprof\.?|\bdirected by:?|\bwritten by:?|\bsigned,?|\bregards,?|\bsincerely,?|\bthanks,?|"
-                                          r"\bcontact person:?|\bcustomer:?|\bpassenger:?|\bnamed|\bunder the name(?: of)?|"
+                                          r"\bcontact person:?|\bcustomer:?|\bpassenger:?|\bnamed(?: (?:him|her|them|it))?|\bunder the name(?: of)?|"
+                                          r"\b(?:people |they |friends |everyone )?call(?:s|ed)? me|"
                                           r"\b(?:first|last|family|given|middle|sur)[ ]?name(?: is)?[:?]?|\b(?:speak|talk)(?: to| with)|\bask for|"
                                           r"\bfounders?:?|\bmy (?:kid|son|daughter|child|wife|husband|partner|brother|sister|mother|father|mom|mum|"
                                           r"dad|friend|colleague|boss|manager|fianc[eé]e?|grand(?:mother|father|ma|pa|son|daughter)|aunt|uncle|"
@@ -204,7 +205,7 @@ def _id_cue(entity: str, name: str, cue: str) -> PatternRecognizer:
     return PatternRecognizer(
         supported_entity=entity, name=name, global_regex_flags=_CASE,
         patterns=[Pattern(f"{entity.lower()}_cue", rf"(?i:{cue})(?:\s+(?i:number|no\.?|#|id))?(?:\s+(?i:is|of))?[\s:#]{{0,4}}\K"
-                                                   r"(?=[A-Z\-]*\d)[A-Z0-9][A-Z0-9\-]{4,20}[A-Z0-9]\b", 0.6)],
+                                                   r"(?=[A-Za-z\-]*\d)[A-Za-z0-9][A-Za-z0-9\-]{4,20}[A-Za-z0-9]\b", 0.6)],
     )
 
 

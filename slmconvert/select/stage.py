@@ -123,24 +123,42 @@ def probe_messages(inv: Invocation, recipe, shots: list[Invocation]) -> list[dic
     return [{"role": "system", "content": block}] + msgs
 
 
-def probe_model(model, tok, site: dict[str, Any], sc, progress: Progress) -> dict[str, Any]:
+def probe_model(model, tok, site: dict[str, Any], sc, progress: Progress, *, prompt_budget: int | None = None,
+                deadline: float | None = None) -> dict[str, Any]:
+    """Zero-shot (and few-shot) scores on the site's probe sample. Prompts are fitted like evaluate fits them;
+    generation stops at `deadline` (time.monotonic) after at least one batch, and the result says what was left."""
+    import time
+
     from slmconvert.chat import parse_completion, render_prompt, supports_native_tools
+    from slmconvert.finetune.data import fit_prompt
     from slmconvert.generation import generate
     from slmconvert.metrics import Prediction, headline, score
 
     sample, shots = probe_sample(site, sc)
     native = supports_native_tools(tok)
+    budget = prompt_budget or sc.max_prompt_tokens
     result: dict[str, Any] = {"examples": len(sample), "tool_format": "native" if native else "fallback"}
     modes = [("zero_shot", [])] + ([("few_shot", shots)] if shots else [])
     specials = [t for t in (tok.eos_token, tok.pad_token, tok.bos_token) if t]
+    not_probed = 0
     for mode, mode_shots in modes:
-        prompts = [render_prompt(tok, probe_messages(inv, site["recipe"], mode_shots), inv.request.tools, native)
-                   for _, inv in sample]
-        gens = generate(model, tok, prompts, max_new_tokens=sc.max_new_tokens, batch_size=sc.batch_size,
-                        max_prompt_tokens=sc.max_prompt_tokens, progress=progress)
+        items = []
+        for task, inv in sample:
+            msgs = probe_messages(inv, site["recipe"], mode_shots)
+            fitted = fit_prompt(msgs, inv.request.tools, tok, budget, native)
+            # a prompt even fitting cannot bring under the budget (huge tool schemas) is cut from the left by generate
+            items.append((task, inv, fitted[0] if fitted else render_prompt(tok, msgs, inv.request.tools, native)))
+        gens = []
+        for start in range(0, len(items), sc.batch_size):
+            if gens and deadline is not None and time.monotonic() > deadline:
+                not_probed += len(items) - start
+                progress.advance(len(items) - start)
+                break
+            gens += generate(model, tok, [p for _, _, p in items[start:start + sc.batch_size]], max_new_tokens=sc.max_new_tokens,
+                             batch_size=sc.batch_size, max_prompt_tokens=budget, progress=progress)
         per_metric: dict[str, list[float]] = defaultdict(list)
         heads, per_task = [], defaultdict(list)
-        for (task, inv), g in zip(sample, gens):
+        for (task, inv, _), g in zip(items, gens):
             resp, ok = parse_completion(g.text, specials)
             s = score(inv.response, Prediction(resp, ok, g.text), inv.request.tools, PROBE_METRICS)
             for k, v in s.items():
@@ -151,12 +169,24 @@ def probe_model(model, tok, site: dict[str, Any], sc, progress: Progress) -> dic
             per_task[task].append(h)
         result[mode] = {
             "score": round(sum(heads) / len(heads), 4) if heads else 0.0,
+            "examples": len(heads),
             "metrics": {k: round(sum(v) / len(v), 4) for k, v in per_metric.items()},
             "per_task": {t: round(sum(v) / len(v), 4) for t, v in per_task.items()},
             "tokens_per_s": round(sum(g.new_tokens for g in gens) / max(sum(g.seconds for g in gens), 1e-9), 1),
         }
     result["score"] = max(result[m]["score"] for m, _ in modes)
+    if not_probed:
+        result["not_probed"] = not_probed
+        result["note"] = (f"{not_probed} probe answer(s) not generated: over the time budget "
+                          f"(select.probe_time_budget_s={sc.probe_time_budget_s:g})")
     return result
+
+
+def catalogue_ranking(eligible: list, site: dict[str, Any]) -> list[dict[str, Any]]:
+    """Without a probe: the smallest eligible models, native tool calling first where the site calls tools."""
+    order = sorted(eligible, key=lambda e: (site["needs_tools"] and not e.tool_calling, e.params_b, e.name))
+    return [{"model": e.name, "score": None, "params_b": e.params_b, "licence": e.licence, "tool_calling": e.tool_calling,
+             "rank": i + 1, "probe": None, "ranked_by": "catalogue"} for i, e in enumerate(order)]
 
 
 def _probe_calls(site: dict[str, Any], sc) -> int:
@@ -227,7 +257,9 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                     eligible.append(e)
             eligible.sort(key=lambda e: (e.params_b, e.name))
             if not sc.probe:
-                r["not_probed"] += [{"model": e.name, "reason": "select.probe is false"} for e in eligible]
+                r["ranked"] = catalogue_ranking(eligible, site)
+                r["ranked_by"] = ("catalogue: select.probe is false, so no model was run; the smallest eligible models "
+                                  "come first (native tool calling first where the site calls tools); no quality estimate")
                 continue
             for e in eligible[: sc.probe_max_models]:
                 to_probe[e.name].append(name)
@@ -235,6 +267,12 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                                 for e in eligible[sc.probe_max_models:]]
 
         probes: dict[tuple[str, str], dict[str, Any]] = {}
+        import time
+
+        deadline = time.monotonic() + sc.probe_time_budget_s
+        pairs_left = sum(len(v) for v in to_probe.values())
+        ft = config.finetune
+        prompt_budget = min(sc.max_prompt_tokens, max(ft.max_length - sc.max_new_tokens, ft.max_length // 2))
         with timer.step("probe_s"):
             total = sum(_probe_calls(sites[s], sc) for m in to_probe for s in to_probe[m])
             if to_probe:
@@ -251,6 +289,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                         for site_name in site_names:
                             report[site_name]["unavailable"].append({"model": model_name, "reason": why})
                         progress.advance(sum(_probe_calls(sites[s], sc) for s in site_names))
+                        pairs_left -= len(site_names)
                         continue
                     progress.describe("probing candidate SLMs")
                     for site_name in site_names:
@@ -258,12 +297,21 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                         if not any(site["train_by_task"].values()):
                             report[site_name]["not_probed"].append({"model": model_name, "reason": "the site has no training examples"})
                             continue
-                        probes[(site_name, model_name)] = {**probe_model(model, tok, site, sc, progress), "source": info["source"]}
+                        share = max(deadline - time.monotonic(), 0.0) / max(pairs_left, 1)
+                        pairs_left -= 1
+                        probes[(site_name, model_name)] = {**probe_model(model, tok, site, sc, progress, prompt_budget=prompt_budget,
+                                                                         deadline=time.monotonic() + share),
+                                                           "source": info["source"]}
                     del model
             finally:
                 progress.stop()
 
         for name, r in report.items():
+            if not sc.probe:
+                r["candidates"] = [c["model"] for c in r["ranked"][: sc.top_k]]
+                if not r["ranked"]:
+                    r["warning"] = "no model is eligible and available for this site: see unavailable/excluded"
+                continue
             ranked = []
             for (site_name, model_name), p in probes.items():
                 if site_name == name:

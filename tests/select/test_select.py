@@ -29,14 +29,18 @@ def test_every_model_left_out_has_a_reason(demo_ws, monkeypatch):
     doc = load_candidates(Workspace(demo_ws))
     assert m.counts["sites"] == 3 == len(doc["sites"])
     for site in doc["sites"].values():
-        named = {x["model"] for k in ("excluded", "unavailable", "not_probed") for x in site[k]}
+        named = {x["model"] for k in ("excluded", "unavailable", "not_probed", "ranked") for x in site[k]}
         assert len(named) == m.counts["catalogue"]  # nobody silently dropped
         reasons = {x["model"]: x["reason"] for k in ("excluded", "unavailable", "not_probed") for x in site[k]}
         assert "licence llama3.2 is not in select.licences" in reasons["llama-3.2-1b-instruct"]
         assert "> budget 4 GB" in reasons["qwen3-8b"]
         assert "not on this machine" in reasons["qwen3-0.6b"]
-        assert reasons["smollm2-135m-instruct"] == "select.probe is false"
-        assert site["p95_prompt_tokens"] > 0 and site["ranked"] == []
+        # --no-probe ranks what is eligible and here by the catalogue, and says so: it never returns 0 candidates
+        assert [c["model"] for c in site["ranked"]] == ["smollm2-135m-instruct"] == site["candidates"]
+        assert site["ranked"][0]["score"] is None and "select.probe is false" in site["ranked_by"]
+        assert "warning" not in site and site["p95_prompt_tokens"] > 0
+    res = runner.invoke(app, ["select", "-w", str(demo_ws), "--no-probe"])
+    assert res.exit_code == 0 and "ranked by catalogue" in res.output and "no model could be probed" not in res.output
 
 
 def test_probe_ranks_a_local_model_with_scores(demo_ws, tmp_path):
@@ -57,6 +61,20 @@ def test_probe_ranks_a_local_model_with_scores(demo_ws, tmp_path):
         assert p["source"] == "folder"
     assert run(cfg, Workspace(demo_ws)).status == "skipped"
     assert m.extra["candidates"] == {s: ["tiny-llama"] for s in doc["sites"]}
+
+
+def test_the_probe_keeps_to_its_time_budget_and_says_what_it_left(demo_ws, tmp_path):
+    from slmconvert.select.stage import load_candidates, run
+
+    folder = tiny_model_folder(tmp_path / "tiny")
+    cat = tiny_catalogue(tmp_path / "cat.yaml", folder)
+    cfg = stage_config(demo_ws, f"select.catalogue={cat}", "select.max_new_tokens=4", "select.probe_max_examples=6",
+                       "select.probe_shots=0", "select.batch_size=2", "select.probe_time_budget_s=0.001")
+    run(cfg, Workspace(demo_ws))
+    for site in load_candidates(Workspace(demo_ws))["sites"].values():
+        [c] = site["ranked"]  # still ranked: one batch per model and site always runs
+        p = c["probe"]
+        assert p["zero_shot"]["examples"] == 2 and p["not_probed"] == 4 and "time budget" in p["note"]
 
 
 def test_select_before_cluster_and_unknown_local_model(tmp_path):
