@@ -43,7 +43,10 @@ class DemoDataConfig(StrictModel):
     output: str = Field("demo-data/agent_logs.jsonl", description="Where the generated log is written.")
     sessions: int = Field(120, ge=2, description="Number of conversations to generate.")
     seed: int = Field(0, description="Random seed: the same seed gives the same file.")
-    format: Literal["request-response", "trajectory"] = "request-response"
+    format: Literal["request-response", "trajectory", "shapes"] = Field(
+        "request-response", description="request-response: one gateway record per call; trajectory: one conversation per "
+        "record; shapes: one object per agent with its policy stored once, conversations nested under output.history, a user's "
+        "own tool calls, an agent acting in plain text and per-user client ids.")
 
 
 class CollectConfig(StrictModel):

@@ -282,13 +282,47 @@ def _completion(msg: dict, model: str, created: int, prompt_chars: int, rng: ran
     }
 
 
+FORMATS = ("request-response", "trajectory", "shapes")
+
+
+def _shapes(gen: "Generator", sessions: int, seed: int) -> tuple[list[dict], int]:
+    """The same agents in the layouts other agents' logs come in: one object per agent holding its policy
+    (the system prompt, stored once), its tools and its conversations, each nested under output.history;
+    a user who makes their own tool call (an environment event); a triage agent that acts in plain text
+    (`FINISH({...})`); a per-user client id that names no agent."""
+    groups: dict[str, dict] = {}
+    calls = 0
+    for i, workload, client, model, s, t in gen.sessions(sessions):
+        system = s.messages[0]["content"]
+        history = [dict(m) for m in s.messages[1:]]
+        if workload == "triage" or s.tools is None:
+            history = [{"role": "assistant", "content": f"FINISH({m['content']})"} if m["role"] == "assistant" else m
+                       for m in history]
+        elif workload == "hr-assistant" and i % 2 == 0:  # the employee shares their calendar from their own device
+            history[1:1] = [
+                {"role": "user", "content": "Sharing my calendar with you.",
+                 "tool_calls": [{"id": f"u{i}", "type": "function", "function": {"name": "share_calendar", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": f"u{i}", "requestor": "user", "content": "calendar shared (read-only)"},
+            ]
+        g = groups.setdefault(workload, {"info": {"agent_version": "1.4", "model": model}, "agent": workload,
+                                         "policy": system, "simulations": []})
+        if s.tools:
+            g["tools"] = s.tools
+        g["simulations"].append({"simulation_id": f"sim-{seed}-{i:05d}", "client_id": f"{client}-user-{i % 7}",
+                                 "started_at": t.isoformat().replace("+00:00", "Z"), "output": {"history": history, "reward": 1.0}})
+        calls += len(s.calls)
+    return list(groups.values()), calls
+
+
 def generate(out: str | Path, sessions: int = 120, seed: int = 0, fmt: str = "request-response") -> dict[str, int]:
     """Write the sample log; returns {"records", "sessions", "calls"}."""
-    if fmt not in ("request-response", "trajectory"):
-        raise ValueError(f"fmt must be 'request-response' or 'trajectory', got {fmt!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
     gen = Generator(seed)
     records, calls = [], 0
-    for i, workload, client, model, s, t in gen.sessions(sessions):
+    if fmt == "shapes":
+        records, calls = _shapes(gen, sessions, seed)
+    for i, workload, client, model, s, t in ([] if fmt == "shapes" else gen.sessions(sessions)):
         sid = f"sess-{seed}-{i:05d}"
         if fmt == "trajectory":
             rec = {"session_id": sid, "agent": client, "workload_id": workload, "model": s.messages and model, "messages": s.messages}

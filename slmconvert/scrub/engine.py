@@ -73,6 +73,8 @@ _BOUNDARY = re.compile(r"\n+|(?<=[.!?])" + "".join(rf"(?<!\b{re.escape(a)}\.)" f
 
 
 _ESCAPED = re.compile(r"\\[ntr]")
+# Where a detected value may start: not inside a word, except right after a literal "\\n" of a double-encoded text.
+_START = r"(?:(?<!\w)|(?<=\\[ntr]))"
 
 
 def escape_view(text: str) -> str:
@@ -540,7 +542,7 @@ class SessionReplacer:
         self.pattern = None
         if mapping:
             alternation = "|".join(re.escape(v) for v in sorted(mapping, key=len, reverse=True))
-            self.pattern = re.compile(rf"(?<!\w)(?:{alternation})(?!\w)")
+            self.pattern = re.compile(rf"{_START}(?:{alternation})(?!\w)")
 
     def _sub_text(self, text: str) -> str:
         return self.pattern.sub(lambda m: self.mapping[m.group(0)][1], text)
@@ -678,7 +680,7 @@ def scrub_session(scrubber: Scrubber, session: str, invocations: list[Invocation
     for value, (entity, _) in mapping.items():
         counts[("__values__", entity)] += 1
     rep = SessionReplacer(scrubber, mapping, counts, examples)
-    drop_re = re.compile("|".join(rf"(?<!\w){re.escape(v)}(?!\w)" for v in drops)) if drops else None
+    drop_re = re.compile("|".join(rf"{_START}{re.escape(v)}(?!\w)" for v in drops)) if drops else None
     memo: dict[str, dict] = {}
     out, dropped = [], 0
     for inv in invocations:
@@ -799,6 +801,6 @@ def scrubbed_spans(scrubber: Scrubber, texts: list[str], progress: Progress = NU
         rep = SessionReplacer(scrubber, mapping, Counter(), {})
         spans = [(m.start(), m.end(), mapping[m.group(0)][0]) for m in rep.pattern.finditer(text)] if rep.pattern else []
         for v in drops:
-            spans += [(m.start(), m.end(), "DROPPED") for m in re.finditer(rf"(?<!\w){re.escape(v)}(?!\w)", text)]
+            spans += [(m.start(), m.end(), "DROPPED") for m in re.finditer(rf"{_START}{re.escape(v)}(?!\w)", text)]
         out.append(sorted(spans))
     return out

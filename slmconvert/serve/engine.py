@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from slmconvert.collect.textactions import apply_to_messages, as_text, load_rules
 from slmconvert.errors import StageError
+from slmconvert.invocation import Response
 from slmconvert.workspace import Workspace
 
 
@@ -73,6 +75,11 @@ class SlmEngine:
                 self.adapters[a["site"]] = {**a, "dir": d, "kind": kind, "weights": weights,
                                             "recipe": CompactionRecipe.from_dict(read_json(d / "recipe.json")),
                                             "name": "site_" + record["fingerprint"][:12]}
+        # An agent that acts in plain text ("GET url", "FINISH([...])") was trained on those actions as tool
+        # calls: its requests are read with the same rules, and the SLM's calls are written back as its text.
+        cm = workspace.read_manifest("collect")
+        self.text_actions: dict[str, dict[str, int]] = (cm.extra.get("text_actions") or {}) if cm else {}
+        self.text_rules = load_rules(config.collect.text_actions) if self.text_actions else []
         self._lock = threading.Lock()
         self._models: dict[str, tuple[Any, Any]] = {}  # model ref -> (peft model, tokenizer)
         self._centroids: dict[str, tuple[list[str], np.ndarray]] = {}
@@ -171,6 +178,12 @@ class SlmEngine:
         from slmconvert.generation import generate
 
         t0 = time.perf_counter()
+        text_agent = bool(self.text_rules) and not tools
+        if text_agent:
+            builtin = [r for r in self.text_rules if r.builtin and r.name in self.text_actions]
+            declared = [r for r in self.text_rules if not r.builtin]
+            structured = any(m.get("tool_calls") for m in messages)
+            messages = apply_to_messages(messages, declared + ([] if structured else builtin))
         site, route_conf = self.router.route(messages, tools)
         d = Decision(False, "", site=site, route_confidence=round(route_conf, 4))
         adapter = self.adapters.get(site)
@@ -208,6 +221,13 @@ class SlmEngine:
             return d
         task = self.task_of(site, messages, response)
         d.task = task
+        if text_agent and response.tool_calls:
+            text = as_text(response.content, [(c.name, c.arguments) for c in response.tool_calls], self.text_rules,
+                           {rule: list(tools_) for rule, tools_ in self.text_actions.items()})
+            if text is None:
+                d.reason = "the SLM's action has no text form the agent reads (collect.text_actions)"
+                return d
+            d.response = response = Response(content=text, tool_calls=[], finish_reason="stop")
         v = self.verdicts.get((site, task)) if task else None
         if v is None:
             d.reason = "the answer matches no evaluated task"

@@ -111,6 +111,14 @@ def test_plain_text_actions_become_tool_calls(tmp_path, collect_config):
     # the history shows earlier actions the same way the answers are stored
     assert invs[2].request.messages[2]["tool_calls"][0]["function"]["name"] == "GET"
     assert m.extra["text_actions"] == {"call": {"FINISH": 1}, "http": {"GET": 1, "POST": 1}}
+    # what `serve` sends back to this agent: the SLM's tool call written as the agent's own text
+    from slmconvert.collect.textactions import as_text, load_rules
+
+    rules = load_rules(["http", "call"])
+    texts = [as_text(i.response.content, [(c.name, c.arguments) for c in i.response.tool_calls], rules, m.extra["text_actions"])
+             for i in invs]
+    assert texts == [conv["messages"][k]["content"] for k in (2, 4, 6)]
+    assert as_text(None, [("DELETE", {"url": "x"})], rules, m.extra["text_actions"]) is None  # never seen: no text form
 
 
 def test_declared_text_action_and_switching_the_built_ins_off(tmp_path, collect_config):

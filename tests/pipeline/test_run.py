@@ -68,6 +68,27 @@ def test_trimmed_quickstart_end_to_end_then_nothing_changed(tmp_path):
     print(f"unchanged re-run: {took:.1f} s")
 
 
+@pytest.mark.slow
+def test_agents_logged_in_other_shapes_go_from_collect_to_a_verdict(tmp_path):
+    """The demo agents logged as other agents log: policy once per file, nested histories, a user's own tool
+    calls, a triage agent acting in plain text, per-user client ids. No collect option is set."""
+    ws, data = tmp_path / "ws", tmp_path / "data" / "shapes.jsonl"
+    trim = ["workspace=" + str(ws), "demo_data.output=" + str(data), f"collect.paths=[{data}]", "demo_data.sessions=20",
+            "demo_data.format=shapes", "select.probe_max_examples=2", "select.probe_shots=0", "select.max_new_tokens=16",
+            "finetune.max_steps=2", "finetune.batch_size=2", "finetune.max_train_examples=4", "finetune.max_length=512",
+            "evaluate.max_test_examples=3", "evaluate.max_new_tokens=24", "evaluate.batch_size=4"]
+    r = slmconvert("run", str(REPO / "pipelines" / "quickstart.yaml"), *[a for s in trim for a in ("--set", s)], "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = manifests(ws)
+    c = m["collect"]["counts"]
+    assert c["quarantined"] == 0 and c["sessions"] == 20 and c["kept_user_side_tool_calls"] > 0
+    assert m["collect"]["extra"]["text_actions"]["call"]["FINISH"] > 0
+    assert "FINISH" in m["collect"]["extra"]["tools"] and "share_calendar" not in m["collect"]["extra"]["tools"]
+    assert m["cluster"]["counts"]["sites"] == 3  # one per agent: client ids split nothing
+    h = json.loads(r.stdout)["headline"]
+    assert sum(h["verdicts"].values()) == m["cluster"]["counts"]["tasks"] > 0
+
+
 def test_kill_during_finetune_then_run_again_resumes(tmp_path):
     """SIGKILL `slmconvert run` while it fine-tunes; the next run resumes from the checkpoint and redoes nothing."""
     folder = tiny_model_folder(tmp_path / "tiny")
