@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 RECIPE_VERSION = 2
 # A shared head/tail is worth dropping when it is at least this long (characters) ...
 MIN_SHARED_CHARS = 200
-_BOUNDARY_CHARS = "\n.!?:"
+_BOUNDARY_CHARS = "\n.!?"
 
 
 def estimate_tokens(text: str) -> int:
@@ -97,7 +97,7 @@ def _drop_shared(msgs: list[dict], head: str, tail: str) -> list[dict]:
     i = next((k for k, m in enumerate(msgs) if m.get("role") == "system"), None)
     if i is None:
         return msgs
-    text = msgs[i].get("content") or ""
+    text = (msgs[i].get("content") or "").strip()  # as fit_recipe saw it
     if not (text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail)):
         return msgs  # a variant the site never showed: kept whole
     middle = text[len(head): len(text) - len(tail)].strip()

@@ -205,7 +205,7 @@ def _id_cue(entity: str, name: str, cue: str) -> PatternRecognizer:
     return PatternRecognizer(
         supported_entity=entity, name=name, global_regex_flags=_CASE,
         patterns=[Pattern(f"{entity.lower()}_cue", rf"(?i:{cue})(?:\s+(?i:number|no\.?|#|id))?(?:\s+(?i:is|of))?[\s:#]{{0,4}}\K"
-                                                   r"(?=[A-Za-z\-]*\d)[A-Za-z0-9][A-Za-z0-9\-]{4,20}[A-Za-z0-9]\b", 0.6)],
+                                                   r"(?=[A-Za-z\-]*\d)[A-Za-z0-9][A-Za-z0-9\-]{3,20}[A-Za-z0-9]\b", 0.6)],
     )
 
 

@@ -114,7 +114,7 @@ def probe_messages(inv: Invocation, recipe, shots: list[Invocation]) -> list[dic
 
     from slmconvert.compaction import compact
 
-    msgs = compact(inv.request.messages, replace(recipe, drop_system_prompt=False))
+    msgs = compact(inv.request.messages, replace(recipe, drop_system_prompt=False, system_prefix=None, system_suffix=None))
     if not shots:
         return msgs
     block = "Examples of correct answers:\n\n" + "\n\n".join(f"### Example {k + 1}\n{_shot_text(s)}" for k, s in enumerate(shots))

@@ -120,3 +120,34 @@ def test_compaction_drops_static_system_truncates_and_windows():
     varied = fit_recipe([[{"role": "system", "content": "Agent A"}], [{"role": "system", "content": "Agent B"}]])
     assert not varied.drop_system_prompt
     assert json.dumps(recipe.to_dict())  # recorded as data
+
+
+def test_over_long_prompts_are_fitted_not_dropped():
+    from collections import Counter
+
+    from slmconvert.finetune.data import fit_prompt
+
+    tok = tiny_tokenizer()
+    rules = "Follow the policy. " * 150  # ~2,900 characters of instructions: alone more than the budget
+    msgs = [{"role": "system", "content": rules + "END OF POLICY"}, {"role": "user", "content": "old question"},
+            {"role": "assistant", "content": "old answer"}, {"role": "user", "content": "Where is order 7?"}]
+    stats = Counter()
+    prompt, n = fit_prompt(msgs, None, tok, 600, native=False, stats=stats)
+    assert n <= 600 and "characters cut]" in prompt
+    assert "END OF POLICY" in prompt and "Where is order 7?" in prompt  # head and tail of the cut text, and the turn to answer
+    assert "old question" not in prompt
+    assert stats == Counter({"history_windowed": 1, "message_cut": 1})
+    assert fit_prompt([{"role": "user", "content": "hi"}], None, tok, 5, native=False) is None  # nothing left to cut
+
+
+def test_compaction_drops_only_what_the_system_prompt_variants_share():
+    head = "You are the support agent of a broadband provider. " * 6 + "\n"
+    tail = "\nAlways be polite. Escalate outages to a human. " * 6
+    prompts = [[{"role": "system", "content": f"{head}Customer profile: plan {p}, region {r}.{tail}"},
+                {"role": "user", "content": "hi"}] for p, r in (("Basic", "north"), ("Fiber", "south"), ("Max", "east"))]
+    recipe = fit_recipe(prompts)
+    assert not recipe.drop_system_prompt and recipe.system_prefix == head and recipe.system_suffix == tail.rstrip()
+    out = compact(prompts[1], recipe)
+    assert out[0] == {"role": "system", "content": "Customer profile: plan Fiber, region south."}
+    unseen = [{"role": "system", "content": "A different agent entirely."}, {"role": "user", "content": "hi"}]
+    assert compact(unseen, recipe) == unseen  # a variant the site never showed is kept whole
