@@ -177,6 +177,8 @@ class EvaluateConfig(StrictModel):
     replace_at: float = Field(0.9, gt=0, le=1, description="Verdict `replace` when at least this share of a task's test answers is acceptable.")
     hybrid_min_coverage: float = Field(0.3, gt=0, le=1, description="Verdict `hybrid` needs a confidence threshold under which the SLM still answers this share of calls at `replace_at` quality.")
     min_test_examples: int = Field(5, ge=1, description="Fewer test examples than this: `keep-llm` (not enough evidence).")
+    target_agreement: float = Field(0.95, gt=0, lt=1, description="The routing policy lets the SLM answer a kind of answer only where the one-sided lower confidence bound of its agreement with the LLM, on calibration sessions, reaches this.")
+    confidence_level: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of that bound and of the intervals reported on verification sessions.")
     judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge for text replies.")
     prices: str | None = Field(None, description="LLM price table (default: configs/prices.yaml).")
     llm_model: str | None = Field(None, description="Price calls as this LLM when the log does not name the model.")

@@ -70,7 +70,18 @@ def print_verdicts(summary: dict, title: str) -> None:
                   pct(b.get("acceptable")), pct(f.get("acceptable")), f"[{colour[task['verdict']]}]{task['verdict']}[/]")
     console.print(t)
     h = summary["headline"]
-    console.print(f"[bold]Moves to SLMs:[/] {pct(h['share_calls'])} of calls, {pct(h['share_tokens'])} of tokens, "
-                  f"{pct(h['share_cost'])} of LLM cost  [dim](paper: {h['paper_estimate']})[/]", highlight=False)
+    console.print(f"[bold]Per-task verdicts[/] (by the LLM's task; [dim]not what serve gates on[/]): {pct(h['share_calls'])} of calls, "
+                  f"{pct(h['share_tokens'])} of tokens, {pct(h['share_cost'])} of LLM cost  [dim](paper: {h['paper_estimate']})[/]",
+                  highlight=False)
+    pol = summary.get("policy")
+    if pol:
+        v, sp = pol["verification"]["all"], pol["split"]
+        agree = (f"agreeing with the LLM on {pct(v['agreement'])} [{pct(v['agreement_interval'][0])}–{pct(v['agreement_interval'][1])}]"
+                 if v["answered"] else "so no agreement to measure")
+        console.print(f"[bold]Moves to SLMs[/] (the routing policy serve applies, verified on {v['calls']} calls of "
+                      f"{sp['verification_sessions']} held-out sessions nothing was tuned on): the SLM answers "
+                      f"{pct(v['coverage'])} [{pct(v['coverage_interval'][0])}–{pct(v['coverage_interval'][1])}] of calls "
+                      f"({pct(v['share_calls_weighted'])} of traffic), {agree}; target {pct(pol['target_agreement'])} at a "
+                      f"{pct(pol['confidence_level'])} lower bound", highlight=False)
     for p in summary.get("problems", []):
         console.print(f"[yellow]warning:[/] {p}", highlight=False)

@@ -31,9 +31,10 @@ from slmconvert.workspace import Manifest, Timer, Workspace
 STAGE = "evaluate"
 RESULTS = "results.parquet"
 SUMMARY = "summary.json"
+POLICY = "policy.json"  # what `serve` applies (slmconvert.policy)
 REPORT = "report.html"
 GENERATIONS = "generations.jsonl"
-EVAL_VERSION = 1
+EVAL_VERSION = 2
 ALL_METRICS = ["call_agreement", "function_name", "arguments", "argument_values", "exact_match", "valid_json",
                "chrf", "rouge_l"]
 
@@ -321,6 +322,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
 
         with timer.step("write_s"):
             _write_results(stage_dir / RESULTS, rows)
+            write_json_atomic(stage_dir / POLICY, summary.pop("policy_doc"))
             write_json_atomic(stage_dir / SUMMARY, summary)
             from slmconvert.evaluate.report import write_report
 
@@ -332,7 +334,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                   "generated_new": summary["generation"]["new"], "generated_cached": summary["generation"]["cached"]}
         manifest = Manifest(stage=STAGE, config_hash=config_hash, input_hash=input_hash,
                             inputs={"cluster": cm.fingerprint(), "finetune": fm.fingerprint()}, counts=counts,
-                            timings=timer.total(), files=[RESULTS, SUMMARY, REPORT], status="ran" if prev is None else "updated",
+                            timings=timer.total(), files=[RESULTS, SUMMARY, POLICY, REPORT], status="ran" if prev is None else "updated",
                             extra={"headline": h, "problems": problems,
                                    "verdicts": {f"{t['site']}/{t['task']}": t["verdict"] for t in summary["tasks"]}})
         workspace.write_manifest(manifest)
@@ -484,6 +486,8 @@ def summarise(config, tasks_doc, rows, adapters, problems, judge_stats, by_id) -
             tasks_out.append(entry)
     headline = share_moved(tasks_out)
     headline["paper_estimate"] = "40-70% of calls (Belcak et al., 2025, §5)"
+    policy_doc, policy_check = fit_routing_policy(config, tasks_doc, rows, chosen, by_id)
+    headline["policy"] = policy_check["verification"]["all"]
 
     # speed and cost of the SLM side
     speed = {}
@@ -520,12 +524,55 @@ def summarise(config, tasks_doc, rows, adapters, problems, judge_stats, by_id) -
         "overall": overall, "chosen_adapters": chosen,
         "per_argument": {k: {a: round(sum(v) / len(v), 4) for a, v in d.items()} for k, d in per_argument.items()},
         "tasks": tasks_out, "problems": problems, "judge": judge_stats,
+        "policy": {**policy_check, "rules": policy_doc["rules"], "target_agreement": policy_doc["target_agreement"],
+                   "confidence_level": policy_doc["confidence_level"]},
+        "policy_doc": policy_doc,
         "thresholds": {"replace_at": ec.replace_at, "hybrid_min_coverage": ec.hybrid_min_coverage,
                        "min_test_examples": ec.min_test_examples, "text_similarity_at": ec.text_similarity_at,
                        "judge_pass_at": ec.judge.pass_at if ec.judge else None},
         "adapters": [{k: a.get(k) for k in ("site", "model", "path", "method", "artefact", "examples", "train_loss")}
                      for a in adapters],
     }
+
+
+def fit_routing_policy(config, tasks_doc, rows, chosen, by_id) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit the routing policy `serve` applies on the calibration half of the test sessions and measure it
+    on the verification half (`slmconvert.policy`)."""
+    from slmconvert.policy import Policy, answer_key, fit_policy, invalid_reason, split_sessions, verify
+
+    ec = config.evaluate
+    site_tasks = {site: [t["task"] for t in sd["tasks"]] for site, sd in tasks_doc["sites"].items()}
+    sizes = {(site, t["task"]): t["size"] for site, sd in tasks_doc["sites"].items() for t in sd["tasks"]}
+    prows = []
+    for r in rows:
+        if r["variant"] != "finetuned" or chosen.get(r["site"]) != r["model"]:
+            continue
+        inv = by_id.get(r["invocation_id"])
+        messages = inv.request.messages if inv is not None else []
+        tools = inv.request.tools if inv is not None else None
+        prows.append({"site": r["site"], "task": r["task"], "session": r["session"], "confidence": r["confidence"],
+                      "agrees": r["acceptable"], "key": answer_key(r["response"], site_tasks.get(r["site"], []), messages),
+                      "invalid": invalid_reason(r["response"], tools, r["well_formed"])})
+    cal, ver = split_sessions((r["session"] for r in prows), ec.seed)
+    doc = fit_policy(prows, cal, target=ec.target_agreement, level=ec.confidence_level, seed=ec.seed, sites=site_tasks)
+    evaluated: dict[tuple[str, str], int] = defaultdict(int)
+    for r in prows:
+        evaluated[(r["site"], r["task"])] += 1
+    weight = {k: sizes.get(k, n) / n for k, n in evaluated.items()}
+    check = {"split": {"calibration_sessions": len(cal), "verification_sessions": len(ver),
+                       "calibration_calls": sum(r["session"] in cal for r in prows),
+                       "verification_calls": sum(r["session"] in ver for r in prows)},
+             "verification": verify(Policy(doc), prows, ver, ec.confidence_level, weight),
+             "confusion": _confusion(prows)}
+    return doc, check
+
+
+def _confusion(prows) -> dict[str, dict[str, int]]:
+    """LLM's task x SLM's answer key, over all evaluated test calls of the chosen adapters."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in prows:
+        out[f"{r['site']}/{r['task']}"][r["key"] or "(unknown)"] += 1
+    return {k: dict(v) for k, v in sorted(out.items())}
 
 
 def _per_argument(r: dict[str, Any], by_id, acc) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from slmconvert.collect.textactions import apply_to_messages, as_text, load_rules
 from slmconvert.errors import StageError
 from slmconvert.invocation import Response
+from slmconvert.policy import answer_key, invalid_reason, load_policy
 from slmconvert.workspace import Workspace
 
 
@@ -64,6 +65,8 @@ class SlmEngine:
         for site, task in self.verdicts:
             self.site_tasks[site].append(task)
         self.router = load_router(workspace.stage_dir("cluster"))
+        # The routing policy evaluate fitted and verified (slmconvert.policy); one copy, shared.
+        self.policy = load_policy(workspace.stage_dir("evaluate") / "policy.json")
         fm = workspace.require_manifest("finetune", "serve")
         chosen = summary.get("chosen_adapters", {})
         self.adapters: dict[str, dict[str, Any]] = {}
@@ -151,8 +154,23 @@ class SlmEngine:
         return sorted(self.adapters)
 
     def servable(self, site: str) -> bool:
-        """Some task of the site may be answered by the SLM (replace or hybrid)."""
+        """Some answer of the site may be returned by the SLM (a policy rule, or before policies, a verdict)."""
+        if self.policy is not None:
+            return self.policy.servable(site)
         return any(self.verdicts[(site, t)]["verdict"] in ("replace", "hybrid") for t in self.site_tasks.get(site, []))
+
+    def _apply_policy(self, d: "Decision", site: str, messages: list[dict], tools, response, ok: bool, text_agent: bool) -> "Decision":
+        key = answer_key(response, self.site_tasks.get(site, []), messages)
+        verdict = self.policy.decide(site, key, d.confidence, invalid_reason(response, tools, ok))
+        d.task, d.use_slm, d.reason = key, verdict.use_slm, verdict.reason
+        if d.use_slm and text_agent and response.tool_calls:
+            text = as_text(response.content, [(c.name, c.arguments) for c in response.tool_calls], self.text_rules,
+                           {rule: list(tools_) for rule, tools_ in self.text_actions.items()})
+            if text is None:
+                d.use_slm, d.reason = False, "the SLM's action has no text form the agent reads (collect.text_actions)"
+            else:
+                d.response = Response(content=text, tool_calls=[], finish_reason="stop")
+        return d
 
     def task_of(self, site: str, messages: list[dict], response) -> str | None:
         from slmconvert.cluster import features as F
@@ -212,6 +230,8 @@ class SlmEngine:
         specials = [t for t in (tok.eos_token, tok.pad_token, tok.bos_token) if t]
         response, ok = parse_completion(g.text, specials)
         d.response = response
+        if self.policy is not None:
+            return self._apply_policy(d, site, messages, tools, response, ok, text_agent)
         if not ok:
             d.reason = "the SLM's tool call is not valid JSON"
             return d

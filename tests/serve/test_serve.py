@@ -132,6 +132,10 @@ def test_convert_mode_answers_with_the_slm_only_where_the_verdict_allows(tuned_w
     for t in summary["tasks"]:
         t["verdict"] = "replace" if t["site"] == slm_site else "keep-llm"
     summary_path.write_text(json.dumps(summary))
+    # the routing policy serve applies (evaluate fits it; set by hand here): text answers of one site go to the SLM
+    policy = json.loads((ws / "eval" / "policy.json").read_text())
+    policy["rules"] = {slm_site: {"text": {"action": "slm", "min_confidence": None, "reason": "set by hand"}}}
+    (ws / "eval" / "policy.json").write_text(json.dumps(policy))
     engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8)
     by_id = {i.id: i for i in load_invocations(Workspace(ws), "collect")}
     test = [a for a in assignments if a["split"] == "test"]
@@ -146,7 +150,7 @@ def test_convert_mode_answers_with_the_slm_only_where_the_verdict_allows(tuned_w
         models = httpx.get(f"{srv.url}/v1/models").json()
     logger.close()
     assert a.status_code == 200 and a.headers["x-slmconvert-answered-by"] == "slm", a.headers
-    assert a.headers["x-slmconvert-site"] == slm_site and a.headers["x-slmconvert-reason"] == "task verdict replace"
+    assert a.headers["x-slmconvert-site"] == slm_site and a.headers["x-slmconvert-reason"] == "text: rule slm"
     assert a.json()["object"] == "chat.completion" and a.json()["usage"]["completion_tokens"] <= 8
     assert b.status_code == 200 and b.headers["x-slmconvert-answered-by"] == "llm"
     assert b.json()["choices"][0]["message"]["content"] == "The LLM answered."

@@ -1,0 +1,76 @@
+"""The routing policy: gated on the SLM's own answer, fitted on calibration sessions, verified on others."""
+
+from slmconvert.evaluate.verdicts import decide
+from slmconvert.invocation import Response, ToolCall
+from slmconvert.policy import Policy, fit_policy, invalid_reason, lower_bound, split_sessions, verify
+
+TOOLS = [{"type": "function", "function": {"name": "get_user", "parameters": {
+    "type": "object", "properties": {"user_id": {"type": "string"}}, "required": ["user_id"], "additionalProperties": False}}}]
+
+
+def _rows():
+    """An SLM that over-predicts get_user: right on the LLM's get_user calls, and also calling it where the LLM replied in text."""
+    rows = []
+    for i in range(240):
+        session = f"s{i}"
+        if i % 2 == 0:  # the LLM called get_user; the SLM too, right 116 times of 120
+            rows.append({"site": "a", "task": "tool:get_user", "session": session, "key": "tool:get_user",
+                         "confidence": -0.05 - (i % 7) * 0.01, "agrees": i % 60 != 0, "invalid": None})
+        else:  # the LLM replied in text; the SLM calls get_user on two thirds of them, confidently
+            wrong = i % 3 != 0
+            rows.append({"site": "a", "task": "text", "session": session, "key": "tool:get_user" if wrong else "text",
+                         "confidence": -0.04 if wrong else -0.5, "agrees": not wrong and i % 5 != 0, "invalid": None})
+    return rows
+
+
+def test_a_tool_the_slm_over_predicts_is_refused_though_the_old_verdict_moves_it():
+    rows = _rows()
+    # the old verdict: grouped by the LLM's task, the SLM is right on 97% of get_user calls -> replace
+    llm_task = [r for r in rows if r["task"] == "tool:get_user"]
+    old = decide([r["agrees"] for r in llm_task], [r["confidence"] for r in llm_task], replace_at=0.9,
+                 hybrid_min_coverage=0.3, min_test_examples=5)
+    assert old.verdict == "replace" and old.quality > 0.95
+    # the policy: grouped by the SLM's own answer, only 59% of its get_user answers agree -> the LLM answers them
+    cal, ver = split_sessions((r["session"] for r in rows), seed=0)
+    assert cal and ver and not cal & ver
+    doc = fit_policy(rows, cal, target=0.9, level=0.95, seed=0, sites=["a"])
+    rule = doc["rules"]["a"]["tool:get_user"]
+    assert rule["action"] == "llm" and rule["calibration"]["agreement"] < 0.7
+    checked = verify(Policy(doc), rows, ver, 0.95)["a"]
+    assert checked["answered"] == 0 and checked["coverage"] == 0.0  # serve returns none of those answers
+
+
+def test_a_kind_of_answer_with_enough_agreeing_evidence_is_moved_and_verified_with_intervals():
+    rows = [{"site": "a", "task": "tool:get_user", "session": f"s{i}", "key": "tool:get_user", "confidence": -0.01 * (i % 10),
+             "agrees": True, "invalid": None} for i in range(400)]
+    cal, ver = split_sessions((r["session"] for r in rows), seed=3)
+    doc = fit_policy(rows, cal, target=0.95, level=0.95, seed=3, sites=["a"])
+    rule = doc["rules"]["a"]["tool:get_user"]
+    assert rule["action"] == "slm" and rule["calibration"]["lower_bound"] >= 0.95
+    v = verify(Policy(doc), rows, ver, 0.95)["all"]
+    assert v["answered"] == v["calls"] == len(ver) and v["agreement"] == 1.0
+    lo, hi = v["agreement_interval"]
+    assert 0.95 < lo < 1.0 == hi
+
+
+def test_too_little_evidence_goes_to_the_llm_and_says_so():
+    assert lower_bound(59, 59) >= 0.95 > lower_bound(58, 58)
+    rows = [{"site": "a", "task": "text", "session": f"s{i}", "key": "text", "confidence": -0.1, "agrees": True, "invalid": None}
+            for i in range(30)]
+    cal, _ = split_sessions((r["session"] for r in rows), seed=0)
+    rule = fit_policy(rows, cal, target=0.95, level=0.95, seed=0, sites=["a"])["rules"]["a"]["text"]
+    assert rule["action"] == "llm" and "too little evidence" in rule["reason"] and "59" in rule["reason"]
+
+
+def test_invalid_answers_never_reach_the_agent():
+    ok = Response(None, [ToolCall("get_user", {"user_id": "u1"})])
+    assert invalid_reason(ok, TOOLS) is None
+    assert "does not offer" in invalid_reason(Response(None, [ToolCall("delete_user", {})]), TOOLS)
+    assert "schema" in invalid_reason(Response(None, [ToolCall("get_user", {"user_id": 7})]), TOOLS)
+    assert "schema" in invalid_reason(Response(None, [ToolCall("get_user", {})]), TOOLS)
+    assert "not valid JSON" in invalid_reason(ok, TOOLS, well_formed=False)
+    doc = {"rules": {"a": {"tool:get_user": {"action": "slm", "min_confidence": -0.2, "reason": "x"}}}}
+    d = Policy(doc).decide("a", "tool:get_user", -0.1, invalid_reason(Response(None, [ToolCall("get_user", {})]), TOOLS))
+    assert not d.use_slm and "schema" in d.reason
+    assert Policy(doc).decide("a", "tool:get_user", -0.1, None).use_slm
+    assert not Policy(doc).decide("a", "tool:get_user", -0.3, None).use_slm
