@@ -152,7 +152,7 @@ def _session_from(record: dict) -> str | None:
     for key in TASK_KEYS:
         v = _id_value(record, key)
         if v is not None:
-            trial = next((f"/{t}:{_id_value(record, t)}" for t in TRIAL_KEYS if _id_value(record, t) is not None), "")
+            trial = next((f"/{t}:{n}" for t in TRIAL_KEYS if (n := _id_value(record, t)) is not None), "")
             return f"{key}:{v}{trial}"
     return None
 
@@ -193,9 +193,10 @@ def _environment_events(raw: list, ctx: ParseContext | None) -> list:
         if not isinstance(m, dict):
             out.append(m)
             continue
-        role = m.get("role", m.get("from"))
+        raw_role = m.get("role", m.get("from"))
+        role = ROLE_ALIASES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
         calls = m.get("tool_calls")
-        if isinstance(role, str) and role.strip().lower() in ("user", "human", "customer") and isinstance(calls, list) and calls:
+        if role == "user" and isinstance(calls, list) and calls:
             lines = [m["content"]] if isinstance(m.get("content"), str) and m["content"] else []
             for c in calls:
                 fn = c.get("function", c) if isinstance(c, dict) else {}
@@ -208,8 +209,7 @@ def _environment_events(raw: list, ctx: ParseContext | None) -> list:
             if ctx is not None:
                 ctx.note("user_side_tool_calls", len(calls))
             continue
-        if (isinstance(role, str) and role.strip().lower() in ("tool", "function")
-                and (m.get("tool_call_id") in user_calls or m.get("requestor") == "user")):
+        if role == "tool" and (m.get("tool_call_id") in user_calls or m.get("requestor") == "user"):
             content = m.get("content")
             text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
             out.append({"role": "user", "content": f"[user action result] {text}"})
@@ -225,6 +225,15 @@ def _apply_text_actions(messages: list[dict], ctx: ParseContext) -> list[dict]:
     if ctx.auto_rules and not any(m.get("tool_calls") for m in messages):
         rules += ctx.auto_rules
     return apply_to_messages(messages, rules, ctx.text_actions) if rules else messages
+
+
+def _call(prompt: list[dict], answer: dict, finish: str | None, ctx: ParseContext) -> tuple[list[dict], Response]:
+    """The prompt and the answer of one logged call, text actions read over both together (they are one
+    conversation: the history shows earlier actions the way the answer is stored)."""
+    converted = _apply_text_actions([*prompt, answer], ctx)
+    if converted[-1] is not answer:  # the answer was a text action
+        finish = "tool_calls"
+    return converted[:-1], response_from_message(converted[-1], finish)
 
 
 def _opening(messages: list[dict]) -> list[dict]:
@@ -303,9 +312,9 @@ class RequestResponseFormat(LogFormat):
         messages = _messages(req["messages"], "request.messages", ctx)
         tools = _normalize_tools(req.get("tools", req.get("functions")), "request.tools")
         params = {k: req[k] for k in KEPT_PARAMS if k in req}
-        response, resp_model, resp_usage, created = self._response(record.get("response"), ctx, messages)
-        messages = _apply_text_actions(messages, ctx) if not response.tool_calls else messages
-        user = next((record[k] for k in USER_KEYS if isinstance(record.get(k), (str, int)) and not isinstance(record.get(k), bool)), None)
+        answer, finish, resp_model, resp_usage, created = self._response(record.get("response"))
+        messages, response = _call(messages, answer, finish, ctx)
+        user = next((v for k in USER_KEYS if (v := _id_value(record, k)) is not None), None)
         session = _session_from(record) or self._prefix_session(messages, user)
         step = record.get("step")
         if not (isinstance(step, int) and not isinstance(step, bool)):
@@ -335,8 +344,8 @@ class RequestResponseFormat(LogFormat):
         return "prefix:" + sha256_text(canonical_json([_opening(messages), user]))[:16]
 
     @staticmethod
-    def _response(raw: Any, ctx: ParseContext | None = None, prompt: list[dict] | None = None
-                  ) -> tuple[Response, str | None, Usage | None, Any]:
+    def _response(raw: Any) -> tuple[dict, str | None, str | None, Usage | None, Any]:
+        """(assistant message, finish reason, model, usage, created) of a logged answer."""
         if not isinstance(raw, dict):
             raise RecordError(f"response must be an object, got {type(raw).__name__}", "missing_field")
         if raw.get("error"):
@@ -359,14 +368,10 @@ class RequestResponseFormat(LogFormat):
             raise RecordError("response has neither choices nor an assistant message", "missing_field")
         if msg["role"] != "assistant":
             raise RecordError(f"response message has role {msg['role']!r}, expected assistant", "unknown_role")
-        if ctx is not None and not msg.get("tool_calls"):
-            msg = _apply_text_actions([*(prompt or []), msg], ctx)[-1]
-            finish = "tool_calls" if msg.get("tool_calls") else finish
-        response = response_from_message(msg, finish)
-        if response.content is None and not response.tool_calls:
+        if msg.get("content") is None and not msg.get("tool_calls"):
             raise RecordError("response has neither content nor tool calls", "empty_response")
         model = raw.get("model") if isinstance(raw.get("model"), str) else None
-        return response, model, _usage(raw.get("usage")), raw.get("created")
+        return msg, finish, model, _usage(raw.get("usage")), raw.get("created")
 
 
 # --------------------------------------------------------------------------- 2. trajectories
@@ -434,8 +439,8 @@ class TrajectoryFormat(LogFormat):
             fields = {"model": model if isinstance(model, str) else None, "agent": _agent_of(conv) or _agent_of(root), "meta": meta}
             answer = _response_beside(chain, root)
             if answer is not None:  # one call: this list is its prompt
-                response, resp_model, usage, _ = RequestResponseFormat._response(answer, ctx, messages)
-                prompt = _apply_text_actions(messages, ctx) if not response.tool_calls else messages
+                answer_msg, finish, resp_model, usage, _ = RequestResponseFormat._response(answer)
+                prompt, response = _call(messages, answer_msg, finish, ctx)
                 inv = _make(ctx, session, sum(m["role"] == "assistant" for m in prompt), prompt, tools, params, response,
                             f"{ctx.locator} {where}", usage=usage, **{**fields, "model": fields["model"] or resp_model})
                 if inv.id not in seen:

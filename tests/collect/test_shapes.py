@@ -159,3 +159,15 @@ def test_messages_path_override_and_its_error(tmp_path, collect_config):
     assert [i.response.content for i in invs] == ["y"]
     m, _ = collect(collect_config, log, messages_path="a.nope", format="trajectory", ws=tmp_path / "w2")
     assert m.counts["quarantined"] == 1
+
+
+def test_a_gateway_record_of_a_text_agent_gets_its_history_and_answer_read_alike(tmp_path, collect_config):
+    rec = {"session_id": "g1", "request": {"messages": [
+        {"role": "user", "content": "Which patient was born 1970-01-02?"},
+        {"role": "assistant", "content": "GET http://fhir.local/Patient?birthdate=1970-01-02"},
+        {"role": "user", "content": "{\"total\": 1}"}]},
+        "response": {"choices": [{"message": {"role": "assistant", "content": 'FINISH(["S1"])'}, "finish_reason": "stop"}]}}
+    m, [inv] = collect(collect_config, write_jsonl(tmp_path / "gw.jsonl", [rec]))
+    assert inv.response.tool_calls[0].name == "FINISH" and inv.response.finish_reason == "tool_calls"
+    assert inv.request.messages[1]["tool_calls"][0]["function"]["name"] == "GET"  # the history as the answer is stored
+    assert m.extra["text_actions"] == {"call": {"FINISH": 1}, "http": {"GET": 1}}
