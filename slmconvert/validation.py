@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from slmconvert.collect.formats import log_formats
+from slmconvert.collect.textactions import load_rules
 from slmconvert.collect.tools import load_tools_file
 from slmconvert.config import PipelineConfig, apply_overrides, build_config
 from slmconvert.configs import VALIDATORS
@@ -65,6 +66,7 @@ def preflight(config: PipelineConfig, stages: set[str] | None = None) -> list[st
             problems.append(f"collect.format: unknown log format {cc.format!r} (known: {', '.join(log_formats.names())})")
         if cc.tools_file:
             _problem("collect.tools_file", lambda: load_tools_file(cc.tools_file), problems)
+        _problem("collect.text_actions", lambda: load_rules(cc.text_actions), problems)
         if config.scrub.enabled:
             _problem("scrub.policy", lambda: load_policy(config.scrub.policy), problems)
     if "cluster" in stages and config.cluster.embedding_model.startswith((PYPI_PREFIX, ".", "/", "~")):

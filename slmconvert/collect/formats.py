@@ -25,7 +25,7 @@ from slmconvert.invocation import (
     normalize_timestamp,
     response_from_message,
 )
-from slmconvert.collect.textactions import TextActionRule, apply_to_messages
+from slmconvert.collect.textactions import TextActionRule, read_actions
 from slmconvert.io import canonical_json, sha256_text
 from slmconvert.registry import Registry
 
@@ -219,12 +219,7 @@ def _environment_events(raw: list, ctx: ParseContext | None) -> list:
 
 
 def _apply_text_actions(messages: list[dict], ctx: ParseContext) -> list[dict]:
-    """Plain-text actions become tool calls: declared rules always, built-in ones where the
-    conversation has no structured tool calls (an agent with real tool calls writes none in text)."""
-    rules = list(ctx.text_rules)
-    if ctx.auto_rules and not any(m.get("tool_calls") for m in messages):
-        rules += ctx.auto_rules
-    return apply_to_messages(messages, rules, ctx.text_actions) if rules else messages
+    return read_actions(messages, ctx.text_rules, ctx.auto_rules, ctx.text_actions)
 
 
 def _call(prompt: list[dict], answer: dict, finish: str | None, ctx: ParseContext) -> tuple[list[dict], Response]:

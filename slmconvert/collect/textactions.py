@@ -147,32 +147,50 @@ def match(text: str, rules: Iterable[TextActionRule]) -> tuple[TextActionRule, s
 
 
 def load_rules(spec: Iterable[Any]) -> list[TextActionRule]:
-    """Rules from `collect.text_actions`: built-in names, or {name, pattern, tool, arguments, render}."""
-    rules = []
+    """Rules from `collect.text_actions`: built-in names, or {name, pattern, tool, arguments, render}.
+    Every bad entry is reported at once, each with its key path."""
+    rules, problems = [], []
     for i, item in enumerate(spec):
         where = f"collect.text_actions[{i}]"
         if isinstance(item, str):
             if item not in BUILTIN:
-                raise ConfigError(f"{where}: unknown built-in text action {item!r} (known: {', '.join(BUILTIN)})")
-            rules.append(BUILTIN[item])
+                problems.append(f"{where}: unknown built-in text action {item!r} (known: {', '.join(BUILTIN)})")
+            else:
+                rules.append(BUILTIN[item])
             continue
         if not isinstance(item, dict) or not isinstance(item.get("pattern"), str):
-            raise ConfigError(f"{where}: a text action is a built-in name or an object with at least 'pattern' (a regex)")
+            problems.append(f"{where}: a text action is a built-in name or an object with at least 'pattern' (a regex)")
+            continue
         unknown = set(item) - {"name", "pattern", "tool", "arguments", "render"}
         if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (known: name, pattern, tool, arguments, render)")
+            problems.append(f"{where}: unknown key(s) {sorted(unknown)} (known: name, pattern, tool, arguments, render)")
         try:
             pattern = re.compile(item["pattern"], re.S)
         except re.error as e:
-            raise ConfigError(f"{where}.pattern: not a valid regular expression ({e})") from None
+            problems.append(f"{where}.pattern: not a valid regular expression ({e})")
+            continue
         tool = item.get("tool") or ("{tool}" if "tool" in pattern.groupindex else None)
         if not tool:
-            raise ConfigError(f"{where}: say which tool the action calls: 'tool: NAME', or a (?P<tool>…) group in the pattern")
+            problems.append(f"{where}: say which tool the action calls: 'tool: NAME', or a (?P<tool>…) group in the pattern")
         mode = item.get("arguments", "json")
         if mode not in ("json", "query", "text", "http"):
-            raise ConfigError(f"{where}.arguments: must be one of json, query, text, http; got {mode!r}")
-        rules.append(TextActionRule(item.get("name") or f"rule{i}", pattern, tool, mode, render_template=item.get("render")))
+            problems.append(f"{where}.arguments: must be one of json, query, text, http; got {mode!r}")
+        if tool and not unknown and mode in ("json", "query", "text", "http"):
+            rules.append(TextActionRule(item.get("name") or f"rule{i}", pattern, tool, mode, render_template=item.get("render")))
+    if problems:
+        raise ConfigError("collect.text_actions", problems)
     return rules
+
+
+def read_actions(messages: list[dict], declared: list[TextActionRule], builtin: list[TextActionRule],
+                 seen: dict | None = None) -> list[dict]:
+    """Text actions of a conversation as tool calls: declared rules always; built-in shapes only where the
+    conversation has no structured tool calls (an agent with real tool calls writes none in text).
+    Collect and serve read a conversation through this one function."""
+    rules = list(declared)
+    if builtin and not any(m.get("tool_calls") for m in messages):
+        rules += builtin
+    return apply_to_messages(messages, rules, seen) if rules else messages
 
 
 def apply_to_messages(messages: list[dict], rules: list[TextActionRule], seen: dict | None = None) -> list[dict]:
@@ -196,8 +214,10 @@ def apply_to_message(msg: dict, rules: list[TextActionRule], seen: dict | None =
     return out
 
 
-def as_text(content: str | None, calls: list[tuple[str, dict]], rules: list[TextActionRule], tools_of_rule: dict[str, list[str]]) -> str | None:
-    """Tool calls rendered back into the text an agent that acts in text expects; None when a call has no rule."""
+def as_text(content: str | None, calls: list[tuple[str, dict]], rules: list[TextActionRule],
+            tools_of_rule: dict[str, Iterable[str]]) -> str | None:
+    """Tool calls rendered back into the text an agent that acts in text expects; None when a call has no rule.
+    `tools_of_rule`: the tools each rule produced in the log (collect's manifest `text_actions`)."""
     parts = [content] if content else []
     by_name = {}
     for rule in rules:

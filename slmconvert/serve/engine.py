@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from slmconvert.collect.textactions import apply_to_messages, as_text, load_rules
+from slmconvert.collect.textactions import as_text, load_rules, read_actions
 from slmconvert.errors import StageError
 from slmconvert.invocation import Response
 from slmconvert.policy import answer_key, invalid_reason, load_policy
@@ -163,14 +163,18 @@ class SlmEngine:
         key = answer_key(response, self.site_tasks.get(site, []), messages)
         verdict = self.policy.decide(site, key, d.confidence, invalid_reason(response, tools, ok))
         d.task, d.use_slm, d.reason = key, verdict.use_slm, verdict.reason
-        if d.use_slm and text_agent and response.tool_calls:
-            text = as_text(response.content, [(c.name, c.arguments) for c in response.tool_calls], self.text_rules,
-                           {rule: list(tools_) for rule, tools_ in self.text_actions.items()})
-            if text is None:
-                d.use_slm, d.reason = False, "the SLM's action has no text form the agent reads (collect.text_actions)"
-            else:
-                d.response = Response(content=text, tool_calls=[], finish_reason="stop")
+        if d.use_slm and text_agent and response.tool_calls and not self._as_agent_text(d, response):
+            d.use_slm = False
         return d
+
+    def _as_agent_text(self, d: "Decision", response) -> bool:
+        """The SLM's tool calls written as the text an agent that acts in text reads; False (and the reason) when one has no text form."""
+        text = as_text(response.content, [(c.name, c.arguments) for c in response.tool_calls], self.text_rules, self.text_actions)
+        if text is None:
+            d.reason = "the SLM's action has no text form the agent reads (collect.text_actions)"
+            return False
+        d.response = Response(content=text, tool_calls=[], finish_reason="stop")
+        return True
 
     def task_of(self, site: str, messages: list[dict], response) -> str | None:
         from slmconvert.cluster import features as F
@@ -197,11 +201,9 @@ class SlmEngine:
 
         t0 = time.perf_counter()
         text_agent = bool(self.text_rules) and not tools
-        if text_agent:
-            builtin = [r for r in self.text_rules if r.builtin and r.name in self.text_actions]
-            declared = [r for r in self.text_rules if not r.builtin]
-            structured = any(m.get("tool_calls") for m in messages)
-            messages = apply_to_messages(messages, declared + ([] if structured else builtin))
+        if text_agent:  # read as collect read the log: the built-in shapes the log used, the declared rules
+            messages = read_actions(messages, [r for r in self.text_rules if not r.builtin],
+                                    [r for r in self.text_rules if r.builtin and r.name in self.text_actions])
         site, route_conf = self.router.route(messages, tools)
         d = Decision(False, "", site=site, route_confidence=round(route_conf, 4))
         adapter = self.adapters.get(site)
@@ -242,12 +244,9 @@ class SlmEngine:
         task = self.task_of(site, messages, response)
         d.task = task
         if text_agent and response.tool_calls:
-            text = as_text(response.content, [(c.name, c.arguments) for c in response.tool_calls], self.text_rules,
-                           {rule: list(tools_) for rule, tools_ in self.text_actions.items()})
-            if text is None:
-                d.reason = "the SLM's action has no text form the agent reads (collect.text_actions)"
+            if not self._as_agent_text(d, response):
                 return d
-            d.response = response = Response(content=text, tool_calls=[], finish_reason="stop")
+            response = d.response
         v = self.verdicts.get((site, task)) if task else None
         if v is None:
             d.reason = "the answer matches no evaluated task"

@@ -171,3 +171,19 @@ def test_a_gateway_record_of_a_text_agent_gets_its_history_and_answer_read_alike
     assert inv.response.tool_calls[0].name == "FINISH" and inv.response.finish_reason == "tool_calls"
     assert inv.request.messages[1]["tool_calls"][0]["function"]["name"] == "GET"  # the history as the answer is stored
     assert m.extra["text_actions"] == {"call": {"FINISH": 1}, "http": {"GET": 1}}
+
+
+def test_bad_text_action_rules_are_reported_together_with_their_key_paths(tmp_path, collect_config):
+    import pytest
+
+    from slmconvert.errors import ConfigError
+    from slmconvert.validation import preflight
+
+    log = write_jsonl(tmp_path / "a.jsonl", [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}])
+    cfg = collect_config(log, text_actions=[{"pattern": "(", "tool": "x"}, "nope", {"pattern": "A (?P<args>.*)"}])
+    with pytest.raises(ConfigError) as e:
+        run(cfg, Workspace(cfg.workspace))
+    assert [p.split(":")[0] for p in e.value.problems] == [
+        "collect.text_actions[0].pattern", "collect.text_actions[1]", "collect.text_actions[2]"]
+    assert not (tmp_path / "ws" / "invocations" / "manifest.json").exists()  # nothing half-done
+    assert sum(p.startswith("collect.text_actions") for p in preflight(cfg, {"collect"})) == 3
