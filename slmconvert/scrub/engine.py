@@ -18,7 +18,7 @@ import json
 import re
 from collections import Counter, defaultdict
 from dataclasses import replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import regex
 
@@ -380,8 +380,8 @@ class Scrubber:
     def detections(self, text: str, key: str | None) -> list[Detection]:
         return self.cache.get((text, key), [])
 
-    def learn_template_values(self, units_of: dict[str, list[tuple[str, str | None]]], session_of: dict[str, str],
-                              invocations: Iterable[Invocation] = ()) -> list[str]:
+    def learn_template_values(self, units_of: dict[str, list[tuple[str, str | None]]],
+                              invocations: Sequence[Invocation]) -> list[str]:
         """The agent's own vocabulary joins the allow-list: what it wrote identically in many conversations.
 
         A sentence (or line) of a system prompt, an assistant reply or a tool description that recurs
@@ -390,8 +390,10 @@ class Scrubber:
         in it (the company's name, the server's IP, a drug code) is kept everywhere, so instructions,
         tool docs and canned replies stay byte-identical and the URLs the agent emits stay learnable.
         Secrets are scrubbed wherever they are. Whole texts shared by that many sessions count too.
+        The caller drops the detections of the values learned (`forget_allowed`).
         """
         n_min = self.policy.template_min_sessions
+        session_of = {inv.id: inv.session_id for inv in invocations}
         sessions_of: dict[str, set[str]] = defaultdict(set)
         for inv_id, units in units_of.items():
             for text, _key in units:
@@ -426,11 +428,10 @@ class Scrubber:
                         learned.update(re.split(r"\s+", value))
         learned -= self.allow
         self.allow |= learned
-        if learned:  # drop the detections of those values everywhere
-            self._forget_allowed()
         return sorted(learned)
 
-    def _forget_allowed(self) -> None:
+    def forget_allowed(self) -> None:
+        """Drop the detections of allow-listed values everywhere (secrets and key-hinted values stay)."""
         for k, dets in self.cache.items():
             self.cache[k] = [d for d in dets if d.entity in SECRET_ENTITIES or d.score >= 1.0
                              or k[0][d.start:d.end].strip() not in self.allow]
@@ -625,17 +626,20 @@ def embedded_json(text: str) -> list[tuple[str, Any]] | None:
     return [(p, v) for p, v in pieces if p]
 
 
+def _content_parts(content: str) -> list[tuple[str, Any]]:
+    """(piece, parsed JSON or None) parts of a message text: a JSON document whole, prose with JSON
+    embedded in it piece by piece, or the plain text."""
+    parsed = parse_json_text(content)
+    if parsed is not None:
+        return [(content, parsed)]
+    return embedded_json(content) or [(content, None)]
+
+
 def _content_units(content: Any) -> list[tuple[str, str | None]]:
     if not isinstance(content, str) or not content:
         return []
-    parsed = parse_json_text(content)
-    if parsed is not None:
-        return list(iter_units(parsed))
-    parts = embedded_json(content)
-    if parts is None:
-        return [(content, None)]
     units: list[tuple[str, str | None]] = []
-    for piece, value in parts:
+    for piece, value in _content_parts(content):
         units.extend(iter_units(value) if value is not None else [(piece, None)] if piece.strip() else [])
     return units
 
@@ -643,17 +647,10 @@ def _content_units(content: Any) -> list[tuple[str, str | None]]:
 def _scrub_content(content: Any, rep: SessionReplacer, field: str) -> Any:
     if not isinstance(content, str) or not content:
         return content
-    parsed = parse_json_text(content)
-    if parsed is not None:
-        new = map_units(parsed, lambda s, k: rep.replace(s, field))
-        return content if new == parsed else dump_like(new, content)
-    parts = embedded_json(content)
-    if parts is None:
-        return rep.replace(content, field)
     out = []
-    for piece, value in parts:
+    for piece, value in _content_parts(content):
         if value is None:
-            out.append(rep.replace(piece, field) if piece.strip() else piece)
+            out.append(rep.replace(piece, field))
         else:
             new = map_units(value, lambda s, k: rep.replace(s, field))
             out.append(piece if new == value else dump_like(new, piece))
@@ -741,10 +738,10 @@ def scrub_invocations(invocations: list[Invocation], config, workspace, progress
         sessions[inv.session_id].append(inv)
     units_of = {inv.id: _invocation_units(inv) for inv in invocations}
     scrubber.detect_all((u for units in units_of.values() for u in units), progress)
-    template_values = sorted(known | set(scrubber.learn_template_values(units_of, {inv.id: inv.session_id for inv in invocations},
-                                                                        invocations)))
-    if known:
-        scrubber._forget_allowed()
+    learned = scrubber.learn_template_values(units_of, invocations)
+    if known or learned:
+        scrubber.forget_allowed()
+    template_values = sorted(known | set(learned))
     t_detect = time.perf_counter() - t0
     counts: Counter = Counter()
     kept: Counter = Counter()
