@@ -23,6 +23,13 @@ FALLBACK_TOOLS_HEADER = (
 )
 
 
+def prompt_budget(max_length: int, new_tokens: int, cap: int | None = None) -> int:
+    """Tokens a prompt may take so that an answer of `new_tokens` still fits the model's trained
+    `max_length` (never less than half of it), at most `cap`. Select, evaluate and serve share it."""
+    budget = max(max_length - new_tokens, max_length // 2)
+    return min(cap, budget) if cap is not None else budget
+
+
 def supports_native_tools(tokenizer: Any) -> bool:
     template = getattr(tokenizer, "chat_template", None) or ""
     if isinstance(template, dict):

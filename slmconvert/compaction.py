@@ -74,7 +74,7 @@ def shared_parts(texts: Sequence[str]) -> tuple[str | None, str | None]:
     """The head and tail all (non-empty) system prompts share, each cut back to a line or sentence end."""
     import os
 
-    texts = [t for t in dict.fromkeys(texts)]
+    texts = list(dict.fromkeys(texts))
     if len(texts) < 2 or any(not t for t in texts):
         return None, None
     head = os.path.commonprefix(texts)
@@ -83,9 +83,8 @@ def shared_parts(texts: Sequence[str]) -> tuple[str | None, str | None]:
         head = head[: cut + 1] if cut >= 0 else ""
     rest = [t[len(head):] for t in texts]
     tail = os.path.commonprefix([r[::-1] for r in rest])[::-1]
-    if len(tail) < min(map(len, rest)):
-        starts = [tail.find(c) for c in "\n"]
-        cut = min((i for i in starts if i >= 0), default=-1)
+    if len(tail) < min(map(len, rest)):  # not the whole of the shortest rest: start it at a line break
+        cut = tail.find("\n")
         tail = tail[cut:] if cut >= 0 else ""
     head = head if len(head) >= MIN_SHARED_CHARS else ""
     tail = tail if len(tail) >= MIN_SHARED_CHARS else ""

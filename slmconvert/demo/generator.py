@@ -295,7 +295,7 @@ def _shapes(gen: "Generator", sessions: int, seed: int) -> tuple[list[dict], int
     for i, workload, client, model, s, t in gen.sessions(sessions):
         system = s.messages[0]["content"]
         history = [dict(m) for m in s.messages[1:]]
-        if workload == "triage" or s.tools is None:
+        if s.tools is None:  # the tool-less triage agent answers by writing FINISH({...})
             history = [{"role": "assistant", "content": f"FINISH({m['content']})"} if m["role"] == "assistant" else m
                        for m in history]
         elif workload == "hr-assistant" and i % 2 == 0:  # the employee shares their calendar from their own device

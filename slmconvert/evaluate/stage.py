@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from slmconvert.chat import prompt_budget
 from slmconvert.config import PipelineConfig
 from slmconvert.errors import ModelNotFound, StageError
 from slmconvert.io import atomic_path, read_json, sha256_obj, write_json_atomic, write_parquet_atomic
@@ -316,13 +317,13 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                 problems.append(f"LLM-as-judge failed on {judge_stats['failed']} of {judge_stats['failed'] + judge_stats['judged']} "
                                 f"replies ({judge_stats.get('first_error')}); those fall back to embedding similarity")
             mark_acceptable(rows, ec)
-        summary = summarise(config, tasks_doc, rows, adapters, problems, judge_stats, by_id)
+        summary, policy = summarise(config, tasks_doc, rows, adapters, problems, judge_stats, by_id)
         summary["generation"] = gen_counts
         summary["timings"] = timer.total()
 
         with timer.step("write_s"):
             _write_results(stage_dir / RESULTS, rows)
-            write_json_atomic(stage_dir / POLICY, summary.pop("policy_doc"))
+            write_json_atomic(stage_dir / POLICY, policy)
             write_json_atomic(stage_dir / SUMMARY, summary)
             from slmconvert.evaluate.report import write_report
 
@@ -353,7 +354,7 @@ def _generate_all(config, workspace, adapters, samples, cache, task_kind, proble
 
     ec = config.evaluate
     device = pick_device(ec.device)
-    ft_budget = min(ec.max_prompt_tokens, max(config.finetune.max_length - ec.max_new_tokens, config.finetune.max_length // 2))
+    ft_budget = prompt_budget(config.finetune.max_length, ec.max_new_tokens, ec.max_prompt_tokens)
     rows: list[dict[str, Any]] = []
     by_model: dict[str, list[dict]] = defaultdict(list)
     for a in adapters:
@@ -434,7 +435,8 @@ def _generate_all(config, workspace, adapters, samples, cache, task_kind, proble
     return rows, gen_counts
 
 
-def summarise(config, tasks_doc, rows, adapters, problems, judge_stats, by_id) -> dict[str, Any]:
+def summarise(config, tasks_doc, rows, adapters, problems, judge_stats, by_id) -> tuple[dict[str, Any], dict[str, Any]]:
+    """summary.json, and the routing policy serve applies (policy.json)."""
     from slmconvert.evaluate.prices import load_prices
     from slmconvert.evaluate.verdicts import decide, share_moved
 
@@ -526,13 +528,12 @@ def summarise(config, tasks_doc, rows, adapters, problems, judge_stats, by_id) -
         "tasks": tasks_out, "problems": problems, "judge": judge_stats,
         "policy": {**policy_check, "rules": policy_doc["rules"], "target_agreement": policy_doc["target_agreement"],
                    "confidence_level": policy_doc["confidence_level"]},
-        "policy_doc": policy_doc,
         "thresholds": {"replace_at": ec.replace_at, "hybrid_min_coverage": ec.hybrid_min_coverage,
                        "min_test_examples": ec.min_test_examples, "text_similarity_at": ec.text_similarity_at,
                        "judge_pass_at": ec.judge.pass_at if ec.judge else None},
         "adapters": [{k: a.get(k) for k in ("site", "model", "path", "method", "artefact", "examples", "train_loss")}
                      for a in adapters],
-    }
+    }, policy_doc
 
 
 def fit_routing_policy(config, tasks_doc, rows, chosen, by_id) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -10,9 +10,11 @@ not ranked is listed with the reason: excluded by a constraint, not available, o
 from __future__ import annotations
 
 import random
+import time
 from collections import defaultdict
 from typing import Any
 
+from slmconvert.chat import prompt_budget
 from slmconvert.config import PipelineConfig
 from slmconvert.errors import ModelNotFound, StageError
 from slmconvert.invocation import Invocation
@@ -127,8 +129,6 @@ def probe_model(model, tok, site: dict[str, Any], sc, progress: Progress, *, pro
                 deadline: float | None = None) -> dict[str, Any]:
     """Zero-shot (and few-shot) scores on the site's probe sample. Prompts are fitted like evaluate fits them;
     generation stops at `deadline` (time.monotonic) after at least one batch, and the result says what was left."""
-    import time
-
     from slmconvert.chat import parse_completion, render_prompt, supports_native_tools
     from slmconvert.finetune.data import fit_prompt
     from slmconvert.generation import generate
@@ -267,12 +267,9 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                                 for e in eligible[sc.probe_max_models:]]
 
         probes: dict[tuple[str, str], dict[str, Any]] = {}
-        import time
-
         deadline = time.monotonic() + sc.probe_time_budget_s
         pairs_left = sum(len(v) for v in to_probe.values())
-        ft = config.finetune
-        prompt_budget = min(sc.max_prompt_tokens, max(ft.max_length - sc.max_new_tokens, ft.max_length // 2))
+        budget = prompt_budget(config.finetune.max_length, sc.max_new_tokens, sc.max_prompt_tokens)
         with timer.step("probe_s"):
             total = sum(_probe_calls(sites[s], sc) for m in to_probe for s in to_probe[m])
             if to_probe:
@@ -299,7 +296,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                             continue
                         share = max(deadline - time.monotonic(), 0.0) / max(pairs_left, 1)
                         pairs_left -= 1
-                        probes[(site_name, model_name)] = {**probe_model(model, tok, site, sc, progress, prompt_budget=prompt_budget,
+                        probes[(site_name, model_name)] = {**probe_model(model, tok, site, sc, progress, prompt_budget=budget,
                                                                          deadline=time.monotonic() + share),
                                                            "source": info["source"]}
                     del model

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from slmconvert.chat import prompt_budget
 from slmconvert.collect.textactions import as_text, load_rules, read_actions
 from slmconvert.errors import StageError
 from slmconvert.invocation import Response
@@ -217,7 +218,7 @@ class SlmEngine:
         recipe = adapter["recipe"]
         msgs, tls = compact(messages, recipe), compact_tools(tools, recipe)
         native = supports_native_tools(tok)
-        budget = max(self.config.finetune.max_length - self.max_new_tokens, self.config.finetune.max_length // 2)
+        budget = prompt_budget(self.config.finetune.max_length, self.max_new_tokens)
         fitted = fit_prompt(msgs, tls, tok, budget, native)
         if fitted is None:
             d.reason = "the request does not fit the SLM's context after compaction"
