@@ -5,6 +5,9 @@ All are Presidio `PatternRecognizer`s: they run without NLP artifacts, before NE
 
 from __future__ import annotations
 
+import base64
+import binascii
+
 import regex
 from presidio_analyzer import Pattern, PatternRecognizer
 
@@ -17,9 +20,6 @@ class AuthTokenRecognizer(PatternRecognizer):
     def validate_result(self, pattern_text: str) -> bool | None:
         if pattern_text.startswith("eyJ"):
             return None
-        import base64
-        import binascii
-
         try:
             decoded = base64.b64decode(pattern_text + "=" * (-len(pattern_text) % 4), validate=True).decode("utf-8")
             if ":" in decoded and decoded.isprintable():
@@ -216,7 +216,7 @@ def id_recognizers() -> list[PatternRecognizer]:
         _id_cue("US_PASSPORT", "PassportContextRecognizer", r"\bpassport"),
         # "MRN S6541353", "patient S6541353", "medical record number: 1234567"
         _id_cue("MEDICAL_RECORD_NUMBER", "MrnContextRecognizer",
-                r"\bmrn|\bMRN|\bmedical\s+record(?:\s+number)?|\bpatient(?:\s+(?:id|identifier))?|\bPatient/"),
+                r"\bmrn|\bmedical\s+record(?:\s+number)?|\bpatient(?:\s+(?:id|identifier))?|\bPatient/"),
     ]
 
 
