@@ -181,6 +181,11 @@ def _as_call(obj: Any) -> ToolCall | None:
     return ToolCall(name=name, arguments=args)
 
 
+def special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's end, padding and start tokens: stripped from a generation before it is parsed."""
+    return [t for t in (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) if t]
+
+
 def parse_completion(text: str, special_tokens: list[str] | None = None) -> tuple[Response, bool]:
     """(Response, well_formed). Tool calls in <tool_call> tags, or a bare {"name", "arguments"|"parameters"} object.
 

@@ -168,7 +168,8 @@ class EvaluateConfig(StrictModel):
     """Compare the base and fine-tuned SLMs with the LLM's logged responses on the test split; verdict per task."""
 
     base: bool = Field(True, description="Also evaluate each base model untrained (with the full instructions), for comparison.")
-    max_test_examples: int | None = Field(200, ge=1, description="Test calls per call site at most (seeded, round-robin over its tasks); null: all.")
+    max_test_examples: int | None = Field(200, ge=1, description="Test calls per call site at most: a seeded sample in proportion to its tasks' test calls, every task with at least `min_per_task`; results are re-weighted to the traffic mix. null: all.")
+    min_per_task: int = Field(3, ge=0, description="Rare tasks still get this many sampled test calls (when they have them), so the per-task table shows them.")
     max_new_tokens: int = Field(256, ge=1, description="Generation budget per answer.")
     max_prompt_tokens: int = Field(4096, ge=128, description="Older turns are dropped until a prompt fits (as in training).")
     batch_size: int = Field(8, ge=1, description="Generation batch size.")
@@ -179,6 +180,7 @@ class EvaluateConfig(StrictModel):
     min_test_examples: int = Field(5, ge=1, description="Fewer test examples than this: `keep-llm` (not enough evidence).")
     target_agreement: float = Field(0.95, gt=0, lt=1, description="The routing policy lets the SLM answer a kind of answer only where the one-sided lower confidence bound of its agreement with the LLM, on calibration sessions, reaches this.")
     confidence_level: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of that bound and of the intervals reported on verification sessions.")
+    novelty_alpha: float = Field(0.02, gt=0, lt=1, description="Request gate: a request less similar to the site's training requests than all but this share of calibration requests goes to the LLM (a conformal bound on how many familiar requests it turns away).")
     judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge for text replies.")
     prices: str | None = Field(None, description="LLM price table (default: configs/prices.yaml).")
     llm_model: str | None = Field(None, description="Price calls as this LLM when the log does not name the model.")

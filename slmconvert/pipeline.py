@@ -88,8 +88,11 @@ def _evaluate(config: PipelineConfig, ws: Workspace, force: bool, progress: Prog
     m = run(config, ws, force=force, progress=progress)
     h = m.extra["headline"]
     v = h["verdicts"]
-    return m.status, (f"{v['replace']} replace, {v['hybrid']} hybrid, {v['keep-llm']} keep-llm; "
-                      f"{100 * h['share_calls']:.0f}% of calls move to SLMs")
+    lo, hi = h["share_calls_interval"]
+    agree = f", {100 * h['agreement']:.0f}% agreeing with the LLM" if h.get("agreement") is not None else ""
+    return m.status, (f"{100 * h['share_calls']:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}%] of calls move to SLMs{agree} "
+                      f"(verified on {h['calls']} held-out calls); per task: {v['replace']} replace, {v['hybrid']} hybrid, "
+                      f"{v['keep-llm']} keep-llm")
 
 
 RUNNERS: dict[str, Callable[[PipelineConfig, Workspace, bool, Progress], tuple[str, str]]] = {
@@ -120,7 +123,8 @@ def snapshot(ws: Workspace) -> dict[str, Any]:
     em = ws.read_manifest("evaluate")
     if em:
         h = em.extra.get("headline", {})
-        out["headline"] = {k: h.get(k) for k in ("share_calls", "share_tokens", "share_cost", "verdicts")}
+        out["headline"] = {k: h.get(k) for k in ("share_calls", "share_calls_interval", "agreement", "agreement_interval",
+                                                 "share_tokens", "share_cost", "verdicts")}
         out["verdicts"] = em.extra.get("verdicts", {})
     return out
 

@@ -3,7 +3,12 @@
 
 What the policy sees is what `serve` sees: the call site, the SLM's own answer (its task: the tool it
 called, or "text"), the answer's confidence (mean token log-probability), and whether the answer is
-valid (a tool the request offers, arguments valid against that tool's JSON schema).
+valid (a tool the request offers, arguments valid against that tool's JSON schema) — and, before any
+generation, how familiar the request is: the cosine similarity of its prompting turn (the user message
+or tool results it answers) to the nearest of the site's training requests. A request less familiar
+than all but `novelty_alpha` of the calibration requests goes to the LLM (split-conformal: on traffic
+like the calibration sessions at most about that share of familiar requests is turned away), so an
+off-topic question is not answered by whatever site the router found nearest.
 
 A rule per (site, answer key) says "slm at confidence >= t" or "llm". It is fitted on *calibration*
 sessions: of the calls where the SLM gave that kind of answer, the lowest threshold is kept whose
@@ -19,7 +24,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-POLICY_VERSION = 1
+POLICY_VERSION = 2
 TEXT_KEY = "text"
 
 
@@ -45,7 +50,78 @@ def lower_bound(k: int, n: int, level: float = 0.95) -> float:
     return 0.0 if n == 0 or k == 0 else float(beta.ppf(1 - level, k, n - k + 1))
 
 
+def weighted_share(flags: Sequence[bool], weights: Sequence[float], level: float = 0.95) -> tuple[float | None, list[float]]:
+    """Share of `weights` where `flags` hold, with a Clopper-Pearson interval at the Kish effective sample
+    size (sum w)^2 / sum w^2: a stratified sample re-weighted to the traffic mix has less information
+    than its raw count."""
+    from scipy.stats import beta
+
+    W = float(sum(weights))
+    if not W:
+        return None, [0.0, 1.0]
+    p = sum(w for f, w in zip(flags, weights) if f) / W
+    n = W * W / float(sum(w * w for w in weights))
+    k = p * n
+    alpha = 1 - level
+    lo = 0.0 if k <= 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    hi = 1.0 if k >= n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return round(p, 4), [round(lo, 4), round(hi, 4)]
+
+
 # --------------------------------------------------------------------------- what serve can see
+
+
+def request_text(messages: list[dict]) -> str:
+    """What the request gate compares: the turn that prompts the call (user message or tool results)."""
+    from slmconvert.cluster.features import prompting_turn
+
+    return prompting_turn(messages, 300) or " "
+
+
+class Familiarity:
+    """Per site, unit embeddings of its training requests' prompting turns; a request's familiarity is its
+    cosine similarity to the nearest of them. Saved beside the policy (familiarity.npz)."""
+
+    MAX_REFERENCES = 3000
+
+    def __init__(self, refs: dict[str, Any]):
+        self.refs = refs
+
+    def score(self, site: str, vecs) -> list[float | None]:
+        import numpy as np
+
+        ref = self.refs.get(site)
+        if ref is None or not len(ref):
+            return [None] * len(vecs)
+        sims = np.asarray(vecs, dtype=np.float32) @ ref.astype(np.float32).T
+        return [round(float(x), 4) for x in sims.max(axis=1)]
+
+    def save(self, path) -> None:
+        import numpy as np
+
+        from slmconvert.io import atomic_path
+
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **{f"site:{k}": v.astype(np.float16) for k, v in self.refs.items()})
+
+    @classmethod
+    def load(cls, path) -> "Familiarity":
+        import numpy as np
+
+        with np.load(path) as z:
+            return cls({k.split(":", 1)[1]: z[k].astype(np.float32) for k in z.files})
+
+
+def conformal_floor(scores: Sequence[float], alpha: float) -> tuple[float | None, float | None]:
+    """The k-th lowest calibration score, k = max(1, floor(alpha * (n + 1))): a new request as familiar as
+    calibration requests falls below it with probability at most k / (n + 1) (split conformal)."""
+    import math
+
+    vals = sorted(s for s in scores if s is not None)
+    if not vals:
+        return None, None
+    k = max(1, math.floor(alpha * (len(vals) + 1)))
+    return vals[k - 1], round(k / (len(vals) + 1), 4)
 
 
 def answer_key(response, site_tasks: Sequence[str], messages: list[dict] | None = None) -> str | None:
@@ -105,7 +181,19 @@ class Policy:
         self.doc = doc
         self.rules: dict[str, dict[str, dict[str, Any]]] = doc.get("rules", {})
 
-    def decide(self, site: str, key: str | None, confidence: float | None, invalid: str | None) -> Decision:
+    def admit(self, site: str, similarity: float | None) -> Decision | None:
+        """The request gate: a Decision for the LLM when the request is unlike the site's training requests."""
+        gate = self.doc.get("requests", {}).get(site) or {}
+        t = gate.get("min_similarity")
+        if t is not None and similarity is not None and similarity < t:
+            return Decision(False, f"request unlike site {site}'s training calls (similarity {similarity:.3f} < {t:.3f})")
+        return None
+
+    def decide(self, site: str, key: str | None, confidence: float | None, invalid: str | None,
+               similarity: float | None = None) -> Decision:
+        refused = self.admit(site, similarity)
+        if refused is not None:
+            return refused
         if invalid is not None:
             return Decision(False, invalid, key)
         if key is None:
@@ -172,14 +260,28 @@ def _needed(target: float, level: float) -> int:
 
 
 def fit_policy(rows: Sequence[dict[str, Any]], calibration: set[str], *, target: float, level: float,
-               seed: int, sites: Iterable[str]) -> dict[str, Any]:
-    """rows: the chosen adapters' answers on test calls, each with site, session, key, confidence, invalid, agrees."""
+               seed: int, sites: Iterable[str], novelty_alpha: float = 0.02) -> dict[str, Any]:
+    """rows: the chosen adapters' answers on test calls, each with site, session, key, confidence, invalid,
+    agrees and (optionally) similarity, the request's familiarity. The request gate is fitted first; the
+    answer rules on the calibration calls it admits."""
     from collections import defaultdict
 
     groups: dict[tuple[str, str], list[tuple[float | None, bool]]] = defaultdict(list)
     invalid = defaultdict(int)
+    requests: dict[str, dict[str, Any]] = {}
+    by_site: dict[str, list[float | None]] = defaultdict(list)
+    for r in rows:
+        if r["session"] in calibration:
+            by_site[r["site"]].append(r.get("similarity"))
+    for site, sims in sorted(by_site.items()):
+        t, bound = conformal_floor(sims, novelty_alpha)
+        requests[site] = {"min_similarity": t, "calibration_calls": sum(x is not None for x in sims),
+                          "alpha": novelty_alpha, "familiar_turned_away_at_most": bound}
+    gate = Policy({"requests": requests})
     for r in rows:
         if r["session"] not in calibration or r["key"] is None:
+            continue
+        if gate.admit(r["site"], r.get("similarity")) is not None:
             continue
         if r["invalid"]:
             invalid[(r["site"], r["key"])] += 1
@@ -191,24 +293,28 @@ def fit_policy(rows: Sequence[dict[str, Any]], calibration: set[str], *, target:
         rule["calibration"]["invalid"] = invalid.get((site, key), 0)
         rules.setdefault(site, {})[key] = rule
     return {"version": POLICY_VERSION, "target_agreement": target, "confidence_level": level, "bound": "clopper-pearson",
-            "split": {"seed": seed, "method": "sha256(seed:session) parity; even = calibration"}, "rules": rules}
+            "split": {"seed": seed, "method": "sha256(seed:session) parity; even = calibration"},
+            "requests": requests, "rules": rules}
 
 
-def verify(policy: Policy, rows: Sequence[dict[str, Any]], verification: set[str], level: float,
-           weight: dict[tuple[str, str], float] | None = None) -> dict[str, Any]:
-    """Realised agreement and coverage of the policy on verification sessions, overall and per site;
-    with `weight` (per (site, LLM task): production calls each evaluated call stands for) also the
-    traffic-weighted share of calls moved."""
+def verify(policy: Policy, rows: Sequence[dict[str, Any]], verification: set[str], level: float) -> dict[str, Any]:
+    """What the policy does on verification sessions, which nothing was tuned on, overall and per site:
+    of the sampled calls, how many the SLM answers and how many of those agree with the LLM (exact
+    intervals), and re-weighted to the traffic mix (each row's `weight`: test calls it stands for;
+    `tokens`, `cost`: the LLM's for that call) the share of calls, tokens and cost moved and the
+    agreement the traffic would see (intervals at the effective sample size)."""
     from collections import defaultdict
 
     out: dict[str, Any] = {}
-    per_site: dict[str, list[tuple[bool, bool, float]]] = defaultdict(list)
+    per_site: dict[str, list[tuple[bool, bool, dict[str, Any]]]] = defaultdict(list)
+    reasons: dict[str, int] = defaultdict(int)
     for r in rows:
         if r["session"] not in verification:
             continue
-        d = policy.decide(r["site"], r["key"], r["confidence"], r["invalid"])
-        w = (weight or {}).get((r["site"], r["task"]), 1.0)
-        per_site[r["site"]].append((d.use_slm, bool(r["agrees"]), w))
+        d = policy.decide(r["site"], r["key"], r["confidence"], r["invalid"], r.get("similarity"))
+        if not d.use_slm:
+            reasons[_reason_kind(d.reason)] += 1
+        per_site[r["site"]].append((d.use_slm, bool(r["agrees"]), r))
     for site, pts in [("all", [p for v in per_site.values() for p in v]), *sorted(per_site.items())]:
         n = len(pts)
         answered = [a for used, a, _ in pts if used]
@@ -216,19 +322,55 @@ def verify(policy: Policy, rows: Sequence[dict[str, Any]], verification: set[str
         agree = sum(answered)
         lo, hi = clopper_pearson(agree, k, level)
         clo, chi = clopper_pearson(k, n, level)
-        w_all = sum(w for _, _, w in pts)
-        w_used = sum(w for used, _, w in pts if used)
+        used = [u for u, _, _ in pts]
+        w = [float(r.get("weight") or 1.0) for _, _, r in pts]
+        share, share_iv = weighted_share(used, w, level)
+        tok_w = [wi * float(r.get("tokens") or 0) for wi, (_, _, r) in zip(w, pts)]
+        tok_share, tok_iv = weighted_share(used, tok_w, level) if sum(tok_w) else (None, None)
+        costs = [r.get("cost") for _, _, r in pts]
+        cost_share, cost_iv = (weighted_share(used, [wi * c for wi, c in zip(w, costs)], level)
+                               if costs and all(c is not None for c in costs) and sum(costs) else (None, None))
+        w_agree, w_agree_iv = weighted_share([a for u, a, _ in pts if u], [wi for wi, (u, _, _) in zip(w, pts) if u], level)
         out[site] = {"calls": n, "answered": k, "agree": agree,
                      "agreement": round(agree / k, 4) if k else None, "agreement_interval": [round(lo, 4), round(hi, 4)],
                      "coverage": round(k / n, 4) if n else 0.0, "coverage_interval": [round(clo, 4), round(chi, 4)],
-                     "share_calls_weighted": round(w_used / w_all, 4) if w_all else 0.0}
+                     "share_calls": share if share is not None else 0.0, "share_calls_interval": share_iv,
+                     "share_tokens": tok_share, "share_tokens_interval": tok_iv,
+                     "share_cost": cost_share, "share_cost_interval": cost_iv,
+                     "agreement_weighted": w_agree if k else None, "agreement_weighted_interval": w_agree_iv if k else None}
+    out["all"]["not_answered_because"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
     return out
 
 
+def _reason_kind(reason: str) -> str:
+    for cue, kind in (("request unlike", "unfamiliar request"), ("does not offer", "tool not offered"),
+                      ("schema", "arguments fail the tool's schema"), ("not valid JSON", "broken tool call"),
+                      ("matches no task", "answer of no known task"), ("confidence", "confidence below threshold"),
+                      ("too little evidence", "too little evidence"), ("no confidence threshold", "agreement too low"),
+                      ("no rule", "no calibration evidence for this answer")):
+        if cue in reason:
+            return kind
+    return "other"
+
+
 def load_policy(path) -> Policy | None:
+    """The policy evaluate wrote (None when there is none); a policy of another version is a StageError."""
     from pathlib import Path
 
+    from slmconvert.errors import StageError
     from slmconvert.io import read_json
 
     p = Path(path)
-    return Policy(read_json(p)) if p.exists() else None
+    if not p.exists():
+        return None
+    doc = read_json(p)
+    if doc.get("version") != POLICY_VERSION:
+        raise StageError(f"{p} is routing policy version {doc.get('version')}, this slmconvert applies version "
+                             f"{POLICY_VERSION}: re-run `slmconvert evaluate --force`")
+    return Policy(doc)
+
+
+def load_familiarity(path) -> Familiarity | None:
+    from pathlib import Path
+
+    return Familiarity.load(path) if Path(path).exists() else None

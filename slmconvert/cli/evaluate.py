@@ -22,10 +22,11 @@ def evaluate(
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Compare the fine-tuned SLMs with the LLM's logged responses on the test split; a verdict per task.
+    """Compare the fine-tuned SLMs with the LLM's logged responses on the test split; fit the routing policy serve applies.
 
-    Writes WS/eval/results.parquet, summary.json and report.html. The headline is the share of calls,
-    tokens and cost that moves to SLMs.
+    Writes WS/eval/policy.json (fitted on calibration sessions), summary.json, results.parquet and report.html.
+    The headline is what that policy moves (share of calls, tokens, cost) and how often it agrees with the
+    LLM, measured on verification sessions nothing was tuned on, with intervals.
     """
     import json
 
@@ -57,6 +58,26 @@ def evaluate(
     console.print(f"report: {ws.stage_dir('evaluate') / 'report.html'}", highlight=False)
 
 
+def _iv(iv) -> str:
+    from slmconvert.evaluate.report import pct
+
+    return f"[{pct(iv[0])}–{pct(iv[1])}]" if iv else ""
+
+
+def headline_text(summary: dict) -> str:
+    """The decision in one sentence: what serve moves, how often it agrees, on which evidence."""
+    from slmconvert.evaluate.report import pct
+
+    h, pol = summary["headline"], summary["policy"]
+    agree = (f"agreeing with the LLM on {pct(h['agreement'])} {_iv(h['agreement_interval'])} of them ({h['agree']}/{h['answered']} "
+             "sampled answers)" if h["answered"] else "so there is no agreement to measure")
+    cost = f", {pct(h['share_cost'])} {_iv(h['share_cost_interval'])} of LLM cost" if h.get("share_cost") is not None else ""
+    return (f"[bold]Moves to SLMs[/] (the routing policy serve applies): {pct(h['share_calls'])} {_iv(h['share_calls_interval'])} "
+            f"of calls, {pct(h['share_tokens'])} of tokens{cost}, {agree}. Target {pct(pol['target_agreement'])} at a "
+            f"{pct(pol['confidence_level'])} lower bound. [dim]Measured on {h['measured_on']}; traffic-weighted; paper: "
+            f"{h['paper_estimate']}[/]")
+
+
 def print_verdicts(summary: dict, title: str) -> None:
     from rich.table import Table
 
@@ -69,19 +90,10 @@ def print_verdicts(summary: dict, title: str) -> None:
         t.add_row(task["site"], f"{task['task']} [dim]{task['label'][:40]}[/]", str(task["size"]), str(task["evaluated"]),
                   pct(b.get("acceptable")), pct(f.get("acceptable")), f"[{colour[task['verdict']]}]{task['verdict']}[/]")
     console.print(t)
-    h = summary["headline"]
-    console.print(f"[bold]Per-task verdicts[/] (by the LLM's task; [dim]not what serve gates on[/]): {pct(h['share_calls'])} of calls, "
-                  f"{pct(h['share_tokens'])} of tokens, {pct(h['share_cost'])} of LLM cost  [dim](paper: {h['paper_estimate']})[/]",
-                  highlight=False)
-    pol = summary.get("policy")
-    if pol:
-        v, sp = pol["verification"]["all"], pol["split"]
-        agree = (f"agreeing with the LLM on {pct(v['agreement'])} [{pct(v['agreement_interval'][0])}–{pct(v['agreement_interval'][1])}]"
-                 if v["answered"] else "so no agreement to measure")
-        console.print(f"[bold]Moves to SLMs[/] (the routing policy serve applies, verified on {v['calls']} calls of "
-                      f"{sp['verification_sessions']} held-out sessions nothing was tuned on): the SLM answers "
-                      f"{pct(v['coverage'])} [{pct(v['coverage_interval'][0])}–{pct(v['coverage_interval'][1])}] of calls "
-                      f"({pct(v['share_calls_weighted'])} of traffic), {agree}; target {pct(pol['target_agreement'])} at a "
-                      f"{pct(pol['confidence_level'])} lower bound", highlight=False)
+    view = summary.get("per_task_view") or {}
+    if view:
+        console.print(f"[bold]Per-task verdicts[/] (by the LLM's task; [dim]a diagnosis, not what serve gates on[/]): "
+                      f"{pct(view['share_calls'])} of calls", highlight=False)
+    console.print(headline_text(summary), highlight=False)
     for p in summary.get("problems", []):
         console.print(f"[yellow]warning:[/] {p}", highlight=False)

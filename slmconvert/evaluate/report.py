@@ -19,7 +19,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#
 table{border-collapse:collapse;margin:1rem 0;font-size:.85rem}th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:top}
 th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
 pre{white-space:pre-wrap;margin:0;font-size:.78rem;max-width:380px;max-height:16rem;overflow:auto}.muted{color:#777}
-.v-replace{background:#e3f6e3}.v-hybrid{background:#fff6d6}.v-keep-llm{background:#fbe7e7}
+.v-replace,.r-slm{background:#e3f6e3}.v-hybrid{background:#fff6d6}.v-keep-llm,.r-llm{background:#fbe7e7}
 .headline{display:flex;gap:2rem;margin:1rem 0}.headline div{border:1px solid #ddd;border-radius:6px;padding:.6rem 1rem}
 .headline b{font-size:1.6rem;display:block}img{max-width:100%}
 """
@@ -74,8 +74,11 @@ def plots(summary: dict[str, Any]) -> dict[str, str]:
     h = summary["headline"]
     fig, ax = plt.subplots(figsize=(5, 2.6), dpi=100)
     names = ["calls", "tokens", "cost"]
-    vals = [h["share_calls"], h["share_tokens"], h["share_cost"] or 0.0]
-    ax.bar(names, vals, color=["#2a7ab9", "#4b9a5b", "#d08a2a"])
+    vals = [h["share_calls"], h["share_tokens"] or 0.0, h["share_cost"] or 0.0]
+    ivs = [h.get("share_calls_interval"), h.get("share_tokens_interval"), h.get("share_cost_interval")]
+    err = np.array([[max(0.0, v - iv[0]) if iv else 0.0 for v, iv in zip(vals, ivs)],
+                    [max(0.0, iv[1] - v) if iv else 0.0 for v, iv in zip(vals, ivs)]])
+    ax.bar(names, vals, color=["#2a7ab9", "#4b9a5b", "#d08a2a"], yerr=err, capsize=4)
     ax.axhspan(0.4, 0.7, color="#999", alpha=0.15, label="paper's estimate (40-70%)")
     for i, v in enumerate(vals):
         ax.text(i, v + 0.02, pct(v) if names[i] != "cost" or h["share_cost"] is not None else "n/a", ha="center", fontsize=8)
@@ -83,6 +86,24 @@ def plots(summary: dict[str, Any]) -> dict[str, str]:
     ax.set_ylabel("share moved to SLMs")
     ax.legend(fontsize=7, loc="upper right")
     out["moved"] = _png(fig)
+    curves = (summary.get("policy") or {}).get("risk_coverage") or {}
+    if any(curves.values()):
+        fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=100)
+        ver = summary["policy"]["verification"]
+        for site, pts in sorted(curves.items()):
+            if not pts:
+                continue
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.4, label=f"{site}"[:30])
+            op = ver.get(site) or {}
+            if op.get("answered"):
+                ax.plot([op["coverage"]], [op["agreement"]], "o", color=line.get_color(), ms=7, mec="black")
+        ax.axhline(summary["policy"]["target_agreement"], color="#c33", ls="--", lw=1, label="target agreement")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("coverage (share of verification calls the SLM answers)")
+        ax.set_ylabel("agreement with the LLM")
+        ax.legend(fontsize=7, loc="lower left")
+        out["risk_coverage"] = _png(fig)
     speed = summary["speed"]
     bars = [(f"SLM {s}"[:28], v["seconds_per_call"] or 0.0) for s, v in speed["slm"].items()]
     if speed.get("llm_seconds_per_call") is not None:
@@ -93,6 +114,53 @@ def plots(summary: dict[str, Any]) -> dict[str, str]:
         ax.set_xlabel("seconds per call")
         ax.invert_yaxis()
         out["latency"] = _png(fig)
+    return out
+
+
+def _iv(iv) -> str:
+    return f"[{pct(iv[0])}–{pct(iv[1])}]" if iv else ""
+
+
+def policy_sections(summary: dict[str, Any]) -> list[str]:
+    """The routing policy's rules with their evidence, the request gate, and the confusion table."""
+    e = html.escape
+    pol = summary.get("policy") or {}
+    if not pol:
+        return []
+    ver = pol["verification"]
+    out = ["<h2>Routing policy</h2><table id='rules'><tr><th>site</th><th>SLM's answer</th><th>action</th><th>min confidence</th>"
+           "<th>calibration evidence</th><th>why</th></tr>"]
+    for site, rules in sorted(pol.get("rules", {}).items()):
+        for key, r in sorted(rules.items()):
+            c = r.get("calibration", {})
+            out.append(f"<tr class='r-{e(r['action'])}'><td>{e(site)}</td><td>{e(key)}</td>"
+                       f"<td><b>{e(r['action'])}</b></td><td class='n'>{num(r.get('min_confidence'))}</td>"
+                       f"<td class='n'>{c.get('agree', 0)}/{c.get('answered', 0)} agree, {c.get('invalid', 0)} invalid</td>"
+                       f"<td>{e(r['reason'])}</td></tr>")
+    out.append("</table>")
+    out.append("<table id='verification'><tr><th>site</th><th>verification calls</th><th>SLM answers</th><th>coverage</th>"
+               "<th>agreement</th><th>share of traffic</th><th>request gate (min similarity)</th></tr>")
+    for site, v in [(k, v) for k, v in ver.items() if k != "all"] + [("all", ver["all"])]:
+        gate = (pol.get("requests") or {}).get(site) or {}
+        out.append(f"<tr><td>{e(site)}</td><td class='n'>{v['calls']}</td><td class='n'>{v['answered']}</td>"
+                   f"<td class='n'>{pct(v['coverage'])} {_iv(v['coverage_interval'])}</td>"
+                   f"<td class='n'>{pct(v['agreement'])} {_iv(v['agreement_interval']) if v['answered'] else ''}</td>"
+                   f"<td class='n'>{pct(v['share_calls'])} {_iv(v['share_calls_interval'])}</td>"
+                   f"<td class='n'>{num(gate.get('min_similarity'))}</td></tr>")
+    out.append("</table>")
+    why = ver["all"].get("not_answered_because") or {}
+    if why:
+        out.append("<p>Sent to the LLM because: " + ", ".join(f"{e(k)} {n}" for k, n in why.items()) + ".</p>")
+    conf = pol.get("confusion") or {}
+    keys = sorted({k for row in conf.values() for k in row})
+    if conf:
+        out.append("<h3>LLM's task × SLM's answer (all evaluated test calls)</h3><table id='confusion'><tr><th>LLM's task</th>"
+                   + "".join(f"<th>{e(k)}</th>" for k in keys) + "</tr>")
+        for task, row in conf.items():
+            mine = task.split("/", 1)[1]
+            out.append(f"<tr><td>{e(task)}</td>" + "".join(
+                f"<td class='n'{' style=font-weight:bold' if k == mine else ''}>{row.get(k, '') or ''}</td>" for k in keys) + "</tr>")
+        out.append("</table>")
     return out
 
 
@@ -108,11 +176,14 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
              + (f", or judge score &ge; {summary['thresholds']['judge_pass_at']}" if summary['thresholds'].get('judge_pass_at') is not None else "")
              + ").</p>",
              "<div class='headline' id='headline'>",
-             f"<div><b id='share-calls'>{pct(h['share_calls'])}</b>of calls move to SLMs</div>",
+             f"<div><b id='share-calls'>{pct(h['share_calls'])}</b>of calls move to SLMs {_iv(h.get('share_calls_interval'))}</div>",
+             f"<div><b id='agreement'>{pct(h['agreement'])}</b>of those agree with the LLM {_iv(h.get('agreement_interval'))}</div>",
              f"<div><b id='share-tokens'>{pct(h['share_tokens'])}</b>of tokens</div>",
              f"<div><b id='share-cost'>{pct(h['share_cost'])}</b>of LLM cost</div>",
-             f"<div><b>{h['verdicts']['replace']} / {h['verdicts']['hybrid']} / {h['verdicts']['keep-llm']}</b>tasks replace / hybrid / keep-llm</div>",
              "</div>",
+             f"<p id='measured-on'>What <code>serve</code> does under the routing policy (<code>eval/policy.json</code>), measured on "
+             f"{e(h['measured_on'])}; shares re-weighted to the traffic mix, {pct(summary['policy']['confidence_level'])} intervals. "
+             f"Target agreement {pct(summary['policy']['target_agreement'])} as a one-sided lower bound on calibration.</p>",
              f"<p>{e(h['paper_estimate'])} is the paper's estimate for real agents. LLM cost moved: "
              f"{'n/a' if cost['llm_cost_moved_usd'] is None else '$' + format(cost['llm_cost_moved_usd'], '.4f')} of "
              f"{'n/a' if cost['llm_cost_total_usd'] is None else '$' + format(cost['llm_cost_total_usd'], '.4f')} in this log "
@@ -123,13 +194,19 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
         parts.append("<h2>Problems</h2><ul>" + "".join(f"<li>{e(p)}</li>" for p in summary["problems"]) + "</ul>")
     if imgs.get("accuracy"):
         parts.append(f"<h2>Per-task quality: base vs fine-tuned</h2><img id='plot-accuracy' alt='per-task accuracy' src='data:image/png;base64,{imgs['accuracy']}'>")
+    parts += policy_sections(summary)
     parts.append("<div style='display:flex;gap:2rem;flex-wrap:wrap'>")
+    if imgs.get("risk_coverage"):
+        parts.append(f"<div><h2>Risk–coverage (verification sessions)</h2><img id='plot-risk-coverage' alt='risk-coverage' "
+                     f"src='data:image/png;base64,{imgs['risk_coverage']}'><p class='muted'>Lines: one confidence threshold for "
+                     "all valid answers of a site; dots: what the policy's per-answer rules do.</p></div>")
     parts.append(f"<div><h2>Share moved</h2><img id='plot-moved' alt='share moved' src='data:image/png;base64,{imgs['moved']}'></div>")
     if imgs.get("latency"):
         parts.append(f"<div><h2>Latency</h2><img id='plot-latency' alt='latency' src='data:image/png;base64,{imgs['latency']}'>"
                      f"<p class='muted'>{e(summary['speed']['note'])}</p></div>")
     parts.append("</div>")
-    parts.append("<h2>Tasks</h2><table id='tasks'><tr><th>site</th><th>task</th><th>label</th><th>calls</th><th>test</th>"
+    parts.append("<h2>Per-task view</h2><p class='muted'>Grouped by the task of the <i>LLM's</i> answer: where the SLM is "
+                 "good. A diagnosis, not what serve gates on (that is the policy above).</p><table id='tasks'><tr><th>site</th><th>task</th><th>label</th><th>calls</th><th>test</th>"
                  "<th>base acceptable</th><th>fine-tuned acceptable</th><th>function name</th><th>arguments</th>"
                  "<th>chrF</th><th>similarity</th><th>verdict</th><th>why</th></tr>")
     for t in summary["tasks"]:

@@ -129,7 +129,7 @@ def probe_model(model, tok, site: dict[str, Any], sc, progress: Progress, *, pro
                 deadline: float | None = None) -> dict[str, Any]:
     """Zero-shot (and few-shot) scores on the site's probe sample. Prompts are fitted like evaluate fits them;
     generation stops at `deadline` (time.monotonic) after at least one batch, and the result says what was left."""
-    from slmconvert.chat import parse_completion, render_prompt, supports_native_tools
+    from slmconvert.chat import parse_completion, render_prompt, special_tokens, supports_native_tools
     from slmconvert.finetune.data import fit_prompt
     from slmconvert.generation import generate
     from slmconvert.metrics import Prediction, headline, score
@@ -139,7 +139,7 @@ def probe_model(model, tok, site: dict[str, Any], sc, progress: Progress, *, pro
     budget = prompt_budget or sc.max_prompt_tokens
     result: dict[str, Any] = {"examples": len(sample), "tool_format": "native" if native else "fallback"}
     modes = [("zero_shot", [])] + ([("few_shot", shots)] if shots else [])
-    specials = [t for t in (tok.eos_token, tok.pad_token, tok.bos_token) if t]
+    specials = special_tokens(tok)
     not_probed = 0
     for mode, mode_shots in modes:
         items = []

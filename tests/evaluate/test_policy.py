@@ -74,3 +74,59 @@ def test_invalid_answers_never_reach_the_agent():
     assert not d.use_slm and "schema" in d.reason
     assert Policy(doc).decide("a", "tool:get_user", -0.1, None).use_slm
     assert not Policy(doc).decide("a", "tool:get_user", -0.3, None).use_slm
+
+
+def test_an_off_topic_request_is_sent_to_the_llm_before_the_slm_answers(tmp_path):
+    """The request gate: familiarity to the site's training requests, thresholded on calibration sessions."""
+    import numpy as np
+
+    from slmconvert.policy import Familiarity, conformal_floor
+
+    rng = np.random.default_rng(0)
+    topic = np.eye(16)[0]
+
+    def unit(v):
+        return v / np.linalg.norm(v)
+
+    train = np.stack([unit(topic + 0.3 * rng.normal(size=16)) for _ in range(200)])
+    fam = Familiarity({"a": train})
+    fam.save(tmp_path / "f.npz")
+    fam = Familiarity.load(tmp_path / "f.npz")  # what serve loads: float16 on disk, same answers
+    on_topic = np.stack([unit(topic + 0.3 * rng.normal(size=16)) for _ in range(300)])
+    off_topic = unit(np.eye(16)[5] + 0.1 * rng.normal(size=16))[None, :]
+    sims = fam.score("a", on_topic)
+    rows = [{"site": "a", "task": "text", "session": f"s{i}", "key": "text", "confidence": -0.1, "agrees": True,
+             "invalid": None, "similarity": s} for i, s in enumerate(sims)]
+    cal, ver = split_sessions((r["session"] for r in rows), seed=1)
+    doc = fit_policy(rows, cal, target=0.9, level=0.95, seed=1, sites=["a"], novelty_alpha=0.02)
+    gate = doc["requests"]["a"]
+    n_cal = sum(r["session"] in cal for r in rows)
+    assert gate["calibration_calls"] == n_cal and gate["familiar_turned_away_at_most"] <= 0.03
+    policy = Policy(doc)
+    [off] = fam.score("a", off_topic)
+    d = policy.decide("a", "text", -0.01, None, off)
+    assert not d.use_slm and "unlike site a's training calls" in d.reason
+    assert policy.decide("a", "text", -0.01, None, max(sims)).use_slm
+    # on held-out familiar traffic the gate turns away about alpha of it, not more
+    v = verify(policy, rows, ver, 0.95)["all"]
+    assert v["not_answered_because"].get("unfamiliar request", 0) <= 0.06 * v["calls"]
+    assert conformal_floor([0.5, 0.1, 0.9], 0.02) == (0.1, 0.25)
+
+
+def test_traffic_weighting_moves_the_headline_to_the_real_mix():
+    """A rare task sampled as often as a common one must not count as often in the share moved."""
+    from slmconvert.evaluate.generate import test_sample
+    from slmconvert.policy import weighted_share
+
+    by_task = {"common": [f"c{i}" for i in range(900)], "rare": [f"r{i}" for i in range(10)]}
+    sample = test_sample(by_task, 100, seed=0, min_per_task=5)
+    n = {t: sum(s.task == t for s in sample) for t in by_task}
+    assert len(sample) == 100 and n["rare"] >= 5 and n["common"] >= 90
+    w = {s.task: s.weight for s in sample}
+    assert abs(w["common"] * n["common"] - 900) < 1e-6 and abs(w["rare"] * n["rare"] - 10) < 1e-6
+    # the SLM answers every rare call and no common one: unweighted that looks like >= 5%, the traffic sees ~1%
+    share, (lo, hi) = weighted_share([s.task == "rare" for s in sample], [s.weight for s in sample])
+    assert abs(share - 10 / 910) < 1e-3 and lo < share < hi  # (Kish effective size: a conservative interval)
+    assert sum(s.task == "rare" for s in sample) / len(sample) >= 0.05
+    assert [s.inv for s in test_sample(by_task, 100, seed=0, min_per_task=5)] == [s.inv for s in sample]  # seeded
+    assert len(test_sample(by_task, None, seed=0)) == 910

@@ -26,6 +26,10 @@ def test_report_renders_in_chromium_with_table_plots_and_the_summary_numbers(tun
     h = summary["headline"]
     assert 'id="tasks"' in dom and dom.count('<tr class="v-') == len(summary["tasks"])
     assert f">{pct(h['share_calls'])}<" in dom and f">{pct(h['share_tokens'])}<" in dom
+    # the policy serve applies, with its evidence: one row per rule, the verification table, the confusion table
+    rules = sum(len(r) for r in summary["policy"]["rules"].values())
+    assert rules and dom.count('<tr class="r-') == rules and 'id="verification"' in dom and 'id="confusion"' in dom
+    assert f"{h['calls']} sampled calls of" in dom  # which sessions the headline was measured on
     assert 'id="plot-accuracy"' in dom and 'id="plot-moved"' in dom
     img = Image.open(png).convert("RGB")
     assert img.size == (1300, 1600)

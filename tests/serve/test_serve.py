@@ -113,8 +113,9 @@ def test_serve_refuses_to_start_without_client_keys_unless_told(tmp_path, monkey
     assert r.exit_code == 2 and "client API keys are required" in r.output and "--no-auth" in r.output
 
 
-def test_convert_mode_answers_with_the_slm_only_where_the_verdict_allows(tuned_ws, tmp_path, upstream):
-    """Verdicts set by hand on an evaluated tiny-model workspace: one site replaces, the others keep the LLM."""
+def test_convert_mode_answers_with_the_slm_only_where_the_policy_allows(tuned_ws, tmp_path, upstream):
+    """A policy set by hand on an evaluated tiny-model workspace: one site's text answers go to the SLM, the
+    others to the LLM; the request gate evaluate fitted turns an off-topic question away."""
     import pyarrow.parquet as pq
 
     from slmconvert.evaluate.stage import run as evaluate
@@ -124,14 +125,9 @@ def test_convert_mode_answers_with_the_slm_only_where_the_verdict_allows(tuned_w
 
     ws, cfg = copy_ws(tuned_ws, tmp_path)
     evaluate(cfg, Workspace(ws))
-    summary_path = ws / "eval" / "summary.json"
-    summary = json.loads(summary_path.read_text())
     assignments = pq.read_table(ws / "clusters" / "assignments.parquet").to_pylist()
     text_only = {a["site"] for a in assignments} - {a["site"] for a in assignments if a["task"].startswith("tool")}
     slm_site = sorted(text_only)[0]  # the tool-less triage call site
-    for t in summary["tasks"]:
-        t["verdict"] = "replace" if t["site"] == slm_site else "keep-llm"
-    summary_path.write_text(json.dumps(summary))
     # the routing policy serve applies (evaluate fits it; set by hand here): text answers of one site go to the SLM
     policy = json.loads((ws / "eval" / "policy.json").read_text())
     policy["rules"] = {slm_site: {"text": {"action": "slm", "min_confidence": None, "reason": "set by hand"}}}
@@ -139,22 +135,37 @@ def test_convert_mode_answers_with_the_slm_only_where_the_verdict_allows(tuned_w
     engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8)
     by_id = {i.id: i for i in load_invocations(Workspace(ws), "collect")}
     test = [a for a in assignments if a["split"] == "test"]
-    ours = next(by_id[a["invocation_id"]] for a in test if a["site"] == slm_site)
+    gate = policy["requests"][slm_site]["min_similarity"]
+    assert gate is not None  # the request gate evaluate fitted on calibration sessions
+    ours = next(by_id[a["invocation_id"]] for a in test if a["site"] == slm_site
+                and engine.familiarity_of(slm_site, by_id[a["invocation_id"]].request.messages) >= gate)
     other = next(by_id[a["invocation_id"]] for a in test if a["site"] != slm_site)
+    # the same site's instructions with an off-topic question: routed there, refused before the SLM generates
+    off_topic = [m for m in ours.request.messages if m["role"] == "system"] + [
+        {"role": "user", "content": "Compose a sonnet about whales migrating across the Pacific at dawn."}]
     logger = CallLogger(Workspace(ws), cfg, scrub=False)
     app = create_app(ServeSettings(upstream=upstream.url, mode="convert", no_auth=True), engine=engine, logger=logger)
     with Uvicorn(app) as srv:
         a = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": "gpt-4o", "messages": ours.request.messages}, timeout=60)
         b = httpx.post(f"{srv.url}/v1/chat/completions",
                        json={"model": "gpt-4o", "messages": other.request.messages, "tools": other.request.tools}, timeout=60)
+        c = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": "gpt-4o", "messages": off_topic}, timeout=60)
         models = httpx.get(f"{srv.url}/v1/models").json()
     logger.close()
+    assert c.headers["x-slmconvert-answered-by"] == "llm" and c.headers["x-slmconvert-site"] == slm_site
+    assert c.headers["x-slmconvert-reason"].startswith(f"request unlike site {slm_site}'s training calls")
     assert a.status_code == 200 and a.headers["x-slmconvert-answered-by"] == "slm", a.headers
     assert a.headers["x-slmconvert-site"] == slm_site and a.headers["x-slmconvert-reason"] == "text: rule slm"
     assert a.json()["object"] == "chat.completion" and a.json()["usage"]["completion_tokens"] <= 8
     assert b.status_code == 200 and b.headers["x-slmconvert-answered-by"] == "llm"
     assert b.json()["choices"][0]["message"]["content"] == "The LLM answered."
-    assert len(upstream.seen) == 1  # only the second request went to the LLM
+    assert len(upstream.seen) == 2  # only the other site's request and the off-topic one went to the LLM
     assert {m["id"] for m in models["data"]} >= {f"slmconvert:{slm_site}", "upstream"}
     logged = [json.loads(x) for f in (ws / "serve").glob("calls-*.jsonl") for x in f.read_text().splitlines()]
-    assert sorted(r["served_by"]["by"] for r in logged) == ["llm", "slm"]
+    assert sorted(r["served_by"]["by"] for r in logged) == ["llm", "llm", "slm"]
+    # a workspace evaluated before routing policies: a clear error naming the fix, not a silent fallback
+    from slmconvert.errors import StageError
+
+    (ws / "eval" / "policy.json").unlink()
+    with pytest.raises(StageError, match="evaluate .*--force"):
+        SlmEngine(cfg, Workspace(ws), max_new_tokens=8)

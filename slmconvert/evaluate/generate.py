@@ -1,0 +1,217 @@
+"""Step 1 of `evaluate`: which test calls, with which prompts, and the SLMs' answers to them.
+
+The sample is in proportion to the traffic (each task's share of the site's test calls), with a floor
+per task so rare tasks still show; every sampled call carries the weight (test calls it stands for)
+that re-weights results to the real mix. Generations are cached in eval/generations.jsonl
+(append-only, flushed per batch) keyed by (model, adapter fingerprint, prompt, settings): an
+interrupted run resumes where it stopped, a re-run after new logs generates only for new calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from slmconvert.chat import prompt_budget
+from slmconvert.errors import ModelNotFound
+from slmconvert.io import atomic_path, read_json, sha256_obj
+from slmconvert.progress import Progress
+
+
+# ----------------------------------------------------------------------------- test data
+
+
+@dataclass
+class Sampled:
+    task: str
+    inv: Any  # slmconvert.invocation.Invocation
+    weight: float  # test calls of its (site, task) this sampled call stands for
+
+
+def test_sample(by_task: dict[str, list], limit: int | None, seed: int, min_per_task: int = 3) -> list[Sampled]:
+    """All test calls of a site (weight 1), or `limit` of them: each task gets its share of `limit` in
+    proportion to its test calls (largest remainders), never fewer than `min_per_task` it has; seeded."""
+    rng = random.Random(seed)
+    tasks = sorted(by_task, key=lambda t: (-len(by_task[t]), t))
+    total = sum(len(v) for v in by_task.values())
+    if limit is None or limit >= total:
+        return [Sampled(t, inv, 1.0) for t in tasks for inv in rng.sample(by_task[t], len(by_task[t]))]
+    floor = {t: min(min_per_task, len(by_task[t])) for t in tasks}
+    rest = max(0, limit - sum(floor.values()))
+    spare = {t: len(by_task[t]) - floor[t] for t in tasks}
+    spare_total = sum(spare.values()) or 1
+    quota = {t: rest * spare[t] / spare_total for t in tasks}
+    take = {t: floor[t] + int(quota[t]) for t in tasks}
+    left = limit - sum(take.values())
+    for t in sorted(tasks, key=lambda t: -(quota[t] - int(quota[t]))):
+        if left <= 0:
+            break
+        if take[t] < len(by_task[t]):
+            take[t] += 1
+            left -= 1
+    out = []
+    for t in tasks:
+        n = min(take[t], len(by_task[t]))
+        out += [Sampled(t, inv, len(by_task[t]) / n) for inv in rng.sample(by_task[t], n)] if n else []
+    return out
+
+
+def base_messages(inv, recipe) -> tuple[list[dict], list[dict] | None]:
+    """What an untrained model needs: the full instructions and tools, and the same history window."""
+    from slmconvert.compaction import compact, estimate_tokens
+
+    sys_tokens = sum(estimate_tokens(m.get("content") or "") + 4 for m in inv.request.messages if m.get("role") == "system")
+    full = replace(recipe, drop_system_prompt=False, drop_tools=False, max_history_tokens=recipe.max_history_tokens + sys_tokens)
+    return compact(inv.request.messages, full), inv.request.tools
+
+
+def tuned_messages(inv, recipe) -> tuple[list[dict], list[dict] | None]:
+    from slmconvert.compaction import compact, compact_tools
+
+    return compact(inv.request.messages, recipe), compact_tools(inv.request.tools, recipe)
+
+
+# ----------------------------------------------------------------------------- generation cache
+
+
+class GenerationCache:
+    """Append-only JSONL of generations; a torn last line (a killed run) is ignored."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    self.rows[row["key"]] = row
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                self.rows[r["key"]] = r
+            f.flush()
+            os.fsync(f.fileno())
+
+    def compact_to(self, keep: set[str]) -> None:
+        """Rewrite with only the generations still in use (atomically)."""
+        with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for k, r in self.rows.items():
+                if k in keep:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def generate_cached(model, tok, prompts: list[str], variant_key: str, cache: GenerationCache, ec, budget: int,
+                    progress: Progress) -> tuple[list[dict[str, Any]], list[str]]:
+    """The generations for `prompts` (cached ones read back) and their cache keys."""
+    from slmconvert.generation import generate
+
+    keys = [sha256_obj({"v": variant_key, "p": p}) for p in prompts]
+    missing = sorted({k: i for i, k in enumerate(keys) if k not in cache.rows}.values(), key=lambda i: len(prompts[i]))
+    progress.advance(len(prompts) - len(missing))
+    chunk = ec.batch_size * 4
+    for start in range(0, len(missing), chunk):
+        idx = missing[start:start + chunk]
+        gens = generate(model, tok, [prompts[i] for i in idx], max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
+                        max_prompt_tokens=budget, progress=progress)
+        cache.add([{"key": keys[i], "text": g.text, "new_tokens": g.new_tokens, "mean_logprob": g.mean_logprob,
+                    "seconds": round(g.seconds, 4)} for i, g in zip(idx, gens)])
+    return [cache.rows[k] for k in keys], keys
+
+
+@dataclass
+class Answers:
+    """One (site, model, variant)'s generations on its sample, in sample order."""
+    site: str
+    model: str
+    variant: str  # base | finetuned
+    sample: list[Sampled]
+    generations: list[dict[str, Any]]
+    prompt_tokens: list[int]
+    keys: list[str]
+    specials: list[str]
+
+
+def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]], cache: GenerationCache, problems: list[str],
+                 progress: Progress) -> tuple[list[Answers], dict[str, int]]:
+    """Answers of every (model, site) variant: the base model (when `evaluate.base`) and each adapter;
+    and how many generations were new vs cached."""
+    from slmconvert.chat import render_prompt, special_tokens, supports_native_tools
+    from slmconvert.compaction import CompactionRecipe
+    from slmconvert.finetune.data import fit_prompt
+    from slmconvert.finetune.stage import COMPLETE, load_artefact
+    from slmconvert.finetune.trainer import pick_device
+    from slmconvert.models.adapters import adapter_name, attach, load_full
+    from slmconvert.models.loading import load_model, resolve_model
+
+    ec = config.evaluate
+    device = pick_device(ec.device)
+    ft_budget = prompt_budget(config.finetune.max_length, ec.max_new_tokens, ec.max_prompt_tokens)
+    out: list[Answers] = []
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for a in adapters:
+        by_model[a.get("model_ref") or a["model"]].append(a)
+    counts = {"new": 0, "cached": 0}
+
+    def run_variant(model, tok, site, sample, make_messages, variant, variant_key, budget, model_name) -> None:
+        native = supports_native_tools(tok)
+        prompts, lengths = [], []
+        for s in sample:
+            msgs, tools = make_messages(s.inv)
+            fitted = fit_prompt(msgs, tools, tok, budget, native)
+            if fitted is None:
+                text = render_prompt(tok, msgs, tools, native)
+                fitted = (text, min(budget, len(tok(text, add_special_tokens=False)["input_ids"])))
+            prompts.append(fitted[0])
+            lengths.append(fitted[1])
+        before = len(cache.rows)
+        gens, keys = generate_cached(model, tok, prompts, variant_key, cache, ec, budget, progress)
+        counts["new"] += len(cache.rows) - before
+        counts["cached"] += len(prompts) - (len(cache.rows) - before)
+        out.append(Answers(site, model_name, variant, sample, gens, lengths, keys, special_tokens(tok)))
+
+    for model_name, ads in by_model.items():
+        entry = resolve_model(model_name)
+        try:
+            model, tok, info = load_model(entry, local_folder=config.select.local_models.get(entry.name), device=device,
+                                          download_ok=config.select.download)
+        except ModelNotFound as e:
+            problems.append(f"{model_name}: {e}")
+            continue
+        settings = {"max_new_tokens": ec.max_new_tokens, "model": entry.name, "location": info["location"], "dtype": info["dtype"]}
+        todo = []
+        for a in ads:
+            sample = samples.get(a["site"]) or []
+            if not sample:
+                problems.append(f"site {a['site']}: no test examples (all its sessions are in the train split); nothing to evaluate")
+                continue
+            d = workspace.root / a["path"]
+            todo.append((a, d, sample, CompactionRecipe.from_dict(read_json(d / "recipe.json")), read_json(d / COMPLETE)["fingerprint"]))
+        if ec.base:  # the untrained model first, before any adapter is attached to it
+            for a, d, sample, recipe, fp in todo:
+                run_variant(model, tok, a["site"], sample, lambda inv, r=recipe: base_messages(inv, r), "base",
+                            sha256_obj({**settings, "adapter": None, "budget": ec.max_prompt_tokens}),
+                            ec.max_prompt_tokens, entry.name)
+        peft_model = None
+        for a, d, sample, recipe, fp in todo:
+            key = sha256_obj({**settings, "adapter": fp, "budget": ft_budget})
+            kind, weights, _ = load_artefact(d)
+            if kind == "adapter":  # several adapters share one base model in memory
+                peft_model = tuned = attach(model, peft_model, weights, adapter_name(fp))
+            else:  # full fine-tuning saved a whole model
+                tuned = load_full(weights, device)
+            run_variant(tuned, tok, a["site"], sample, lambda inv, r=recipe: tuned_messages(inv, r), "finetuned",
+                        key, ft_budget, entry.name)
+            del tuned
+        del model, peft_model
+    return out, counts

@@ -1,0 +1,124 @@
+"""Step 3 of `evaluate`: fit the routing policy `serve` applies, and verify it (slmconvert.policy).
+
+The test sessions are split (seeded, by session) into calibration and verification. On calibration:
+the request gate (how familiar a request must be to the site's training requests) and one rule per
+kind of SLM answer (the confidence above which its agreement with the LLM has a lower bound at the
+target). On verification, which nothing was tuned on: what the policy really does, with intervals,
+re-weighted to the traffic mix. Plus what a reader needs to trust it: the confusion of the LLM's task
+with the SLM's answer, and a risk-coverage curve per site.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from slmconvert.progress import NULL_PROGRESS, Progress
+
+
+def familiarity_references(router, train_by_site: dict[str, list], seed: int, cache=None,
+                           progress: Progress = NULL_PROGRESS):
+    """Per site, unit embeddings of (at most Familiarity.MAX_REFERENCES, seeded) training requests'
+    prompting turns, embedded by the router's own encoder (the one serve has loaded)."""
+    from slmconvert.embeddings import embed_texts
+    from slmconvert.policy import Familiarity, request_text
+
+    rng = random.Random(seed)
+    refs = {}
+    for site, invs in sorted(train_by_site.items()):
+        texts = sorted({request_text(i.request.messages) for i in invs})
+        if len(texts) > Familiarity.MAX_REFERENCES:
+            texts = rng.sample(texts, Familiarity.MAX_REFERENCES)
+        if texts:
+            vecs, _ = embed_texts(texts, router.embedder, cache, progress, f"embedding {site}'s training requests")
+            refs[site] = np.asarray(vecs, dtype=np.float32)
+    return Familiarity(refs)
+
+
+def policy_rows(rows, chosen, by_id, site_tasks, router, familiarity, prices, llm_models, cache=None) -> list[dict[str, Any]]:
+    """The chosen adapters' answers as the policy sees them: answer key, validity, confidence, the request's
+    familiarity and routed site, and what the call weighs (traffic, LLM tokens, LLM cost)."""
+    from slmconvert.embeddings import embed_texts
+    from slmconvert.policy import answer_key, invalid_reason, request_text
+
+    out = []
+    for r in rows:
+        if r["variant"] != "finetuned" or chosen.get(r["site"]) != r["model"]:
+            continue
+        inv = by_id.get(r["invocation_id"])
+        messages = inv.request.messages if inv is not None else []
+        tools = inv.request.tools if inv is not None else None
+        usage = inv.usage if inv is not None else None
+        tokens = ((usage.prompt_tokens or 0) + (usage.completion_tokens or 0)) if usage else None
+        cost = inv.cost_usd if inv is not None else None
+        if cost is None and usage is not None and prices is not None:
+            cost = prices.cost(llm_models.get(r["site"]), usage.prompt_tokens or 0, usage.completion_tokens or 0)
+        out.append({"invocation_id": r["invocation_id"], "site": r["site"], "task": r["task"], "session": r["session"],
+                    "confidence": r["confidence"], "agrees": r["acceptable"], "weight": r.get("weight", 1.0),
+                    "tokens": tokens, "cost": cost, "messages": messages, "tools": tools,
+                    "key": answer_key(r["response"], site_tasks.get(r["site"], []), messages),
+                    "invalid": invalid_reason(r["response"], tools, r["well_formed"])})
+    if out:
+        texts = [request_text(p["messages"]) for p in out]
+        vecs, _ = embed_texts(texts, router.embedder, cache)
+        by_site: dict[str, list[int]] = defaultdict(list)
+        for i, p in enumerate(out):
+            by_site[p["site"]].append(i)
+        for site, idx in by_site.items():
+            for i, s in zip(idx, familiarity.score(site, vecs[idx])):
+                out[i]["similarity"] = s
+        for p, (site, _) in zip(out, router.route_many([(p["messages"], p["tools"]) for p in out])):
+            p["routed_to"] = site
+    for p in out:
+        del p["messages"], p["tools"]
+    return out
+
+
+def fit_routing_policy(config, tasks_doc, prows, familiar_refs: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The policy document (policy.json) and its verification (summary.json's "policy")."""
+    from slmconvert.policy import Policy, fit_policy, split_sessions, verify
+
+    ec = config.evaluate
+    site_tasks = {site: [t["task"] for t in sd["tasks"]] for site, sd in tasks_doc["sites"].items()}
+    cal, ver = split_sessions((r["session"] for r in prows), ec.seed)
+    doc = fit_policy(prows, cal, target=ec.target_agreement, level=ec.confidence_level, seed=ec.seed, sites=site_tasks,
+                     novelty_alpha=ec.novelty_alpha)
+    policy = Policy(doc)
+    ver_rows = [r for r in prows if r["session"] in ver]
+    check = {"split": {"calibration_sessions": len(cal), "verification_sessions": len(ver),
+                       "calibration_calls": sum(r["session"] in cal for r in prows), "verification_calls": len(ver_rows)},
+             "verification": verify(policy, prows, ver, ec.confidence_level),
+             "routed_elsewhere": sum(r.get("routed_to") not in (None, r["site"]) for r in ver_rows),
+             "familiarity_references": familiar_refs,
+             "confusion": confusion(prows),
+             "risk_coverage": {site: risk_coverage([r for r in ver_rows if r["site"] == site])
+                               for site in sorted({r["site"] for r in ver_rows})}}
+    return doc, check
+
+
+def confusion(prows) -> dict[str, dict[str, int]]:
+    """LLM's task x the SLM's answer key, over all evaluated test calls of the chosen adapters."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in prows:
+        out[f"{r['site']}/{r['task']}"][r["key"] or "(unknown)"] += 1
+    return {k: dict(v) for k, v in sorted(out.items())}
+
+
+def risk_coverage(rows, points: int = 40) -> list[list[float]]:
+    """[coverage, agreement] when the SLM answers every valid answer at or above a confidence, for
+    thresholds from the most confident answer down (answer keys pooled): the curve the rules pick from."""
+    n = len(rows)
+    valid = sorted(((r["confidence"] if r["confidence"] is not None else float("-inf"), bool(r["agrees"]))
+                    for r in rows if not r["invalid"] and r["key"] is not None), key=lambda x: -x[0])
+    if not n or not valid:
+        return []
+    curve, good = [], 0
+    step = max(1, len(valid) // points)
+    for k, (_, a) in enumerate(valid, start=1):
+        good += a
+        if k % step == 0 or k == len(valid):
+            curve.append([round(k / n, 4), round(good / k, 4)])
+    return curve
