@@ -65,6 +65,11 @@ def main() -> None:
         sets += [f"finetune.device={args.device}", f"evaluate.device={args.device}"]
     cfg = load_config(None, sets)
     ws = Workspace(ws_path)
+    import yaml
+
+    pipeline = Path(ws_path).with_name(Path(ws_path).name + ".yaml")  # for benchmarks/serve_replay.py --config
+    pipeline.parent.mkdir(parents=True, exist_ok=True)
+    pipeline.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     t0 = time.perf_counter()
     collect(cfg, ws)
     cluster(cfg, ws)
@@ -87,10 +92,15 @@ def main() -> None:
             bv, fv = b.get(k), f.get(k)
             print(f"  {k:20s} base {'—' if bv is None else f'{bv:.3f}':>6}   fine-tuned {'—' if fv is None else f'{fv:.3f}':>6}")
     h = s["headline"]
-    cost = "n/a" if h["share_cost"] is None else f"{100 * h['share_cost']:.1f}%"
-    print(f"verdicts: {h['verdicts']}; moves to SLMs: {100 * h['share_calls']:.1f}% of calls, "
-          f"{100 * h['share_tokens']:.1f}% of tokens, {cost} of cost")
-    print(json.dumps({"overall": o, "headline": h}, default=str))
+    from rich.text import Text
+
+    from slmconvert.cli.evaluate import headline_text
+
+    print(f"per-task verdicts (a diagnosis): {h['verdicts']}")
+    print(Text.from_markup(headline_text(s)).plain)
+    print(f"config for benchmarks/serve_replay.py: {pipeline}")
+    print(json.dumps({"overall": o, "headline": h, "policy": {k: s["policy"][k] for k in ("split", "verification", "requests", "rules")}},
+                     default=str))
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ class JudgeConfig(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    """Compare the base and fine-tuned SLMs with the LLM's logged responses on the test split; verdict per task."""
+    """Compare the base and fine-tuned SLMs with the LLM's logged responses on the test split; fit and verify the routing policy serve applies."""
 
     base: bool = Field(True, description="Also evaluate each base model untrained (with the full instructions), for comparison.")
     max_test_examples: int | None = Field(200, ge=1, description="Test calls per call site at most: a seeded sample in proportion to its tasks' test calls, every task with at least `min_per_task`; results are re-weighted to the traffic mix. null: all.")
@@ -180,7 +180,17 @@ class EvaluateConfig(StrictModel):
     min_test_examples: int = Field(5, ge=1, description="Fewer test examples than this: `keep-llm` (not enough evidence).")
     target_agreement: float = Field(0.95, gt=0, lt=1, description="The routing policy lets the SLM answer a kind of answer only where the one-sided lower confidence bound of its agreement with the LLM, on calibration sessions, reaches this.")
     confidence_level: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of that bound and of the intervals reported on verification sessions.")
+    confidence_signal: str = Field("mean_logprob", description="How an answer's confidence is read (slmconvert.policy.confidence_signals); the policy's thresholds are on this signal.")
     novelty_alpha: float = Field(0.02, gt=0, lt=1, description="Request gate: a request less similar to the site's training requests than all but this share of calibration requests goes to the LLM (a conformal bound on how many familiar requests it turns away).")
+    @field_validator("confidence_signal")
+    @classmethod
+    def _known_signal(cls, v: str) -> str:
+        from slmconvert.policy import confidence_signals
+
+        if v not in confidence_signals:
+            raise ValueError(f"unknown confidence signal {v!r} (known: {', '.join(confidence_signals.names())})")
+        return v
+
     judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge for text replies.")
     prices: str | None = Field(None, description="LLM price table (default: configs/prices.yaml).")
     llm_model: str | None = Field(None, description="Price calls as this LLM when the log does not name the model.")
@@ -204,7 +214,7 @@ class ServeConfig(StrictModel):
     max_concurrency: int = Field(64, ge=1, description="Requests in flight at once; more wait up to queue_timeout_s, then get 429.")
     queue_timeout_s: float = Field(30.0, gt=0)
     upstream_timeout_s: float = Field(120.0, gt=0, description="An upstream slower than this gives HTTP 504.")
-    max_new_tokens: int = Field(256, ge=1, description="SLM answer budget.")
+    max_new_tokens: int | None = Field(None, ge=1, description="SLM answer budget; null: evaluate.max_new_tokens, the budget the routing policy was verified with.")
     device: str | None = Field(None, description="cuda / cpu for the SLMs (default: cuda when available).")
     log_calls: bool = Field(True, description="Append every call (scrubbed per scrub.*) to WS/serve/calls-DATE.jsonl.")
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from slmconvert.registry import Registry
 
 POLICY_VERSION = 2
 TEXT_KEY = "text"
@@ -69,6 +71,21 @@ def weighted_share(flags: Sequence[bool], weights: Sequence[float], level: float
 
 
 # --------------------------------------------------------------------------- what serve can see
+
+
+confidence_signals: "Registry[Callable[[Mapping[str, Any]], float | None]]" = Registry("confidence signal")
+
+
+@confidence_signals.register("mean_logprob")
+def _mean_logprob(generation: Mapping[str, Any]) -> float | None:
+    """Mean log-probability of the generated tokens (greedy): the default, and a rough one."""
+    return generation.get("mean_logprob")
+
+
+def confidence_of(generation: Mapping[str, Any], signal: str = "mean_logprob") -> float | None:
+    """The answer's confidence by the named signal (`evaluate.confidence_signal`); evaluate and serve both ask here.
+    `generation`: text, new_tokens, mean_logprob."""
+    return confidence_signals.get(signal)(generation)
 
 
 def request_text(messages: list[dict]) -> str:

@@ -38,7 +38,7 @@ def serve(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Serve the converted agent: an OpenAI-compatible /v1/chat/completions that answers with the call site's SLM
-    when its task passed evaluation and forwards to the upstream LLM otherwise; every call is logged (scrubbed)
+    where the routing policy evaluate verified allows it (WS/eval/policy.json) and forwards to the upstream LLM otherwise; every call is logged (scrubbed)
     to WS/serve/ for the next `slmconvert run`."""
     import json
 
@@ -74,7 +74,7 @@ def serve(
         from slmconvert.serve.engine import SlmEngine
 
         err_console.print("loading the router and the SLM adapters ...")
-        engine = SlmEngine(cfg, ws, device=sc.device, max_new_tokens=sc.max_new_tokens)
+        engine = SlmEngine(cfg, ws, device=sc.device, max_new_tokens=sc.max_new_tokens or cfg.evaluate.max_new_tokens)
         if not sc.upstream:
             err_console.print("[yellow]warning:[/] no --upstream: requests the SLM may not answer get HTTP 502")
     logger = CallLogger(ws, cfg) if sc.log_calls else None

@@ -86,6 +86,7 @@ def fit_routing_policy(config, tasks_doc, prows, familiar_refs: int) -> tuple[di
     cal, ver = split_sessions((r["session"] for r in prows), ec.seed)
     doc = fit_policy(prows, cal, target=ec.target_agreement, level=ec.confidence_level, seed=ec.seed, sites=site_tasks,
                      novelty_alpha=ec.novelty_alpha)
+    doc["confidence_signal"] = ec.confidence_signal
     policy = Policy(doc)
     ver_rows = [r for r in prows if r["session"] in ver]
     check = {"split": {"calibration_sessions": len(cal), "verification_sessions": len(ver),

@@ -20,11 +20,12 @@ ALL_METRICS = ["call_agreement", "function_name", "arguments", "argument_values"
                "chrf", "rouge_l"]
 
 
-def score_rows(answers, task_kind: dict[tuple[str, str], str]) -> list[dict[str, Any]]:
+def score_rows(answers, task_kind: dict[tuple[str, str], str], signal: str = "mean_logprob") -> list[dict[str, Any]]:
     """One row per answer of `answers` (slmconvert.evaluate.generate.Answers): the metrics, the SLM's parsed
     answer, its confidence, and the weight (test calls it stands for)."""
     from slmconvert.chat import answer_text, parse_completion
     from slmconvert.metrics import Prediction, score
+    from slmconvert.policy import confidence_of
 
     rows = []
     site = answers.site
@@ -35,7 +36,7 @@ def score_rows(answers, task_kind: dict[tuple[str, str], str]) -> list[dict[str,
         rows.append({"invocation_id": inv.id, "session": inv.session_id, "site": site, "task": s.task,
                      "kind": task_kind.get((site, s.task), "tool" if inv.response.tool_calls else "text"),
                      "model": answers.model, "variant": answers.variant, "weight": s.weight, "prompt_tokens": pt,
-                     "new_tokens": g["new_tokens"], "seconds": g["seconds"], "confidence": g["mean_logprob"],
+                     "new_tokens": g["new_tokens"], "seconds": g["seconds"], "confidence": confidence_of(g, signal),
                      "expected": answer_text(inv.response), "prediction": g["text"],
                      "response": resp, "predicted_call": bool(resp.tool_calls), "well_formed": ok, **m,
                      "embedding_similarity": None, "judge": None, "acceptable": False,

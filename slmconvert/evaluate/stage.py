@@ -113,7 +113,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             finally:
                 progress.stop()
         with timer.step("score_s"):
-            rows = [r for a in answers for r in score_rows(a, task_kind)]
+            rows = [r for a in answers for r in score_rows(a, task_kind, ec.confidence_signal)]
             used_keys = {r.pop("_key") for r in rows}
             add_text_similarity(rows, config, workspace, progress)
             judge_stats = add_judge(rows, ec.judge, progress) if ec.judge else None

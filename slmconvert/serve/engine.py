@@ -22,7 +22,7 @@ from slmconvert.chat import prompt_budget
 from slmconvert.collect.textactions import as_text, load_rules, read_actions
 from slmconvert.errors import StageError
 from slmconvert.invocation import Response
-from slmconvert.policy import answer_key, invalid_reason, load_familiarity, load_policy, request_text
+from slmconvert.policy import answer_key, confidence_of, invalid_reason, load_familiarity, load_policy, request_text
 from slmconvert.workspace import Workspace
 
 
@@ -43,7 +43,7 @@ class Decision:
 
 
 class SlmEngine:
-    def __init__(self, config, workspace: Workspace, *, device: str | None = None, max_new_tokens: int = 256):
+    def __init__(self, config, workspace: Workspace, *, device: str | None = None, max_new_tokens: int | None = None):
         from slmconvert.cluster.router import load_router
         from slmconvert.compaction import CompactionRecipe
         from slmconvert.evaluate.stage import FAMILIARITY, POLICY, load_summary
@@ -57,7 +57,7 @@ class SlmEngine:
                              "or use --mode proxy")
         self.config = config
         self.workspace = workspace
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = max_new_tokens or config.evaluate.max_new_tokens  # what the policy was verified with
         self.device = pick_device(device)
         summary = load_summary(workspace)
         self.site_tasks: dict[str, list[str]] = defaultdict(list)
@@ -175,7 +175,7 @@ class SlmEngine:
         recipe = adapter["recipe"]
         msgs, tls = compact(messages, recipe), compact_tools(tools, recipe)
         native = supports_native_tools(tok)
-        budget = prompt_budget(self.config.finetune.max_length, self.max_new_tokens)
+        budget = prompt_budget(self.config.finetune.max_length, self.max_new_tokens, self.config.evaluate.max_prompt_tokens)  # as evaluate fits
         fitted = fit_prompt(msgs, tls, tok, budget, native)
         if fitted is None:
             d.reason = "the request does not fit the SLM's context after compaction"
@@ -186,7 +186,9 @@ class SlmEngine:
                 model.set_adapter(adapter["name"])
             [g] = generate(model, tok, [prompt], max_new_tokens=self.max_new_tokens, batch_size=1, max_prompt_tokens=budget)
         d.seconds = time.perf_counter() - t0
-        d.completion_tokens, d.confidence = g.new_tokens, g.mean_logprob
+        d.completion_tokens = g.new_tokens
+        d.confidence = confidence_of({"text": g.text, "new_tokens": g.new_tokens, "mean_logprob": g.mean_logprob},
+                                     self.policy.doc.get("confidence_signal", "mean_logprob"))
         response, ok = parse_completion(g.text, special_tokens(tok))
         d.response = response
         return self._apply_policy(d, site, messages, tools, response, ok, text_agent)
