@@ -35,13 +35,20 @@ class Sampled:
 
 def test_sample(by_task: dict[str, list], limit: int | None, seed: int, min_per_task: int = 3) -> list[Sampled]:
     """All test calls of a site (weight 1), or `limit` of them: each task gets its share of `limit` in
-    proportion to its test calls (largest remainders), never fewer than `min_per_task` it has; seeded."""
+    proportion to its test calls (largest remainders), never fewer than `min_per_task` it has (when the
+    floors alone exceed `limit`, one call per task in turn, largest tasks first); seeded."""
     rng = random.Random(seed)
     tasks = sorted(by_task, key=lambda t: (-len(by_task[t]), t))
     total = sum(len(v) for v in by_task.values())
     if limit is None or limit >= total:
         return [Sampled(t, inv, 1.0) for t in tasks for inv in rng.sample(by_task[t], len(by_task[t]))]
     floor = {t: min(min_per_task, len(by_task[t])) for t in tasks}
+    if sum(floor.values()) > limit:  # the floors alone exceed the limit: hand them out one round at a time
+        want, floor = floor, dict.fromkeys(tasks, 0)
+        while sum(floor.values()) < limit:
+            for t in tasks:
+                if floor[t] < want[t] and sum(floor.values()) < limit:
+                    floor[t] += 1
     rest = max(0, limit - sum(floor.values()))
     spare = {t: len(by_task[t]) - floor[t] for t in tasks}
     spare_total = sum(spare.values()) or 1

@@ -159,7 +159,7 @@ def policy_sections(summary: dict[str, Any]) -> list[str]:
         for task, row in conf.items():
             mine = task.split("/", 1)[1]
             out.append(f"<tr><td>{e(task)}</td>" + "".join(
-                f"<td class='n'{' style=font-weight:bold' if k == mine else ''}>{row.get(k, '') or ''}</td>" for k in keys) + "</tr>")
+                f"<td class='n'{' style=font-weight:bold' if k == mine or (k == 'text' and mine.startswith('text')) else ''}>{row.get(k, '') or ''}</td>" for k in keys) + "</tr>")
         out.append("</table>")
     return out
 
@@ -169,7 +169,7 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
     h, cost = summary["headline"], summary["cost"]
     imgs = plots(summary)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>slmconvert evaluation</title><style>{_CSS}</style></head><body>",
-             "<h1>Does the SLM replace the LLM?</h1>",
+             "<h1>What moves to the SLM, and does it agree with the LLM?</h1>",
              "<p class='muted'>Test split only (conversations never seen in training). An answer is <i>acceptable</i> when it "
              "could stand in for the LLM's logged one: the same tool call with BFCL-equivalent arguments, or a text reply "
              f"close enough to the LLM's (embedding similarity &ge; {summary['thresholds']['text_similarity_at']}"
@@ -192,9 +192,9 @@ def write_report(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
              f"${cost['slm_hour_usd']:g}/hour.</p>"]
     if summary["problems"]:
         parts.append("<h2>Problems</h2><ul>" + "".join(f"<li>{e(p)}</li>" for p in summary["problems"]) + "</ul>")
+    parts += policy_sections(summary)
     if imgs.get("accuracy"):
         parts.append(f"<h2>Per-task quality: base vs fine-tuned</h2><img id='plot-accuracy' alt='per-task accuracy' src='data:image/png;base64,{imgs['accuracy']}'>")
-    parts += policy_sections(summary)
     parts.append("<div style='display:flex;gap:2rem;flex-wrap:wrap'>")
     if imgs.get("risk_coverage"):
         parts.append(f"<div><h2>Risk–coverage (verification sessions)</h2><img id='plot-risk-coverage' alt='risk-coverage' "

@@ -104,7 +104,7 @@ def confusion(prows) -> dict[str, dict[str, int]]:
     """LLM's task x the SLM's answer key, over all evaluated test calls of the chosen adapters."""
     out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for r in prows:
-        out[f"{r['site']}/{r['task']}"][r["key"] or "(unknown)"] += 1
+        out[f"{r['site']}/{r['task']}"][r["key"] or "(no known task)"] += 1
     return {k: dict(v) for k, v in sorted(out.items())}
 
 

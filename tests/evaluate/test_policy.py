@@ -130,3 +130,5 @@ def test_traffic_weighting_moves_the_headline_to_the_real_mix():
     assert sum(s.task == "rare" for s in sample) / len(sample) >= 0.05
     assert [s.inv for s in test_sample(by_task, 100, seed=0, min_per_task=5)] == [s.inv for s in sample]  # seeded
     assert len(test_sample(by_task, None, seed=0)) == 910
+    many = {f"t{i}": [f"{i}-{j}" for j in range(5)] for i in range(8)}  # floors (8 x 3) above the limit
+    assert len(test_sample(many, 6, seed=0, min_per_task=3)) == 6

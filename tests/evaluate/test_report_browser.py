@@ -22,7 +22,7 @@ def test_report_renders_in_chromium_with_table_plots_and_the_summary_numbers(tun
     run(cfg, Workspace(ws))
     summary = json.loads((ws / "eval" / "summary.json").read_text())
     png = tmp_path / "report.png"
-    dom = render(ws / "eval" / "report.html", png, width=1300, height=1600)
+    dom = render(ws / "eval" / "report.html", png, width=1300, height=3200)
     h = summary["headline"]
     assert 'id="tasks"' in dom and dom.count('<tr class="v-') == len(summary["tasks"])
     assert f">{pct(h['share_calls'])}<" in dom and f">{pct(h['share_tokens'])}<" in dom
@@ -32,7 +32,7 @@ def test_report_renders_in_chromium_with_table_plots_and_the_summary_numbers(tun
     assert f"{h['calls']} sampled calls of" in dom  # which sessions the headline was measured on
     assert 'id="plot-accuracy"' in dom and 'id="plot-moved"' in dom
     img = Image.open(png).convert("RGB")
-    assert img.size == (1300, 1600)
+    assert img.size == (1300, 3200)
     # the plots were drawn: the fine-tuned bars' blue and the headline boxes are on screen, not a blank page
     colours = {c for _, c in img.getcolors(maxcolors=1 << 20)}
     assert (0x2a, 0x7a, 0xb9) in colours
