@@ -180,15 +180,16 @@ class EvaluateConfig(StrictModel):
     min_test_examples: int = Field(5, ge=1, description="Fewer test examples than this: `keep-llm` (not enough evidence).")
     target_agreement: float = Field(0.95, gt=0, lt=1, description="The routing policy lets the SLM answer a kind of answer only where the one-sided lower confidence bound of its agreement with the LLM, on calibration sessions, reaches this.")
     confidence_level: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of that bound and of the intervals reported on verification sessions.")
-    confidence_signal: str = Field("mean_logprob", description="How an answer's confidence is read (slmconvert.policy.confidence_signals); the policy's thresholds are on this signal.")
+    confidence_signal: str = Field("auto", description="How an answer's confidence is read (slmconvert.policy.confidence_signals: mean_logprob, min_logprob, first_token, tool_name, argument_values); auto: the one with the best AUROC (agreeing vs not) on calibration sessions. The policy's thresholds are on this signal.")
+    constrained_decoding: bool = Field(True, description="Tool calls follow the request's tool schemas (xgrammar): only an offered tool, with schema-valid arguments, or a text reply. serve decodes as evaluate did.")
     novelty_alpha: float = Field(0.02, gt=0, lt=1, description="Request gate: a request less similar to the site's training requests than all but this share of calibration requests goes to the LLM (a conformal bound on how many familiar requests it turns away).")
     @field_validator("confidence_signal")
     @classmethod
     def _known_signal(cls, v: str) -> str:
         from slmconvert.policy import confidence_signals
 
-        if v not in confidence_signals:
-            raise ValueError(f"unknown confidence signal {v!r} (known: {', '.join(confidence_signals.names())})")
+        if v != "auto" and v not in confidence_signals:
+            raise ValueError(f"unknown confidence signal {v!r} (known: auto, {', '.join(confidence_signals.names())})")
         return v
 
     judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge for text replies.")

@@ -1,4 +1,5 @@
-"""Batched greedy generation with per-answer confidence (mean token log-probability)."""
+"""Batched greedy generation with the log-probability of every generated token (the model's own, before
+any grammar), optionally schema-constrained (slmconvert.constrained)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,24 @@ class Generation:
     new_tokens: int
     mean_logprob: float | None
     seconds: float  # this answer's share of its batch's wall time
+    logprobs: list[float] | None = None  # per generated token, the model's log-probability of it (unconstrained)
+    tokens: list[str] | None = None  # the generated tokens' texts, for signals over parts of the answer
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "new_tokens": self.new_tokens, "mean_logprob": self.mean_logprob,
+                "logprobs": self.logprobs, "tokens": self.tokens}
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 8,
-             max_prompt_tokens: int | None = None, progress: Progress = NULL_PROGRESS) -> list[Generation]:
-    """Greedy answers, one per prompt, in input order. Prompts are batched by length (left padding)."""
+             max_prompt_tokens: int | None = None, progress: Progress = NULL_PROGRESS,
+             grammars: Any = None, constraints: Sequence[Any] | None = None) -> list[Generation]:
+    """Greedy answers, one per prompt, in input order. Prompts are batched by length (left padding).
+
+    With `grammars` (slmconvert.constrained.ToolGrammars) and `constraints` (one compiled grammar or None
+    per prompt), decoding follows each prompt's grammar."""
     import torch
+
+    from slmconvert.constrained import logits_processor
 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -36,14 +49,18 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_toke
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False,
                         truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens)
         enc = {k: v.to(device) for k, v in enc.items()}
+        lp = logits_processor(grammars, [constraints[i] for i in idx]) if grammars is not None and constraints else None
         t = time.perf_counter()
         with torch.no_grad():
             res = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id,
-                                 output_scores=True, return_dict_in_generate=True)
+                                 output_logits=True, return_dict_in_generate=True,
+                                 **({"logits_processor": [lp]} if lp is not None else {}))
         dt = time.perf_counter() - t
         new = res.sequences[:, enc["input_ids"].shape[1]:]
-        scores = model.compute_transition_scores(res.sequences, res.scores, normalize_logits=True)
+        # the model's own log-probability of each chosen token (raw logits: a grammar's mask does not make it certain)
+        logits = torch.stack(res.logits, dim=1).float() if res.logits else torch.zeros(len(idx), 0, 1)
+        scores = torch.log_softmax(logits, dim=-1).gather(-1, new[:, :logits.shape[1]].unsqueeze(-1)).squeeze(-1)
         for row, i in enumerate(idx):
             ids = new[row].tolist()
             n = len(ids)
@@ -51,9 +68,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_toke
                 if tok in eos or tok == tokenizer.pad_token_id:
                     n = j + (1 if tok in eos else 0)
                     break
-            lp = scores[row, :n].float()
-            lp = lp[torch.isfinite(lp)]
+            row_lp = scores[row, :n]
+            finite = row_lp[torch.isfinite(row_lp)]
             out[i] = Generation(text=tokenizer.decode(ids[:n], skip_special_tokens=True), new_tokens=n,
-                                mean_logprob=float(lp.mean()) if len(lp) else None, seconds=dt / len(idx))
+                                mean_logprob=float(finite.mean()) if len(finite) else None, seconds=dt / len(idx),
+                                logprobs=[round(float(x), 4) for x in row_lp.tolist()],
+                                tokens=[tokenizer.decode([t], skip_special_tokens=True) for t in ids[:n]])
         progress.advance(len(idx))
     return out  # type: ignore[return-value]

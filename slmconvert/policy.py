@@ -21,6 +21,7 @@ This is selective prediction (risk-coverage, Geifman & El-Yaniv 2017) with a bin
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -74,18 +75,108 @@ def weighted_share(flags: Sequence[bool], weights: Sequence[float], level: float
 
 
 confidence_signals: "Registry[Callable[[Mapping[str, Any]], float | None]]" = Registry("confidence signal")
+AUTO = "auto"  # evaluate.confidence_signal: the signal that best separates right from wrong on calibration
+
+
+def _spans(generation: Mapping[str, Any]) -> tuple[list[float], list[tuple[int, int]]] | None:
+    """The token log-probabilities and each token's character span in the answer text."""
+    lps, toks = generation.get("logprobs"), generation.get("tokens")
+    if not lps or not toks or len(lps) != len(toks):
+        return None
+    spans, pos = [], 0
+    for t in toks:
+        spans.append((pos, pos + len(t)))
+        pos += len(t)
+    return lps, spans
+
+
+def _over(generation: Mapping[str, Any], lo: int, hi: int) -> list[float]:
+    got = _spans(generation)
+    if got is None:
+        return []
+    lps, spans = got
+    return [lp for lp, (a, b) in zip(lps, spans) if a < hi and b > lo]
+
+
+_NAME = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"([^"]*)"')
+_ARGS = re.compile(r'"arguments"\s*:\s*(\{.*?\})\s*\}\s*(?:</tool_call>|$)', re.S)
 
 
 @confidence_signals.register("mean_logprob")
 def _mean_logprob(generation: Mapping[str, Any]) -> float | None:
-    """Mean log-probability of the generated tokens (greedy): the default, and a rough one."""
+    """Mean log-probability of the generated tokens: the default before calibration picks one."""
     return generation.get("mean_logprob")
 
 
+@confidence_signals.register("min_logprob")
+def _min_logprob(generation: Mapping[str, Any]) -> float | None:
+    """The least likely token of the answer: one garbled id digit is enough to be wrong."""
+    lps = generation.get("logprobs")
+    return min(lps) if lps else generation.get("mean_logprob")
+
+
+@confidence_signals.register("first_token")
+def _first_token(generation: Mapping[str, Any]) -> float | None:
+    """The first token's log-probability: the model's decision to call a tool or to reply."""
+    lps = generation.get("logprobs")
+    return lps[0] if lps else generation.get("mean_logprob")
+
+
+@confidence_signals.register("tool_name")
+def _tool_name(generation: Mapping[str, Any]) -> float | None:
+    """Mean log-probability over the tool name (a text reply: over the whole answer)."""
+    m = _NAME.search(generation.get("text") or "")
+    vals = _over(generation, m.start(1), m.end(1)) if m else []
+    return sum(vals) / len(vals) if vals else generation.get("mean_logprob")
+
+
+@confidence_signals.register("argument_values")
+def _argument_values(generation: Mapping[str, Any]) -> float | None:
+    """The least likely token inside the arguments (a text reply: of the whole answer)."""
+    m = _ARGS.search(generation.get("text") or "")
+    vals = _over(generation, m.start(1), m.end(1)) if m else []
+    return min(vals) if vals else _min_logprob(generation)
+
+
+def all_signals(generation: Mapping[str, Any]) -> dict[str, float | None]:
+    return {name: fn(generation) for name, fn in confidence_signals}
+
+
 def confidence_of(generation: Mapping[str, Any], signal: str = "mean_logprob") -> float | None:
-    """The answer's confidence by the named signal (`evaluate.confidence_signal`); evaluate and serve both ask here.
-    `generation`: text, new_tokens, mean_logprob."""
-    return confidence_signals.get(signal)(generation)
+    """The answer's confidence by the named signal; evaluate and serve both ask here.
+    `generation`: text, new_tokens, mean_logprob, logprobs, tokens."""
+    return confidence_signals.get("mean_logprob" if signal == AUTO else signal)(generation)
+
+
+def signal_auroc(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """How well each signal separates agreeing from disagreeing answers (ROC AUC), per site and over all;
+    rows: valid calibration answers with `site`, `agrees` and `signals`."""
+    from collections import defaultdict
+
+    from sklearn.metrics import roc_auc_score
+
+    by_site: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_site[r["site"]].append(r)
+    out: dict[str, dict[str, float | None]] = {}
+    for name, _ in confidence_signals:
+        out[name] = {}
+        for site, rs in [("all", list(rows)), *sorted(by_site.items())]:
+            pts = [(r["signals"].get(name), bool(r["agrees"])) for r in rs if r["signals"].get(name) is not None]
+            labels = {a for _, a in pts}
+            out[name][site] = (round(float(roc_auc_score([a for _, a in pts], [v for v, _ in pts])), 4)
+                               if len(labels) == 2 else None)
+    return out
+
+
+def choose_signal(auroc: dict[str, dict[str, float | None]], default: str = "mean_logprob") -> str:
+    """The signal with the highest AUROC over all calibration answers; the default when none can be measured
+    (every answer agrees, or none does)."""
+    scored = [(v["all"], name) for name, v in auroc.items() if v.get("all") is not None]
+    if not scored:
+        return default
+    best = max(scored)
+    return default if auroc.get(default, {}).get("all") == best[0] else best[1]
 
 
 def request_text(messages: list[dict]) -> str:

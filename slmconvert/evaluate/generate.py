@@ -119,8 +119,9 @@ class GenerationCache:
 
 
 def generate_cached(model, tok, prompts: list[str], variant_key: str, cache: GenerationCache, ec, budget: int,
-                    progress: Progress) -> tuple[list[dict[str, Any]], list[str]]:
-    """The generations for `prompts` (cached ones read back) and their cache keys."""
+                    progress: Progress, grammars=None, constraints: list | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The generations for `prompts` (cached ones read back) and their cache keys; `constraints`: one compiled
+    grammar (or None) per prompt, applied with `grammars` (slmconvert.constrained)."""
     from slmconvert.generation import generate
 
     keys = [sha256_obj({"v": variant_key, "p": p}) for p in prompts]
@@ -130,9 +131,9 @@ def generate_cached(model, tok, prompts: list[str], variant_key: str, cache: Gen
     for start in range(0, len(missing), chunk):
         idx = missing[start:start + chunk]
         gens = generate(model, tok, [prompts[i] for i in idx], max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
-                        max_prompt_tokens=budget, progress=progress)
-        cache.add([{"key": keys[i], "text": g.text, "new_tokens": g.new_tokens, "mean_logprob": g.mean_logprob,
-                    "seconds": round(g.seconds, 4)} for i, g in zip(idx, gens)])
+                        max_prompt_tokens=budget, progress=progress, grammars=grammars,
+                        constraints=[constraints[i] for i in idx] if constraints else None)
+        cache.add([{"key": keys[i], **g.as_dict(), "seconds": round(g.seconds, 4)} for i, g in zip(idx, gens)])
     return [cache.rows[k] for k in keys], keys
 
 
@@ -155,6 +156,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
     and how many generations were new vs cached."""
     from slmconvert.chat import render_prompt, special_tokens, supports_native_tools
     from slmconvert.compaction import CompactionRecipe
+    from slmconvert.constrained import tool_grammars
     from slmconvert.finetune.data import fit_prompt
     from slmconvert.finetune.stage import COMPLETE, load_artefact
     from slmconvert.finetune.trainer import pick_device
@@ -170,9 +172,11 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
         by_model[a.get("model_ref") or a["model"]].append(a)
     counts = {"new": 0, "cached": 0}
 
-    def run_variant(model, tok, site, sample, make_messages, variant, variant_key, budget, model_name) -> None:
+    def run_variant(model, tok, site, sample, make_messages, variant, variant_key, budget, model_name, grammars) -> None:
         native = supports_native_tools(tok)
         prompts, lengths = [], []
+        # the grammar follows the request's own tools, not the compacted prompt's (compaction may drop their docs)
+        constraints = [grammars.for_tools(s.inv.request.tools) for s in sample] if grammars is not None else None
         for s in sample:
             msgs, tools = make_messages(s.inv)
             fitted = fit_prompt(msgs, tools, tok, budget, native)
@@ -182,7 +186,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
             prompts.append(fitted[0])
             lengths.append(fitted[1])
         before = len(cache.rows)
-        gens, keys = generate_cached(model, tok, prompts, variant_key, cache, ec, budget, progress)
+        gens, keys = generate_cached(model, tok, prompts, variant_key, cache, ec, budget, progress, grammars, constraints)
         counts["new"] += len(cache.rows) - before
         counts["cached"] += len(prompts) - (len(cache.rows) - before)
         out.append(Answers(site, model_name, variant, sample, gens, lengths, keys, special_tokens(tok)))
@@ -195,7 +199,9 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
         except ModelNotFound as e:
             problems.append(f"{model_name}: {e}")
             continue
-        settings = {"max_new_tokens": ec.max_new_tokens, "model": entry.name, "location": info["location"], "dtype": info["dtype"]}
+        grammars = tool_grammars(tok, getattr(model.config, "vocab_size", None), problems) if ec.constrained_decoding else None
+        settings = {"max_new_tokens": ec.max_new_tokens, "model": entry.name, "location": info["location"], "dtype": info["dtype"],
+                    "constrained": grammars is not None, "logprobs": "raw-v1"}
         todo = []
         for a in ads:
             sample = samples.get(a["site"]) or []
@@ -208,7 +214,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
             for a, d, sample, recipe, fp in todo:
                 run_variant(model, tok, a["site"], sample, lambda inv, r=recipe: base_messages(inv, r), "base",
                             sha256_obj({**settings, "adapter": None, "budget": ec.max_prompt_tokens}),
-                            ec.max_prompt_tokens, entry.name)
+                            ec.max_prompt_tokens, entry.name, grammars)
         peft_model = None
         for a, d, sample, recipe, fp in todo:
             key = sha256_obj({**settings, "adapter": fp, "budget": ft_budget})
@@ -218,7 +224,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
             else:  # full fine-tuning saved a whole model
                 tuned = load_full(weights, device)
             run_variant(tuned, tok, a["site"], sample, lambda inv, r=recipe: tuned_messages(inv, r), "finetuned",
-                        key, ft_budget, entry.name)
+                        key, ft_budget, entry.name, grammars)
             del tuned
         del model, peft_model
     return out, counts

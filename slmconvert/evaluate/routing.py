@@ -57,7 +57,7 @@ def policy_rows(rows, chosen, by_id, site_tasks, router, familiarity, prices, ll
         if cost is None and usage is not None and prices is not None:
             cost = prices.cost(llm_models.get(r["site"]), usage.prompt_tokens or 0, usage.completion_tokens or 0)
         out.append({"invocation_id": r["invocation_id"], "site": r["site"], "task": r["task"], "session": r["session"],
-                    "confidence": r["confidence"], "agrees": r["acceptable"], "weight": r.get("weight", 1.0),
+                    "confidence": r["confidence"], "signals": r.get("signals") or {}, "agrees": r["acceptable"], "weight": r.get("weight", 1.0),
                     "tokens": tokens, "cost": cost, "messages": messages, "tools": tools,
                     "key": answer_key(r["response"], site_tasks.get(r["site"], []), messages),
                     "invalid": invalid_reason(r["response"], tools, r["well_formed"])})
@@ -77,6 +77,21 @@ def policy_rows(rows, chosen, by_id, site_tasks, router, familiarity, prices, ll
     return out
 
 
+def pick_signal(config, prows, calibration: set[str]) -> tuple[str, dict[str, dict[str, float | None]]]:
+    """The confidence signal the policy thresholds: `evaluate.confidence_signal`, or with `auto` the one whose
+    AUROC (agreeing vs not, valid answers of calibration sessions) is highest. Rows get its value as confidence."""
+    from slmconvert.policy import AUTO, choose_signal, signal_auroc
+
+    cal_rows = [r for r in prows if r["session"] in calibration and not r["invalid"] and r["key"] is not None]
+    auroc = signal_auroc(cal_rows)
+    wanted = config.evaluate.confidence_signal
+    chosen = choose_signal(auroc) if wanted == AUTO else wanted
+    for r in prows:
+        if chosen in r["signals"]:
+            r["confidence"] = r["signals"][chosen]
+    return chosen, auroc
+
+
 def fit_routing_policy(config, tasks_doc, prows, familiar_refs: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The policy document (policy.json) and its verification (summary.json's "policy")."""
     from slmconvert.policy import Policy, fit_policy, split_sessions, verify
@@ -84,9 +99,12 @@ def fit_routing_policy(config, tasks_doc, prows, familiar_refs: int) -> tuple[di
     ec = config.evaluate
     site_tasks = {site: [t["task"] for t in sd["tasks"]] for site, sd in tasks_doc["sites"].items()}
     cal, ver = split_sessions((r["session"] for r in prows), ec.seed)
+    signal, auroc = pick_signal(config, prows, cal)
     doc = fit_policy(prows, cal, target=ec.target_agreement, level=ec.confidence_level, seed=ec.seed, sites=site_tasks,
                      novelty_alpha=ec.novelty_alpha)
-    doc["confidence_signal"] = ec.confidence_signal
+    doc["confidence_signal"] = signal
+    doc["signal_auroc"] = auroc
+    doc["constrained_decoding"] = ec.constrained_decoding
     policy = Policy(doc)
     ver_rows = [r for r in prows if r["session"] in ver]
     check = {"split": {"calibration_sessions": len(cal), "verification_sessions": len(ver),
@@ -94,6 +112,7 @@ def fit_routing_policy(config, tasks_doc, prows, familiar_refs: int) -> tuple[di
              "verification": verify(policy, prows, ver, ec.confidence_level),
              "routed_elsewhere": sum(r.get("routed_to") not in (None, r["site"]) for r in ver_rows),
              "familiarity_references": familiar_refs,
+             "confidence_signal": {"chosen": signal, "auroc_on_calibration": auroc},
              "confusion": confusion(prows),
              "risk_coverage": {site: risk_coverage([r for r in ver_rows if r["site"] == site])
                                for site in sorted({r["site"] for r in ver_rows})}}

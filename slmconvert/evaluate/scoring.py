@@ -25,7 +25,7 @@ def score_rows(answers, task_kind: dict[tuple[str, str], str], signal: str = "me
     answer, its confidence, and the weight (test calls it stands for)."""
     from slmconvert.chat import answer_text, parse_completion
     from slmconvert.metrics import Prediction, score
-    from slmconvert.policy import confidence_of
+    from slmconvert.policy import all_signals, confidence_of
 
     rows = []
     site = answers.site
@@ -36,7 +36,7 @@ def score_rows(answers, task_kind: dict[tuple[str, str], str], signal: str = "me
         rows.append({"invocation_id": inv.id, "session": inv.session_id, "site": site, "task": s.task,
                      "kind": task_kind.get((site, s.task), "tool" if inv.response.tool_calls else "text"),
                      "model": answers.model, "variant": answers.variant, "weight": s.weight, "prompt_tokens": pt,
-                     "new_tokens": g["new_tokens"], "seconds": g["seconds"], "confidence": confidence_of(g, signal),
+                     "new_tokens": g["new_tokens"], "seconds": g["seconds"], "confidence": confidence_of(g, signal), "signals": all_signals(g),
                      "expected": answer_text(inv.response), "prediction": g["text"],
                      "response": resp, "predicted_call": bool(resp.tool_calls), "well_formed": ok, **m,
                      "embedding_similarity": None, "judge": None, "acceptable": False,

@@ -90,7 +90,13 @@ class SlmEngine:
         self.text_rules = load_rules(config.collect.text_actions) if self.text_actions else []
         self._lock = threading.Lock()
         self._models: dict[str, tuple[Any, Any]] = {}  # model ref -> (peft model, tokenizer)
+        self._grammars: dict[str, Any] = {}  # model ref -> ToolGrammars, when the policy was verified constrained
         self._load_models()
+        if self.policy.doc.get("constrained_decoding"):
+            from slmconvert.constrained import tool_grammars
+
+            for key, (model, tok) in self._models.items():
+                self._grammars[key] = tool_grammars(tok, getattr(model.config, "vocab_size", None))
 
     # ------------------------------------------------------------------ loading
     def _load_models(self) -> None:
@@ -184,11 +190,12 @@ class SlmEngine:
         with self._lock:  # one generation at a time per process: the model is not re-entrant
             if adapter["kind"] == "adapter":
                 model.set_adapter(adapter["name"])
-            [g] = generate(model, tok, [prompt], max_new_tokens=self.max_new_tokens, batch_size=1, max_prompt_tokens=budget)
+            grammars = self._grammars.get(adapter["model_key"])
+            [g] = generate(model, tok, [prompt], max_new_tokens=self.max_new_tokens, batch_size=1, max_prompt_tokens=budget,
+                           grammars=grammars, constraints=[grammars.for_tools(tools)] if grammars is not None else None)
         d.seconds = time.perf_counter() - t0
         d.completion_tokens = g.new_tokens
-        d.confidence = confidence_of({"text": g.text, "new_tokens": g.new_tokens, "mean_logprob": g.mean_logprob},
-                                     self.policy.doc.get("confidence_signal", "mean_logprob"))
+        d.confidence = confidence_of(g.as_dict(), self.policy.doc.get("confidence_signal", "mean_logprob"))
         response, ok = parse_completion(g.text, special_tokens(tok))
         d.response = response
         return self._apply_policy(d, site, messages, tools, response, ok, text_agent)

@@ -1,0 +1,106 @@
+"""Schema-constrained tool calls: the SLM may reply in free text, but once it opens a tool call it can
+only name a tool the request offers and write arguments valid against that tool's JSON schema.
+
+Built on xgrammar's structural tags (the grammar engine vLLM and SGLang use; a transformers logits
+processor on CPU and GPU): text is free until the trigger `<tool_call>`, after which one of the
+offered tools' tags must follow, `<tool_call>{"name": "<tool>", "arguments": <schema-valid JSON>}</tool_call>`,
+the exact form the adapters were trained on (slmconvert.chat). A tool whose schema xgrammar cannot
+compile keeps its name constrained and its arguments to any JSON object. Compiled grammars are cached
+per tool set; the compiler is built once per tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from slmconvert.io import sha256_obj
+
+TRIGGER = "<tool_call>"
+MAX_WHITESPACE = 1  # inside a call: JSON as json.dumps writes it; a model cannot stall on spaces where a value is forbidden
+
+
+def _tool_specs(tools: list[dict] | None) -> list[tuple[str, dict]]:
+    out = []
+    for t in tools or []:
+        fn = t.get("function", t) if isinstance(t, dict) else {}
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if isinstance(name, str) and name:
+            params = fn.get("parameters")
+            out.append((name, params if isinstance(params, dict) and params else {"type": "object"}))
+    return out
+
+
+def structural_tag(tools: list[tuple[str, dict]]) -> dict[str, Any]:
+    """The xgrammar structural tag for these (name, JSON schema) tools."""
+    tags = [{"type": "tag", "begin": TRIGGER + json.dumps({"name": name})[:-1] + ', "arguments": ',
+             "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_WHITESPACE},
+             "end": "}</tool_call>"} for name, schema in tools]
+    return {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": [TRIGGER], "tags": tags,
+                                                   "at_least_one": False, "stop_after_first": False}}
+
+
+class ToolGrammars:
+    """Compiled grammars for one tokenizer, per offered tool set (None: nothing to constrain)."""
+
+    def __init__(self, tokenizer, vocab_size: int | None = None):
+        import xgrammar as xgr
+
+        size = max(vocab_size or 0, len(tokenizer))
+        self.compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=size))
+        self._cache: dict[str, Any] = {}
+        self._free = None
+        self._lock = threading.Lock()
+        self.loose: set[str] = set()  # tools whose schema could not be compiled: any JSON object as arguments
+
+    def for_tools(self, tools: list[dict] | None):
+        specs = _tool_specs(tools)
+        if not specs:
+            return None
+        key = sha256_obj(specs)
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = self._compile(specs)
+            return self._cache[key]
+
+    def _compile(self, specs: list[tuple[str, dict]]):
+        try:
+            return self.compiler.compile_structural_tag(json.dumps(structural_tag(specs)))
+        except Exception:  # noqa: BLE001 - a schema xgrammar rejects: loosen that tool's arguments, keep its name
+            good = []
+            for name, schema in specs:
+                try:
+                    self.compiler.compile_structural_tag(json.dumps(structural_tag([(name, schema)])))
+                    good.append((name, schema))
+                except Exception:  # noqa: BLE001
+                    self.loose.add(name)
+                    good.append((name, {"type": "object"}))
+            return self.compiler.compile_structural_tag(json.dumps(structural_tag(good)))
+
+    def free(self):
+        """A grammar that allows any text: for the requests of a batch that offer no tools."""
+        with self._lock:
+            if self._free is None:
+                self._free = self.compiler.compile_grammar(r'root ::= [^]*')
+            return self._free
+
+
+def logits_processor(grammars: ToolGrammars, compiled: list):
+    """A fresh transformers logits processor for one generate() call, one grammar per batch row."""
+    import xgrammar as xgr
+
+    if all(g is None for g in compiled):
+        return None
+    return xgr.contrib.hf.LogitsProcessor([g if g is not None else grammars.free() for g in compiled])
+
+
+def tool_grammars(tokenizer, vocab_size: int | None = None, problems: list[str] | None = None) -> ToolGrammars | None:
+    """ToolGrammars for this tokenizer, or None (and a problem said) when xgrammar cannot be used here."""
+    try:
+        return ToolGrammars(tokenizer, vocab_size)
+    except Exception as e:  # noqa: BLE001 - an engine that cannot load must not stop evaluation: decode unconstrained
+        if problems is not None:
+            problems.append(f"schema-constrained decoding is off: xgrammar could not be used ({type(e).__name__}: {e}); "
+                            "tool calls are decoded freely and checked against the schemas afterwards")
+        return None

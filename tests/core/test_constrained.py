@@ -1,0 +1,95 @@
+"""Schema-constrained decoding: once the SLM opens a tool call, only an offered tool with schema-valid arguments."""
+
+import json
+
+import pytest
+import torch
+
+from slmconvert.chat import parse_completion
+from slmconvert.constrained import ToolGrammars, logits_processor
+from slmconvert.invocation import Response
+from slmconvert.policy import invalid_reason
+from tests.conftest import tiny_llama
+
+TOOLS = [{"type": "function", "function": {"name": "get_user", "parameters": {
+    "type": "object", "properties": {"user_id": {"type": "string", "pattern": "^[a-z]+_[0-9]+$"},
+                                     "verbose": {"type": "boolean"}},
+    "required": ["user_id"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "cancel", "parameters": {
+        "type": "object", "properties": {"reason": {"type": "string", "enum": ["change_of_plan", "airline_cancelled"]}},
+        "required": ["reason"], "additionalProperties": False}}}]
+
+
+class Script:
+    """A logits processor that pushes the model hard toward one text, character by character (a model that
+    'wants' to write it); the grammar after it decides what may actually be written."""
+
+    def __init__(self, tok, text, start):
+        self.ids = [tok.convert_tokens_to_ids(c) for c in text]
+        self.start = start
+
+    def __call__(self, input_ids, scores):
+        k = input_ids.shape[1] - self.start
+        if k < len(self.ids):
+            scores[:, self.ids[k]] += 50.0
+        return scores
+
+
+def _generate(wanted: str, constrained: bool) -> str:
+    model, tok = tiny_llama(seed=1)
+    enc = tok(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt", add_special_tokens=False)
+    procs = [Script(tok, wanted, enc["input_ids"].shape[1])]
+    if constrained:
+        grammars = ToolGrammars(tok, model.config.vocab_size)
+        procs.append(logits_processor(grammars, [grammars.for_tools(TOOLS)]))
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=len(wanted) + 30, do_sample=False, logits_processor=procs,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("wanted", [
+    '<tool_call>{"name": "delete_user", "arguments": {"user_id": "mia_1"}}</tool_call>',  # a tool not offered
+    '<tool_call>{"name": "cancel", "arguments": {"reason": "bored"}}</tool_call>',  # a value outside the enum
+])
+def test_a_model_that_wants_a_bad_call_can_only_write_a_valid_one(wanted):
+    free = _generate(wanted, constrained=False)
+    assert free.startswith(wanted[:30])  # unconstrained, the model writes what it wants
+    resp, ok = parse_completion(free)
+    assert not ok or invalid_reason(resp, TOOLS) is not None
+    text = _generate(wanted, constrained=True)
+    resp, ok = parse_completion(text)
+    assert ok and resp.tool_calls, text  # it still calls a tool (the trigger was allowed) ...
+    assert invalid_reason(resp, TOOLS) is None, text  # ... an offered one, with schema-valid arguments
+
+
+@pytest.mark.parametrize("text,allowed", [
+    ('<tool_call>{"name": "get_user", "arguments": {"user_id": "mia_1"}}</tool_call>', True),
+    ('<tool_call>{"name": "get_user", "arguments": {"user_id": "mia_1", "verbose": true}}</tool_call>', True),
+    ('<tool_call>{"name": "get_user", "arguments": {"user_id": 42}}</tool_call>', False),  # wrong type
+    ('<tool_call>{"name": "get_user", "arguments": {"user_id": "Mia"}}</tool_call>', False),  # fails the pattern
+    ('<tool_call>{"name": "get_user", "arguments": {}}</tool_call>', False),  # required argument missing
+    ('<tool_call>{"name": "get_user", "arguments": {"user_id": "mia_1", "x": 1}}</tool_call>', False),  # unexpected
+    ('<tool_call>{"name": "get_users", "arguments": {"user_id": "mia_1"}}</tool_call>', False),  # not offered
+    ('Let me look that up. <tool_call>{"name": "cancel", "arguments": {"reason": "change_of_plan"}}</tool_call>', True),
+])
+def test_the_grammar_accepts_exactly_the_calls_the_schema_allows(text, allowed):
+    import xgrammar as xgr
+
+    model, tok = tiny_llama()
+    matcher = xgr.GrammarMatcher(ToolGrammars(tok, model.config.vocab_size).for_tools(TOOLS))
+    assert matcher.accept_string(text) is allowed
+    resp, ok = parse_completion(text)
+    assert (ok and invalid_reason(resp, TOOLS) is None) is allowed  # the grammar and the policy's check agree
+
+
+def test_text_replies_stay_free_and_no_tools_means_no_constraint():
+    text = _generate("Sure, one moment.", constrained=True)
+    assert text.startswith("Sure, one moment.")
+    resp, ok = parse_completion(text)
+    assert ok and not resp.tool_calls
+    model, tok = tiny_llama()
+    g = ToolGrammars(tok, model.config.vocab_size)
+    assert g.for_tools(None) is None and g.for_tools([]) is None and logits_processor(g, [None]) is None
+    assert g.for_tools(TOOLS) is g.for_tools(json.loads(json.dumps(TOOLS)))  # compiled once per tool set
+    assert invalid_reason(Response("x", []), TOOLS) is None
