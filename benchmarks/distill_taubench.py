@@ -96,10 +96,15 @@ def main() -> None:
 
     from slmconvert.cli.evaluate import headline_text
 
+    pol = s["policy"]
+    print(f"invented tool names: {s.get('invented_tools') or 'none'}; copying: {s.get('copying')}")
+    print(f"confidence signal: {pol['confidence_signal']['chosen']}; AUROC on calibration: "
+          f"{ {k: v.get('all') for k, v in pol['confidence_signal']['auroc_on_calibration'].items()} }")
     print(f"per-task verdicts (a diagnosis): {h['verdicts']}")
     print(Text.from_markup(headline_text(s)).plain)
     print(f"config for benchmarks/serve_replay.py: {pipeline}")
-    print(json.dumps({"overall": o, "headline": h, "policy": {k: s["policy"][k] for k in ("split", "verification", "requests", "rules")}},
+    print(json.dumps({"overall": o, "headline": h, "copying": s.get("copying"), "invented_tools": s.get("invented_tools"),
+                      "policy": {k: s["policy"][k] for k in ("split", "verification", "requests", "rules", "confidence_signal")}},
                      default=str))
 
 

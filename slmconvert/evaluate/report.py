@@ -148,6 +148,15 @@ def policy_sections(summary: dict[str, Any]) -> list[str]:
                    f"<td class='n'>{pct(v['share_calls'])} {_iv(v['share_calls_interval'])}</td>"
                    f"<td class='n'>{num(gate.get('min_similarity'))}</td></tr>")
     out.append("</table>")
+    sig = pol.get("confidence_signal") or {}
+    if sig.get("auroc_on_calibration"):
+        aur = sig["auroc_on_calibration"]
+        sites = sorted({k for v in aur.values() for k in v})
+        out.append(f"<p id='signal'>Confidence signal thresholded: <b>{e(sig['chosen'])}</b>. How well each signal separates "
+                   "agreeing from disagreeing answers on calibration (ROC AUC; 0.5 is chance):</p><table id='auroc'><tr><th>signal</th>"
+                   + "".join(f"<th>{e(x)}</th>" for x in sites) + "</tr>"
+                   + "".join(f"<tr><td>{e(name)}</td>" + "".join(f"<td class='n'>{num(v.get(x))}</td>" for x in sites) + "</tr>"
+                             for name, v in aur.items()) + "</table>")
     why = ver["all"].get("not_answered_because") or {}
     if why:
         out.append("<p>Sent to the LLM because: " + ", ".join(f"{e(k)} {n}" for k, n in why.items()) + ".</p>")

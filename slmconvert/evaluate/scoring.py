@@ -143,3 +143,52 @@ def per_argument(r: dict[str, Any], by_id, acc) -> None:
     outcomes, _ = argument_outcomes(inv.response, r["response"], inv.request.tools)
     for tool, arg, ok in outcomes:
         acc[tool][arg].append(float(ok))
+
+
+def copy_stats(rows: list[dict[str, Any]], by_id) -> dict[str, Any]:
+    """How much of the LLM's tool arguments is copied from the prompt (ids, dates, amounts that appear verbatim
+    in the messages), and how often the SLM gets copied and other values right: the copying a small model
+    must do to replace the LLM. Over the tool calls the SLM answered with the right tool."""
+    import json as _json
+
+    copied = other = copied_ok = other_ok = 0
+    for r in rows:
+        inv = by_id.get(r["invocation_id"])
+        if inv is None or not inv.response.tool_calls or not r["response"].tool_calls:
+            continue
+        prompt = "\n".join(_json.dumps(m.get("content"), ensure_ascii=False) if not isinstance(m.get("content"), str)
+                           else m["content"] for m in inv.request.messages)
+        pred = {c.name: c.arguments for c in r["response"].tool_calls}
+        for call in inv.response.tool_calls:
+            if call.name not in pred:
+                continue
+            for k, v in (call.arguments or {}).items():
+                if not isinstance(v, (str, int, float)) or isinstance(v, bool) or len(str(v)) < 3:
+                    continue
+                ok = str(pred[call.name].get(k)) == str(v)
+                if str(v) in prompt:
+                    copied += 1
+                    copied_ok += ok
+                else:
+                    other += 1
+                    other_ok += ok
+    n = copied + other
+    return {"argument_values": n, "in_prompt": copied, "share_in_prompt": round(copied / n, 4) if n else None,
+            "slm_right_when_in_prompt": round(copied_ok / copied, 4) if copied else None,
+            "slm_right_otherwise": round(other_ok / other, 4) if other else None}
+
+
+def invented_tools(rows: list[dict[str, Any]], by_id) -> dict[str, int]:
+    """Tool names the SLM called that the request did not offer, with how often (should be none)."""
+    from collections import Counter
+
+    seen: Counter = Counter()
+    for r in rows:
+        inv = by_id.get(r["invocation_id"])
+        offered = {(t.get("function", t) or {}).get("name") for t in (inv.request.tools or [])} if inv is not None else set()
+        if not offered:
+            continue
+        for c in r["response"].tool_calls:
+            if c.name not in offered:
+                seen[c.name] += 1
+    return dict(seen.most_common())

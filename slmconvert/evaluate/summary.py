@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from slmconvert.evaluate.scoring import ALL_METRICS, aggregate, per_argument
+from slmconvert.evaluate.scoring import ALL_METRICS, aggregate, copy_stats, invented_tools, per_argument
 from slmconvert.io import write_parquet_atomic
 
 EVAL_VERSION = 3
@@ -137,6 +137,8 @@ def summarise(config, tasks_doc, rows, adapters, chosen, problems, judge_stats, 
                   "note": "SLM seconds per call are batched wall time / batch size on this machine"},
         "overall": overall, "chosen_adapters": chosen,
         "per_argument": {k: {a: round(sum(v) / len(v), 4) for a, v in d.items()} for k, d in per_arg.items()},
+        "copying": copy_stats(chosen_rows := [r for r in rows if r["variant"] == "finetuned" and chosen.get(r["site"]) == r["model"]], by_id),
+        "invented_tools": invented_tools(chosen_rows, by_id),
         "tasks": tasks_out, "problems": problems, "judge": judge_stats,
         "policy": {**check, "rules": policy_doc["rules"], "requests": policy_doc["requests"],
                    "target_agreement": policy_doc["target_agreement"], "confidence_level": policy_doc["confidence_level"]},

@@ -80,7 +80,23 @@ def _fingerprint(ids: list[str], entry, fc, recipe) -> str:
                        "recipe": recipe.to_dict(), "version": TRAINING_VERSION})
 
 
-def model_card(site: str, entry, fc, recipe, data_stats: dict, stats: dict, info: dict) -> str:
+def _mix_lines(mix: dict | None) -> list[str]:
+    if not mix:
+        return []
+    if mix.get("method") != "sqrt":
+        return ["- examples drawn uniformly from the site's train split (finetune.balance: none)"]
+    lines = [f"- examples drawn per task in proportion to the square root of its size, at most {mix['max_upweight']:g}x its "
+             "traffic share, tool calls vs text replies as in traffic (finetune.balance: sqrt): a frequent tool no longer "
+             "crowds out rare ones, which a small model otherwise replaces with the frequent one"]
+    tasks = sorted(mix.get("tasks", {}).items(), key=lambda kv: -kv[1]["available"])
+    lines += [f"  - {t}: {d['examples']} examples of {d['available']} ({100 * d['traffic_share']:.1f}% of traffic, "
+              f"{100 * d['training_share']:.1f}% of training)" for t, d in tasks[:20]]
+    if len(tasks) > 20:
+        lines.append(f"  - ... {len(tasks) - 20} more tasks (finetune manifest: training_mix)")
+    return lines
+
+
+def model_card(site: str, entry, fc, recipe, data_stats: dict, stats: dict, info: dict, mix: dict | None = None) -> str:
     hp = {k: getattr(fc, k) for k in ("method", "lora_r", "lora_alpha", "lora_dropout", "epochs", "max_steps", "learning_rate",
                                       "batch_size", "grad_accum", "max_length")}
     lines = [f"# {entry.name} distilled for call site `{site}`", "",
@@ -89,6 +105,7 @@ def model_card(site: str, entry, fc, recipe, data_stats: dict, stats: dict, info
              "## Data", "",
              f"- {data_stats['examples']} training examples (train split of the site), "
              f"{data_stats['prompt_tokens']:,} prompt and {data_stats['completion_tokens']:,} completion tokens",
+             *_mix_lines(mix),
              *[f"- dropped ({k[8:]}): {v}" for k, v in data_stats.items() if k.startswith("dropped_")],
              *[f"- prompts fitted ({k[7:].replace('_', ' ')}): {v}" for k, v in data_stats.items() if k.startswith("fitted_")],
              f"- prompt compaction: {json.dumps(recipe.to_dict())}", "",
@@ -104,7 +121,7 @@ def model_card(site: str, entry, fc, recipe, data_stats: dict, stats: dict, info
 
 
 def train_one(workspace: Workspace, config: PipelineConfig, site: str, model_name: str, train_invs: list, recipe,
-              progress: Progress) -> dict[str, Any]:
+              progress: Progress, mix: dict | None = None) -> dict[str, Any]:
     from slmconvert.chat import supports_native_tools
     from slmconvert.finetune.data import build_examples
     from slmconvert.finetune.trainer import CHECKPOINTS, pick_device, save_outputs, train_adapter
@@ -144,7 +161,7 @@ def train_one(workspace: Workspace, config: PipelineConfig, site: str, model_nam
     write_json_atomic(out / "recipe.json", recipe.to_dict())
     write_json_atomic(out / "train_stats.json", {**public, "data": data_stats, "device": device, "tool_format": "native" if native else "fallback",
                                                  "base": {"name": entry.name, **info}})
-    write_text_atomic(out / "README.md", model_card(site, entry, fc, recipe, data_stats, stats, info))
+    write_text_atomic(out / "README.md", model_card(site, entry, fc, recipe, data_stats, stats, info, mix))
     shutil.rmtree(ckpt, ignore_errors=True)
     record = {"site": site, "model": entry.name, "model_ref": model_name, "path": str(out.relative_to(workspace.root)), "fingerprint": fp,
               "files": files + ["recipe.json", "train_stats.json", "README.md"], "examples": data_stats["examples"],
@@ -170,17 +187,61 @@ def site_data(config: PipelineConfig, workspace: Workspace) -> dict[str, dict[st
         inv = by_id.get(a["invocation_id"])
         if inv is None:
             continue
-        s = sites.setdefault(a["site"], {"all": [], "train": []})
+        s = sites.setdefault(a["site"], {"all": [], "train": [], "tasks": []})
         s["all"].append(inv)
         if a["split"] == "train":
             s["train"].append(inv)
+            s["tasks"].append(a["task"])
     cc, fc = config.compaction, config.finetune
     for s in sites.values():
         s["recipe"] = fit_recipe([i.request.messages for i in s["all"]], enabled=cc.enabled, max_history_tokens=cc.max_history_tokens,
                                  max_tool_result_chars=cc.max_tool_result_chars, toolsets=[i.request.tools for i in s["all"]])
-        if fc.max_train_examples and len(s["train"]) > fc.max_train_examples:
-            s["train"] = random.Random(fc.seed).sample(s["train"], fc.max_train_examples)
+        s["train"], s["balance"] = balanced_sample(s.pop("train"), s.pop("tasks"), fc.max_train_examples, fc.seed,
+                                                   fc.balance, fc.max_upweight)
     return sites
+
+
+def balanced_sample(invs: list, tasks: list[str], limit: int | None, seed: int, balance: str = "sqrt",
+                    max_upweight: float = 4.0) -> tuple[list, dict[str, Any]]:
+    """A site's training examples and how they were drawn.
+
+    `none`: a uniform sample of `limit` (all without a limit). `sqrt`: the tool-call and text-reply examples
+    keep their traffic shares; within each, a task gets examples in proportion to the square root of its
+    size (a frequent tool stops crowding out rare ones), never more than `max_upweight` times its traffic
+    share; a task with too few examples for its share repeats them (each at most `max_upweight` times)."""
+    from collections import defaultdict
+
+    rng = random.Random(seed)
+    n = min(limit, len(invs)) if limit else len(invs)
+    if balance == "none" or not invs:
+        picked = rng.sample(invs, n) if n < len(invs) else list(invs)
+        return picked, {"method": "uniform", "examples": len(picked)}
+    groups: dict[str, list] = defaultdict(list)
+    for inv, t in zip(invs, tasks):
+        groups[t].append(inv)
+    total = len(invs)
+    out: list = []
+    per_task: dict[str, dict[str, Any]] = {}
+    for kind in ("tool", "text"):
+        names = sorted(t for t in groups if (t.startswith("tool") if kind == "tool" else not t.startswith("tool")))
+        size = sum(len(groups[t]) for t in names)
+        if not size:
+            continue
+        budget = round(n * size / total)
+        root = {t: len(groups[t]) ** 0.5 for t in names}
+        z = sum(root.values())
+        for t in names:
+            share = len(groups[t]) / size
+            k = round(budget * min(root[t] / z, max_upweight * share))
+            pool = rng.sample(groups[t], len(groups[t]))
+            take = [pool[i % len(pool)] for i in range(min(k, int(max_upweight * len(pool))))]
+            out += take
+            per_task[t] = {"available": len(pool), "examples": len(take), "traffic_share": round(len(pool) / total, 4),
+                           "training_share": None}
+    rng.shuffle(out)
+    for t, d in per_task.items():
+        d["training_share"] = round(d["examples"] / len(out), 4) if out else 0.0
+    return out, {"method": "sqrt", "max_upweight": max_upweight, "examples": len(out), "tasks": per_task}
 
 
 def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, progress: Progress = NULL_PROGRESS) -> Manifest:
@@ -217,7 +278,8 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                     warnings_.append(f"site {site}: no training examples in the train split; nothing trained")
                     continue
                 for m in models:
-                    a = train_one(workspace, config, site, m, sites[site]["train"], sites[site]["recipe"], progress)
+                    a = train_one(workspace, config, site, m, sites[site]["train"], sites[site]["recipe"], progress,
+                                  sites[site]["balance"])
                     adapters.append(a)
                     fitted = {k[7:]: v for k, v in a.get("data", {}).items() if k.startswith("fitted_") and v}
                     if fitted:
@@ -234,6 +296,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                             counts=counts, timings=timer.total(),
                             files=[a["path"] for a in adapters], status="ran" if prev is None else "updated",
                             extra={"adapters": [{k: v for k, v in a.items() if k != "files"} for a in adapters],
-                                   "recipes": {s: d["recipe"].to_dict() for s, d in sites.items()}, "warnings": warnings_})
+                                   "recipes": {s: d["recipe"].to_dict() for s, d in sites.items()},
+                                   "training_mix": {s: d["balance"] for s, d in sites.items()}, "warnings": warnings_})
         workspace.write_manifest(manifest)
         return manifest

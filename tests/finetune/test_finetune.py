@@ -143,3 +143,23 @@ def test_real_smollm2_learns_from_real_calls(tiny_ws):
         print(a["site"], a["first_loss"], a["last_loss"], a["tokens_per_s"])
         assert a["tool_format"] == "fallback" and a["examples"] > 0
     assert sum(a["last_loss"] < a["first_loss"] for a in m.extra["adapters"]) >= 2
+
+
+def test_balanced_sampling_lifts_rare_tools_and_keeps_the_tool_text_mix():
+    """sqrt balancing: a frequent tool stops crowding out rare ones, within max_upweight, tool/text mix as in traffic."""
+    from slmconvert.finetune.stage import balanced_sample
+
+    tasks = ["tool:get_user"] * 600 + ["tool:book"] * 20 + ["tool:refund"] * 4 + ["text:1"] * 376
+    invs = list(range(len(tasks)))
+    picked, info = balanced_sample(invs, tasks, 300, seed=0)
+    by = {t: d["examples"] for t, d in info["tasks"].items()}
+    tool = sum(v for t, v in by.items() if t.startswith("tool"))
+    assert abs(tool / len(picked) - 624 / 1000) < 0.02  # the tool-call share of traffic is kept
+    assert by["tool:book"] / len(picked) > 2 * 20 / 1000  # a rare tool gets more than its traffic share ...
+    assert by["tool:book"] / len(picked) <= 4 * 20 / 1000 + 0.005  # ... at most max_upweight times it
+    assert by["tool:get_user"] / len(picked) < 600 / 1000  # and the frequent one less
+    assert by["tool:refund"] <= 4 * 4  # repeats are capped too
+    uniform, u = balanced_sample(invs, tasks, 300, seed=0, balance="none")
+    assert len(uniform) == 300 and u["method"] == "uniform" and len(set(uniform)) == 300
+    again, _ = balanced_sample(invs, tasks, 300, seed=0)
+    assert again == picked  # seeded
