@@ -95,5 +95,11 @@ def print_verdicts(summary: dict, title: str) -> None:
         console.print(f"[bold]Per-task verdicts[/] (by the LLM's task; [dim]a diagnosis, not what serve gates on[/]): "
                       f"{pct(view['share_calls'])} of calls", highlight=False)
     console.print(headline_text(summary), highlight=False)
+    sig = (summary.get("policy") or {}).get("confidence_signal") or {}
+    if sig.get("auroc_on_calibration"):
+        aur = {k: v.get("all") for k, v in sig["auroc_on_calibration"].items() if v.get("all") is not None}
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(aur.items(), key=lambda kv: -kv[1])) or "not measurable (all answers agree, or none)"
+        console.print(f"[dim]Confidence signal thresholded: {sig['chosen']}; AUROC on calibration (agreeing vs not): {shown}[/]",
+                      highlight=False)
     for p in summary.get("problems", []):
         console.print(f"[yellow]warning:[/] {p}", highlight=False)
