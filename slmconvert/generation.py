@@ -24,6 +24,32 @@ class Generation:
                 "logprobs": self.logprobs, "tokens": self.tokens}
 
 
+class RawLogprobs:
+    """A logits processor, first in line, that keeps the model's log-probability of each chosen token from the
+    raw scores (before a grammar masks them), one vocabulary row at a time instead of every step's logits."""
+
+    def __init__(self):
+        self.prev = None
+        self.steps: list[Any] = []
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def collect(self, new_tokens):
+        """(batch, generated) log-probabilities, given the generated token ids."""
+        import torch
+
+        if self.prev is not None and len(self.steps) < new_tokens.shape[1]:
+            self.steps.append(self.prev.gather(1, new_tokens[:, len(self.steps):len(self.steps) + 1]).squeeze(1))
+        self.prev = None
+        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(new_tokens.shape[0], 0)
+
+
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 8,
              max_prompt_tokens: int | None = None, progress: Progress = NULL_PROGRESS,
              grammars: Any = None, constraints: Sequence[Any] | None = None) -> list[Generation]:
@@ -50,17 +76,15 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_toke
                         truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens)
         enc = {k: v.to(device) for k, v in enc.items()}
         lp = logits_processor(grammars, [constraints[i] for i in idx]) if grammars is not None and constraints else None
+        raw = RawLogprobs()  # the model's own probability of each chosen token: a grammar's mask does not make it certain
         t = time.perf_counter()
         with torch.no_grad():
             res = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id,
-                                 output_logits=True, return_dict_in_generate=True,
-                                 **({"logits_processor": [lp]} if lp is not None else {}))
+                                 return_dict_in_generate=True, logits_processor=[raw] + ([lp] if lp is not None else []))
         dt = time.perf_counter() - t
         new = res.sequences[:, enc["input_ids"].shape[1]:]
-        # the model's own log-probability of each chosen token (raw logits: a grammar's mask does not make it certain)
-        logits = torch.stack(res.logits, dim=1).float() if res.logits else torch.zeros(len(idx), 0, 1)
-        scores = torch.log_softmax(logits, dim=-1).gather(-1, new[:, :logits.shape[1]].unsqueeze(-1)).squeeze(-1)
+        scores = raw.collect(new)
         for row, i in enumerate(idx):
             ids = new[row].tolist()
             n = len(ids)
