@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--no-base", action="store_true", help="skip the untrained base model (its full-instruction prompts are most of the CPU evaluation time)")
     ap.add_argument("--lr", type=float, default=1e-3, help="finetune.learning_rate (LoRA on a 135M model: 1e-3 learns in few steps)")
     ap.add_argument("--activation-checkpointing", action="store_true", help="less memory, ~30%% slower; for --max-length > 1024 on CPU")
+    ap.add_argument("--balance", choices=["sqrt", "none"], default="sqrt", help="finetune.balance: the training mix over tasks")
+    ap.add_argument("--unconstrained", action="store_true", help="evaluate.constrained_decoding=false (tool calls decoded freely)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
 
@@ -60,7 +62,8 @@ def main() -> None:
             f"evaluate.base={'false' if args.no_base else 'true'}", f"finetune.batch_size={args.batch_size}",
             f"finetune.activation_checkpointing={'true' if args.activation_checkpointing else 'false'}",
             f"evaluate.max_test_examples={args.test_calls}", "evaluate.max_new_tokens=160",
-            f"evaluate.max_prompt_tokens={max(args.max_length, 4096)}"]
+            f"evaluate.max_prompt_tokens={max(args.max_length, 4096)}", f"finetune.balance={args.balance}",
+            f"evaluate.constrained_decoding={'false' if args.unconstrained else 'true'}"]
     if args.device:
         sets += [f"finetune.device={args.device}", f"evaluate.device={args.device}"]
     cfg = load_config(None, sets)
