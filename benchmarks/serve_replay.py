@@ -175,8 +175,8 @@ def main() -> None:
             site, task = site_of[(inv.session_id, inv.step)]
             by.append((site, who))
             if who != "slm":
-                why = r.headers.get("x-slmconvert-reason", f"HTTP {r.status_code}")
-                reasons[why.split(":")[0][:60]] = reasons.get(why.split(":")[0][:60], 0) + 1
+                why = r.headers.get("x-slmconvert-reason", f"HTTP {r.status_code}").split(":")[0][:60]
+                reasons[why] = reasons.get(why, 0) + 1
                 continue
             msg = r.json()["choices"][0]["message"]
             resp = response_from_message(normalize_message(msg, "serve's answer"))

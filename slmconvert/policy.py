@@ -34,15 +34,16 @@ TEXT_KEY = "text"
 # --------------------------------------------------------------------------- intervals
 
 
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact two-sided binomial interval; its lower end at (1 - level) * 2 is the one-sided bound."""
+def clopper_pearson(k: float, n: float, level: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided binomial interval; its lower end at (1 - level) * 2 is the one-sided bound. k and n
+    may be fractional (an effective sample size)."""
     from scipy.stats import beta
 
-    if n == 0:
+    if n <= 0:
         return 0.0, 1.0
     alpha = 1 - level
-    lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    lo = 0.0 if k <= 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    hi = 1.0 if k >= n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
     return lo, hi
 
 
@@ -57,17 +58,12 @@ def weighted_share(flags: Sequence[bool], weights: Sequence[float], level: float
     """Share of `weights` where `flags` hold, with a Clopper-Pearson interval at the Kish effective sample
     size (sum w)^2 / sum w^2: a stratified sample re-weighted to the traffic mix has less information
     than its raw count."""
-    from scipy.stats import beta
-
     W = float(sum(weights))
     if not W:
         return None, [0.0, 1.0]
     p = sum(w for f, w in zip(flags, weights) if f) / W
     n = W * W / float(sum(w * w for w in weights))
-    k = p * n
-    alpha = 1 - level
-    lo = 0.0 if k <= 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
-    hi = 1.0 if k >= n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    lo, hi = clopper_pearson(p * n, n, level)
     return round(p, 4), [round(lo, 4), round(hi, 4)]
 
 
