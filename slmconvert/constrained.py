@@ -7,6 +7,13 @@ offered tools' tags must follow, `<tool_call>{"name": "<tool>", "arguments": <sc
 the exact form the adapters were trained on (slmconvert.chat). A tool whose schema xgrammar cannot
 compile keeps its name constrained and its arguments to any JSON object. Compiled grammars are cached
 per tool set; the compiler is built once per tokenizer.
+
+A schema bounds a value's type, rarely its length, and a small model caught in a loop
+(`"expression": "((((((…"`, a `flights` list that never closes) runs out of tokens inside the call.
+`argument_bounds` reads, from the site's training calls, the longest string and the longest list the
+LLM ever wrote for each argument; `bound_schema` caps free strings and lists at a margin above that
+(`maxLength`, `maxItems`; the schema's own limits win), so every call the grammar allows can end. The
+bounds are part of the routing policy, so `serve` decodes under the grammar evaluate verified.
 """
 
 from __future__ import annotations
@@ -19,6 +26,61 @@ from slmconvert.io import sha256_obj
 
 TRIGGER = "<tool_call>"
 MAX_WHITESPACE = 1  # inside a call: JSON as json.dumps writes it; a model cannot stall on spaces where a value is forbidden
+UNSEEN_STRING_CHARS = 256  # cap on a free string the LLM never wrote for this argument
+
+
+def _walk(value: Any, path: str, out: dict[str, int]) -> None:
+    if isinstance(value, str):
+        out[path + "#chars"] = max(out.get(path + "#chars", 0), len(value))
+    elif isinstance(value, list):
+        out[path + "#items"] = max(out.get(path + "#items", 0), len(value))
+        for v in value:
+            _walk(v, path + "/*", out)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _walk(v, f"{path}/{k}", out)
+
+
+def argument_bounds(invocations) -> dict[str, dict[str, int]]:
+    """Per tool, per argument path ("/flights/*/date#chars", "/flights#items"): the longest string / list
+    the LLM wrote in these invocations' tool calls."""
+    out: dict[str, dict[str, int]] = {}
+    for inv in invocations:
+        for call in inv.response.tool_calls or []:
+            if isinstance(call.arguments, dict) and "_raw" not in call.arguments:
+                _walk(call.arguments, "", out.setdefault(call.name, {}))
+    return {tool: dict(sorted(b.items())) for tool, b in sorted(out.items())}
+
+
+def _margin(n: int) -> int:
+    return n + max(8, n // 2)  # room above the longest string seen: 1.5x, at least 8 more characters
+
+
+def bound_schema(schema: Any, bounds: dict[str, int] | None, path: str = "") -> Any:
+    """`schema` with free strings and lists capped (a copy): at a margin above the longest the LLM wrote at
+    that path, a free string it never wrote at UNSEEN_STRING_CHARS. Enums, consts, patterns, formats and the
+    schema's own maxLength / maxItems are left as they are."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    bounds = bounds or {}
+    types = out.get("type")
+    types = set(types) if isinstance(types, list) else {types} if isinstance(types, str) else set()
+    if "string" in types and not ({"enum", "const", "pattern", "format", "maxLength"} & out.keys()):
+        seen = bounds.get(path + "#chars")
+        cap = _margin(seen) if seen is not None else UNSEEN_STRING_CHARS
+        out["maxLength"] = max(cap, out.get("minLength") if isinstance(out.get("minLength"), int) else 0)
+    if "array" in types and "maxItems" not in out and (path + "#items") in bounds:
+        n = bounds[path + "#items"]
+        out["maxItems"] = max(n + max(1, n // 2), out.get("minItems") if isinstance(out.get("minItems"), int) else 0)  # 1.5x, at least one more
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: bound_schema(v, bounds, f"{path}/{k}") for k, v in out["properties"].items()}
+    if isinstance(out.get("items"), dict):
+        out["items"] = bound_schema(out["items"], bounds, path + "/*")
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(out.get(key), list):
+            out[key] = [bound_schema(v, bounds, path) for v in out[key]]
+    return out
 
 
 def _tool_specs(tools: list[dict] | None) -> list[tuple[str, dict]]:
@@ -54,10 +116,14 @@ class ToolGrammars:
         self._lock = threading.Lock()
         self.loose: set[str] = set()  # tools whose schema could not be compiled: any JSON object as arguments
 
-    def for_tools(self, tools: list[dict] | None):
+    def for_tools(self, tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None = None):
+        """The compiled grammar for these offered tools, their arguments capped by `bounds`
+        (argument_bounds of the site; None: schemas as given)."""
         specs = _tool_specs(tools)
         if not specs:
             return None
+        if bounds is not None:
+            specs = [(name, bound_schema(schema, bounds.get(name))) for name, schema in specs]
         key = sha256_obj(specs)
         with self._lock:
             if key not in self._cache:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -151,10 +151,11 @@ class Answers:
 
 
 def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]], cache: GenerationCache, problems: list[str],
-                 progress: Progress) -> tuple[list[Answers], dict[str, int]]:
+                 progress: Progress, bounds: dict[str, dict] | None = None) -> tuple[list[Answers], dict[str, int]]:
     """Answers of every (model, site) variant: the base model (when `evaluate.base`) and each adapter;
-    and how many generations were new vs cached."""
-    from slmconvert.chat import render_prompt, special_tokens, supports_native_tools
+    and how many generations were new vs cached. `bounds`: per site, the argument bounds of its
+    constrained grammar (slmconvert.constrained.argument_bounds)."""
+    from slmconvert.chat import answer_text, render_prompt, special_tokens, supports_native_tools
     from slmconvert.compaction import CompactionRecipe
     from slmconvert.constrained import tool_grammars
     from slmconvert.finetune.data import fit_prompt
@@ -171,12 +172,31 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
     for a in adapters:
         by_model[a.get("model_ref") or a["model"]].append(a)
     counts = {"new": 0, "cached": 0}
+    bounds = bounds or {}
+    budget_checked: set[str] = set()
+
+    def check_budget(tok, site, sample) -> None:
+        """Say so when the LLM's own answers do not fit the generation budget: those cannot be matched."""
+        if site in budget_checked:
+            return
+        budget_checked.add(site)
+        lengths = [(len(tok(answer_text(s.inv.response), add_special_tokens=False)["input_ids"]), s.inv) for s in sample]
+        over = [(n, inv) for n, inv in lengths if n > ec.max_new_tokens]
+        if over:
+            tools = Counter(c.name for _, inv in over for c in inv.response.tool_calls[:1])
+            problems.append(f"site {site}: {len(over)} of {len(sample)} sampled calls have an LLM answer longer than "
+                            f"evaluate.max_new_tokens={ec.max_new_tokens} SLM tokens (longest {max(n for n, _ in over)}"
+                            + (f"; {', '.join(f'{t} {k}' for t, k in tools.most_common(3))}" if tools else "")
+                            + "): an SLM answer is cut off there and counts as broken; raise evaluate.max_new_tokens")
 
     def run_variant(model, tok, site, sample, make_messages, variant, variant_key, budget, model_name, grammars) -> None:
         native = supports_native_tools(tok)
         prompts, lengths = [], []
+        check_budget(tok, site, sample)
         # the grammar follows the request's own tools, not the compacted prompt's (compaction may drop their docs)
-        constraints = [grammars.for_tools(s.inv.request.tools) for s in sample] if grammars is not None else None
+        constraints = ([grammars.for_tools(s.inv.request.tools, bounds.get(site)) for s in sample]
+                       if grammars is not None else None)
+        variant_key = sha256_obj({"variant": variant_key, "bounds": bounds.get(site)}) if grammars is not None else variant_key
         for s in sample:
             msgs, tools = make_messages(s.inv)
             fitted = fit_prompt(msgs, tools, tok, budget, native)

@@ -53,6 +53,7 @@ def _adapter_problem(workspace: Workspace, a: dict[str, Any]) -> str | None:
 def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, progress: Progress = NULL_PROGRESS) -> Manifest:
     from slmconvert.cluster.router import load_router
     from slmconvert.cluster.stage import load_assignments, load_tasks
+    from slmconvert.constrained import argument_bounds
     from slmconvert.embeddings import EmbeddingCache
     from slmconvert.evaluate.generate import GenerationCache, generate_all, test_sample
     from slmconvert.evaluate.prices import load_prices
@@ -105,11 +106,13 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         stage_dir.mkdir(parents=True, exist_ok=True)
         workspace.invalidate(STAGE)
         cache = GenerationCache(stage_dir / GENERATIONS)
+        # how long the LLM's arguments get on each site's training calls: the grammar's caps (serve reads them from the policy)
+        bounds = {s: argument_bounds(train_by_site.get(s, [])) for s in samples} if ec.constrained_decoding else {}
         with timer.step("generate_s"):
             total = sum(len(samples.get(a["site"], [])) * (2 if ec.base else 1) for a in adapters)
             progress.start("evaluating on the test split", total=total)
             try:
-                answers, gen_counts = generate_all(config, workspace, adapters, samples, cache, problems, progress)
+                answers, gen_counts = generate_all(config, workspace, adapters, samples, cache, problems, progress, bounds)
             finally:
                 progress.stop()
         with timer.step("score_s"):
@@ -132,6 +135,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                                 router, familiarity, load_prices(ec.prices), llm_models, emb_cache)
             policy, check = fit_routing_policy(config, tasks_doc, prows,
                                                {s: int(len(v)) for s, v in familiarity.refs.items()})
+            policy["argument_bounds"] = {s: b for s, b in bounds.items() if s in chosen}
         summary = summarise(config, tasks_doc, rows, adapters, chosen, problems, judge_stats, by_id, policy, check)
         summary["generation"] = gen_counts
         summary["timings"] = timer.total()

@@ -92,6 +92,8 @@ class SlmEngine:
         self._models: dict[str, tuple[Any, Any]] = {}  # model ref -> (peft model, tokenizer)
         self._grammars: dict[str, Any] = {}  # model ref -> ToolGrammars, when the policy was verified constrained
         self._load_models()
+        # the caps on argument lengths the policy was verified with (None for a policy from before them: schemas as given)
+        self.argument_bounds: dict[str, dict] = self.policy.doc.get("argument_bounds") or {}
         if self.policy.doc.get("constrained_decoding"):
             from slmconvert.constrained import tool_grammars
 
@@ -192,7 +194,8 @@ class SlmEngine:
                 model.set_adapter(adapter["name"])
             grammars = self._grammars.get(adapter["model_key"])
             [g] = generate(model, tok, [prompt], max_new_tokens=self.max_new_tokens, batch_size=1, max_prompt_tokens=budget,
-                           grammars=grammars, constraints=[grammars.for_tools(tools)] if grammars is not None else None)
+                           grammars=grammars, constraints=[grammars.for_tools(tools, self.argument_bounds.get(site))]
+                           if grammars is not None else None)
         d.seconds = time.perf_counter() - t0
         d.completion_tokens = g.new_tokens
         d.confidence = confidence_of(g.as_dict(), self.policy.doc.get("confidence_signal", "mean_logprob"))

@@ -93,3 +93,72 @@ def test_text_replies_stay_free_and_no_tools_means_no_constraint():
     assert g.for_tools(None) is None and g.for_tools([]) is None and logits_processor(g, [None]) is None
     assert g.for_tools(TOOLS) is g.for_tools(json.loads(json.dumps(TOOLS)))  # compiled once per tool set
     assert invalid_reason(Response("x", []), TOOLS) is None
+
+
+CALC = [{"type": "function", "function": {"name": "calc", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string"},
+                                     "unit": {"type": "string", "enum": ["usd", "eur"]},
+                                     "terms": {"type": "array", "items": {"type": "number"}}},
+    "required": ["expression"], "additionalProperties": False}}}]
+
+
+def _inv(arguments):
+    from slmconvert.invocation import Invocation, Request, ToolCall
+
+    return Invocation(id="x", session_id="s", source="log.jsonl", step=0, request=Request(messages=[{"role": "user", "content": "?"}], tools=CALC),
+                      response=Response(None, [ToolCall("calc", arguments)]))
+
+
+def test_bounds_cap_free_strings_and_lists_a_margin_above_what_the_llm_wrote():
+    import xgrammar as xgr
+
+    from slmconvert.constrained import argument_bounds, bound_schema
+
+    bounds = argument_bounds([_inv({"expression": "2 + 3", "terms": [2, 3]}),
+                              _inv({"expression": "120 * 0.15 + 40", "unit": "usd", "terms": [120, 0.15, 40]})])
+    assert bounds == {"calc": {"/expression#chars": 15, "/terms#items": 3, "/unit#chars": 3}}
+    schema = bound_schema(CALC[0]["function"]["parameters"], bounds["calc"])
+    props = schema["properties"]
+    assert props["expression"]["maxLength"] == 15 + 8 and props["terms"]["maxItems"] == 4
+    assert "maxLength" not in props["unit"]  # an enum already bounds it
+    assert "maxLength" not in CALC[0]["function"]["parameters"]["properties"]["expression"]  # the request's schema is not touched
+    assert bound_schema({"type": "string"}, {})["maxLength"] == 256  # never written: the default cap
+    assert bound_schema({"type": "string", "maxLength": 5}, {"#chars": 90})["maxLength"] == 5  # the schema's own limit wins
+
+    model, tok = tiny_llama()
+    grammar = ToolGrammars(tok, model.config.vocab_size).for_tools(CALC, bounds)
+
+    def allowed(args):
+        return xgr.GrammarMatcher(grammar).accept_string(
+            '<tool_call>{"name": "calc", "arguments": ' + json.dumps(args) + "}</tool_call>")
+
+    assert allowed({"expression": "1" * 23, "terms": [1, 2, 3, 4]})
+    assert not allowed({"expression": "1" * 24})  # one character past the cap
+    assert not allowed({"expression": "1", "terms": [1, 2, 3, 4, 5]})  # one item past the cap
+
+
+def test_a_model_caught_in_a_loop_still_closes_a_valid_call_under_the_bounds():
+    """Unbounded, a model that keeps writing '(' runs out of tokens inside the call (broken JSON, the LLM gets
+    the call); bounded by what the LLM wrote in training, the grammar makes it close the string and the call."""
+    from slmconvert.constrained import argument_bounds
+
+    model, tok = tiny_llama(seed=1)
+    prefix = '<tool_call>{"name": "calc", "arguments": {"expression": "'
+    wanted = prefix + "(" * 200
+    enc = tok(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt", add_special_tokens=False)
+    grammars = ToolGrammars(tok, model.config.vocab_size)
+    bounds = argument_bounds([_inv({"expression": "(2 + 3) * 4"})])
+
+    def run(b):
+        procs = [Script(tok, wanted, enc["input_ids"].shape[1]), logits_processor(grammars, [grammars.for_tools(CALC, b)])]
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=len(prefix) + 60, do_sample=False, logits_processor=procs,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    loose = run(None)
+    assert loose.startswith(prefix + "(" * 40) and not parse_completion(loose)[1]  # cut off inside the string
+    text = run(bounds)
+    resp, ok = parse_completion(text)
+    assert ok and resp.tool_calls and invalid_reason(resp, CALC) is None, text
+    assert resp.tool_calls[0].arguments["expression"] == "(" * 19  # the cap: 11 characters seen, 8 more
