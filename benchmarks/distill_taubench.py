@@ -44,6 +44,10 @@ def main() -> None:
     ap.add_argument("--activation-checkpointing", action="store_true", help="less memory, ~30%% slower; for --max-length > 1024 on CPU")
     ap.add_argument("--balance", choices=["sqrt", "none"], default="sqrt", help="finetune.balance: the training mix over tasks")
     ap.add_argument("--unconstrained", action="store_true", help="evaluate.constrained_decoding=false (tool calls decoded freely)")
+    ap.add_argument("--signal", default="auto", help="evaluate.confidence_signal (before issue 17: mean_logprob)")
+    ap.add_argument("--max-new-tokens", type=int, default=520,
+                    help="evaluate.max_new_tokens: τ-bench's longest gpt-4o call (book_reservation) is 515 SmolLM2 tokens; "
+                         "at 160 every book_reservation answer was cut off and counted as broken JSON")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
 
@@ -61,7 +65,8 @@ def main() -> None:
             f"compaction.max_history_tokens={args.history_tokens}", f"compaction.max_tool_result_chars={args.tool_result_chars}",
             f"evaluate.base={'false' if args.no_base else 'true'}", f"finetune.batch_size={args.batch_size}",
             f"finetune.activation_checkpointing={'true' if args.activation_checkpointing else 'false'}",
-            f"evaluate.max_test_examples={args.test_calls}", "evaluate.max_new_tokens=160",
+            f"evaluate.max_test_examples={args.test_calls}", f"evaluate.max_new_tokens={args.max_new_tokens}",
+            f"evaluate.confidence_signal={args.signal}",
             f"evaluate.max_prompt_tokens={max(args.max_length, 4096)}", f"finetune.balance={args.balance}",
             f"evaluate.constrained_decoding={'false' if args.unconstrained else 'true'}"]
     if args.device:
@@ -104,6 +109,8 @@ def main() -> None:
     print(f"confidence signal: {pol['confidence_signal']['chosen']}; AUROC on calibration: "
           f"{ {k: v.get('all') for k, v in pol['confidence_signal']['auroc_on_calibration'].items()} }")
     print(f"per-task verdicts (a diagnosis): {h['verdicts']}")
+    for p in s.get("problems") or []:
+        print(f"problem: {p}")
     print(Text.from_markup(headline_text(s)).plain)
     print(f"config for benchmarks/serve_replay.py: {pipeline}")
     print(json.dumps({"overall": o, "headline": h, "copying": s.get("copying"), "invented_tools": s.get("invented_tools"),
