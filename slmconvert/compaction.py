@@ -8,6 +8,11 @@
 - Tool results longer than `max_tool_result_chars` are cut, with a marker saying so.
 - The history is windowed to the most recent messages that fit `max_history_tokens`; the
   window starts at a user turn when one fits, and the last message is always kept.
+- Values the window drops but the agent copies later are carried: the site's training calls show
+  which keys of tool results and tool-call arguments hold values the LLM copies into its calls
+  (an order id, a user id, a date), and the values of those keys in the dropped messages are kept
+  as one short line at the head of the window ("Earlier in this conversation: order_id=…"). A small
+  model can copy an id it sees; it can only guess one the window cut away.
 
 The recipe is data (recorded in the manifest and next to every adapter), so training,
 evaluation and serving compact identically.
@@ -19,7 +24,10 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
+CARRY_MIN_COPIES = 3  # a key is carried when the LLM copied its values at least this often ...
+CARRY_MIN_RATE = 0.05  # ... in at least this share of the times the key appeared in a prompt
+CARRY_HEADER = "Earlier in this conversation: "
 # A shared head/tail is worth dropping when it is at least this long (characters) ...
 MIN_SHARED_CHARS = 200
 _BOUNDARY_CHARS = "\n.!?"
@@ -38,6 +46,8 @@ class CompactionRecipe:
     drop_tools: bool = False  # the site's tool definitions never change: the SLM learns them, like the system prompt
     system_prefix: str | None = None  # head every variant of the site's system prompt shares: dropped
     system_suffix: str | None = None  # tail every variant shares: dropped
+    carry_keys: list[str] | None = None  # keys whose values the LLM copies: kept from messages the window drops
+    max_carried: int = 0  # at most this many carried values (0: none)
     version: int = RECIPE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,9 +62,60 @@ def _system_text(messages: Sequence[dict]) -> str:
     return "\n".join(m.get("content") or "" for m in messages if m.get("role") == "system").strip()
 
 
+def _leaves(obj: Any, key: str | None = None):
+    """(key, value) of a JSON document's scalar leaves worth copying (three characters or more)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, str(k))
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _leaves(v, key)
+    elif key is not None and isinstance(obj, (str, int, float)) and not isinstance(obj, bool) and len(str(obj)) >= 3:
+        yield key, str(obj)
+
+
+def _message_values(m: dict):
+    """(key, value) pairs a message holds as data: a JSON tool result's leaves, its tool calls' arguments."""
+    if m.get("role") == "tool" and isinstance(m.get("content"), str):
+        try:
+            yield from _leaves(json.loads(m["content"]))
+        except (json.JSONDecodeError, RecursionError):
+            pass
+    for tc in m.get("tool_calls") or []:
+        fn = tc.get("function", tc) if isinstance(tc, dict) else {}
+        args = fn.get("arguments") if isinstance(fn, dict) else None
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                args = None
+        if isinstance(args, dict):
+            yield from _leaves(args)
+
+
+def copied_keys(examples: Sequence[tuple[Sequence[dict], Sequence[Any]]]) -> list[str]:
+    """Keys whose values the LLM copies into its tool calls, from (prompt messages, the LLM's tool calls) pairs:
+    a key counts as copied when its value in the prompt shows up among the call's argument values."""
+    seen: dict[str, int] = {}
+    copied: dict[str, int] = {}
+    for messages, calls in examples:
+        wanted = {v for c in calls or [] for _, v in _leaves(c.arguments if isinstance(c.arguments, dict) else {})}
+        if not wanted:
+            continue
+        pairs = {kv for m in messages for kv in _message_values(m)}
+        for k, v in pairs:
+            seen[k] = seen.get(k, 0) + 1
+            if v in wanted:
+                copied[k] = copied.get(k, 0) + 1
+    return sorted(k for k, n in copied.items() if n >= CARRY_MIN_COPIES and n / seen[k] >= CARRY_MIN_RATE)
+
+
 def fit_recipe(prompts: Sequence[Sequence[dict]], *, enabled: bool = True, max_history_tokens: int = 1536,
-               max_tool_result_chars: int = 2000, toolsets: Sequence[Any] | None = None) -> CompactionRecipe:
-    """Decide a site's recipe from its calls' prompts (and their tool definitions)."""
+               max_tool_result_chars: int = 2000, toolsets: Sequence[Any] | None = None,
+               copy_examples: Sequence[tuple[Sequence[dict], Sequence[Any]]] | None = None,
+               max_carried: int = 0) -> CompactionRecipe:
+    """Decide a site's recipe from its calls' prompts (and their tool definitions); with `copy_examples`
+    (training prompts and the LLM's tool calls) and `max_carried`, the keys whose values are carried."""
     from slmconvert.cluster.features import mask_variables
 
     if not enabled:
@@ -67,7 +128,9 @@ def fit_recipe(prompts: Sequence[Sequence[dict]], *, enabled: bool = True, max_h
         prefix, suffix = shared_parts([_system_text(p) for p in prompts])
     return CompactionRecipe(drop_system_prompt=static, system_template=next(iter(templates)) if static else None,
                             max_history_tokens=max_history_tokens, max_tool_result_chars=max_tool_result_chars,
-                            drop_tools=static and len(distinct_tools) == 1, system_prefix=prefix, system_suffix=suffix)
+                            drop_tools=static and len(distinct_tools) == 1, system_prefix=prefix, system_suffix=suffix,
+                            carry_keys=(copied_keys(copy_examples) or None) if copy_examples and max_carried else None,
+                            max_carried=max_carried)
 
 
 def shared_parts(texts: Sequence[str]) -> tuple[str | None, str | None]:
@@ -125,6 +188,7 @@ def compact(messages: Sequence[dict], recipe: CompactionRecipe, count: Callable[
         msgs = _drop_shared(msgs, recipe.system_prefix or "", recipe.system_suffix or "")
     system = [m for m in msgs if m.get("role") == "system"]
     rest = [m for m in msgs if m.get("role") != "system"]
+    whole = [dict(m) for m in rest]  # before tool results are cut: where carried values are read
     for m in rest:
         c = m.get("content")
         if m.get("role") == "tool" and isinstance(c, str) and len(c) > recipe.max_tool_result_chars:
@@ -146,4 +210,26 @@ def compact(messages: Sequence[dict], recipe: CompactionRecipe, count: Callable[
         first_user = next((i for i, m in enumerate(kept) if m.get("role") == "user"), None)
         if first_user is not None and first_user < len(kept) - 1:
             kept = kept[first_user:]
-    return system + kept
+    return system + _carry(whole, kept, recipe)
+
+
+def _carry(whole: list[dict], kept: list[dict], recipe: CompactionRecipe) -> list[dict]:
+    """The window with the carried values in front: those of the history's messages (as they were before
+    any cut) that the window no longer shows, most recent first, each once."""
+    keys = set(recipe.carry_keys or ())
+    if not keys or recipe.max_carried <= 0:
+        return kept
+    window = "\n".join(str(m.get("content") or "") + json.dumps(m.get("tool_calls") or "") for m in kept)
+    values: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for m in reversed(whole):
+        for k, v in _message_values(m):
+            if k in keys and (k, v) not in seen and v not in window:
+                seen.add((k, v))
+                values.append(f"{k}={v}")
+    if not values:
+        return kept
+    note = CARRY_HEADER + ", ".join(values[: recipe.max_carried])
+    if kept and kept[0].get("role") == "user" and isinstance(kept[0].get("content"), str):
+        return [{**kept[0], "content": note + "\n\n" + kept[0]["content"]}] + kept[1:]
+    return [{"role": "user", "content": note}] + kept

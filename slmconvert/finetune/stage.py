@@ -195,7 +195,9 @@ def site_data(config: PipelineConfig, workspace: Workspace) -> dict[str, dict[st
     cc, fc = config.compaction, config.finetune
     for s in sites.values():
         s["recipe"] = fit_recipe([i.request.messages for i in s["all"]], enabled=cc.enabled, max_history_tokens=cc.max_history_tokens,
-                                 max_tool_result_chars=cc.max_tool_result_chars, toolsets=[i.request.tools for i in s["all"]])
+                                 max_tool_result_chars=cc.max_tool_result_chars, toolsets=[i.request.tools for i in s["all"]],
+                                 copy_examples=[(i.request.messages, i.response.tool_calls) for i in s["train"]],
+                                 max_carried=cc.carry_values)
         s["train"], s["balance"] = balanced_sample(s.pop("train"), s.pop("tasks"), fc.max_train_examples, fc.seed,
                                                    fc.balance, fc.max_upweight)
     return sites

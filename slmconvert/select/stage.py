@@ -52,8 +52,10 @@ def site_profiles(invocations: list[Invocation], assignments: list[dict], config
     cc = config.compaction
     for s in sites.values():
         prompts = [i.request.messages for i in s["invocations"]]
+        train = [i for t in s["train_by_task"].values() for i in t]
         recipe = fit_recipe(prompts, enabled=cc.enabled, max_history_tokens=cc.max_history_tokens,
-                            max_tool_result_chars=cc.max_tool_result_chars, toolsets=[i.request.tools for i in s["invocations"]])
+                            max_tool_result_chars=cc.max_tool_result_chars, toolsets=[i.request.tools for i in s["invocations"]],
+                            copy_examples=[(i.request.messages, i.response.tool_calls) for i in train], max_carried=cc.carry_values)
         lengths = []
         for inv in s["invocations"]:
             msgs = compact(inv.request.messages, recipe)

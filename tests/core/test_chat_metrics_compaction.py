@@ -151,3 +151,35 @@ def test_compaction_drops_only_what_the_system_prompt_variants_share():
     assert out[0] == {"role": "system", "content": "Customer profile: plan Fiber, region south."}
     unseen = [{"role": "system", "content": "A different agent entirely."}, {"role": "user", "content": "hi"}]
     assert compact(unseen, recipe) == unseen  # a variant the site never showed is kept whole
+
+
+def _support_chat(k: int, filler: int = 30) -> tuple[list[dict], list[ToolCall]]:
+    """A support agent: it looks a customer up, chats for a while, then refunds an order it read in the lookup."""
+    order, customer = f"ORD-{9000 + k}", f"cus_{4000 + 7 * k}"
+    msgs = [{"role": "user", "content": f"Hi, I'm customer {customer}, my parcel never came."},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": f"c{k}", "type": "function", "function": {
+                "name": "lookup_customer", "arguments": json.dumps({"customer_id": customer})}}]},
+            {"role": "tool", "tool_call_id": f"c{k}", "content": json.dumps({
+                "customer_id": customer, "tier": "gold", "orders": [{"order_id": order, "status": "lost in transit"}]})}]
+    for i in range(filler):
+        msgs += [{"role": "assistant", "content": f"I understand, let me check a few more things ({i})."},
+                 {"role": "user", "content": f"Sure, take your time, it has been a long week ({i})."}]
+    msgs.append({"role": "user", "content": "Please just refund it."})
+    return msgs, [ToolCall("refund", {"order_id": order, "reason": "lost"})]
+
+
+def test_values_the_llm_copies_are_carried_past_the_history_window():
+    train = [_support_chat(k) for k in range(6)]
+    recipe = fit_recipe([m for m, _ in train], max_history_tokens=200, copy_examples=train, max_carried=8)
+    assert recipe.carry_keys == ["order_id"]  # copied into the refund every time; tier, status, customer_id never
+    msgs, [call] = _support_chat(42)
+    window = compact(msgs, recipe)
+    shown = json.dumps(window)
+    assert "lookup_customer" not in shown  # the lookup and its result fell out of the window ...
+    assert "order_id=ORD-9042" in window[0]["content"] and window[0]["role"] == "user"  # ... but the id it held is carried
+    assert "lost in transit" not in shown and "gold" not in shown
+    assert window[-1]["content"].endswith("Please just refund it.")
+    off = fit_recipe([m for m, _ in train], max_history_tokens=200, copy_examples=train, max_carried=0)
+    assert off.carry_keys is None and "ORD-9042" not in json.dumps(compact(msgs, off))
+    short = fit_recipe([m for m, _ in train], max_history_tokens=10**6, copy_examples=train, max_carried=8)
+    assert compact(msgs, short) == msgs  # nothing dropped: nothing carried, the prompt unchanged
