@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--activation-checkpointing", action="store_true", help="less memory, ~30%% slower; for --max-length > 1024 on CPU")
     ap.add_argument("--balance", choices=["sqrt", "none"], default="sqrt", help="finetune.balance: the training mix over tasks")
     ap.add_argument("--unconstrained", action="store_true", help="evaluate.constrained_decoding=false (tool calls decoded freely)")
+    ap.add_argument("--carry-values", type=int, default=None, help="compaction.carry_values (before issue 17: 0)")
     ap.add_argument("--signal", default="auto", help="evaluate.confidence_signal (before issue 17: mean_logprob)")
     ap.add_argument("--max-new-tokens", type=int, default=520,
                     help="evaluate.max_new_tokens: τ-bench's longest gpt-4o call (book_reservation) is 515 SmolLM2 tokens; "
@@ -69,6 +70,8 @@ def main() -> None:
             f"evaluate.confidence_signal={args.signal}",
             f"evaluate.max_prompt_tokens={max(args.max_length, 4096)}", f"finetune.balance={args.balance}",
             f"evaluate.constrained_decoding={'false' if args.unconstrained else 'true'}"]
+    if args.carry_values is not None:
+        sets.append(f"compaction.carry_values={args.carry_values}")
     if args.device:
         sets += [f"finetune.device={args.device}", f"evaluate.device={args.device}"]
     cfg = load_config(None, sets)
