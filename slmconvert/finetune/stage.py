@@ -108,7 +108,9 @@ def model_card(site: str, entry, fc, recipe, data_stats: dict, stats: dict, info
              *_mix_lines(mix),
              *[f"- dropped ({k[8:]}): {v}" for k, v in data_stats.items() if k.startswith("dropped_")],
              *[f"- prompts fitted ({k[7:].replace('_', ' ')}): {v}" for k, v in data_stats.items() if k.startswith("fitted_")],
-             f"- prompt compaction: {json.dumps(recipe.to_dict())}", "",
+             f"- prompt compaction: {json.dumps(recipe.to_dict())}",
+             *([f"- carried past the history window (the LLM copies these keys' values into its calls): "
+                f"{', '.join(recipe.carry_keys)}, at most {recipe.max_carried} values"] if recipe.carry_keys else []), "",
              "## Hyper-parameters", "", *[f"- {k}: {v}" for k, v in hp.items()],
              f"- precision: {'bf16' if stats['bf16'] else 'fp32'}; packing: {stats['packing']}", "",
              "## Training", "",
