@@ -42,6 +42,11 @@ def test_evaluate_writes_results_summary_and_report_that_agree(tuned_ws, tmp_pat
     assert f"<b id='share-tokens'>{pct(h['share_tokens'])}</b>" in page
     assert "id='tasks'" in page and page.count("data:image/png;base64,") >= 2
     assert page.count("<tr class='v-") == n_tasks
+    # the grammar serve decodes under: constrained, argument caps read from each site's training calls
+    policy = json.loads((ws / "eval" / "policy.json").read_text())
+    assert policy["constrained_decoding"] is True and policy["argument_bounds"]
+    caps = [n for site in policy["argument_bounds"].values() for tool in site.values() for n in tool.values()]
+    assert caps and all(isinstance(n, int) and n > 0 for n in caps)
     # unchanged: skipped; forced: re-scored from the generation cache, nothing generated again
     assert run(cfg, Workspace(ws)).status == "skipped"
     again = run(cfg, Workspace(ws), force=True)
