@@ -1,5 +1,5 @@
 """Batched greedy generation with the log-probability of every generated token (the model's own, before
-any grammar), optionally schema-constrained (slmconvert.constrained)."""
+any grammar), optionally schema-constrained (slmconvert.constrained), with a guard against loops."""
 
 from __future__ import annotations
 
@@ -50,6 +50,58 @@ class RawLogprobs:
         return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(new_tokens.shape[0], 0)
 
 
+class RepeatGuard:
+    """A logits processor, last in line, that breaks verbatim loops. Greedy decoding of a small model can fall
+    into writing the same span again and again (the same passenger appended to a list until the token budget
+    runs out inside the call: broken JSON). When a row's answer ends in the same span of p tokens written
+    `copies` times in a row (a run of at least `min_span` tokens), the span's token-to-token steps are
+    remembered for that row, and from then on a token that would take one of those steps again is banned,
+    whatever the phase: the model (and the grammar) must go another way — close the list, end the string,
+    stop. A row's last allowed token is never banned, so a grammar's answer stays valid."""
+
+    VERSION = "repeat-v2"  # part of evaluate's generation cache key
+
+    def __init__(self, copies: int = 3, min_span: int = 24, max_period: int = 64):
+        self.copies, self.min_span, self.max_period = copies, min_span, max_period
+        self.start: int | None = None
+        self.steps: dict[int, dict[int, set[int]]] = {}  # row -> token -> the tokens that followed it in a loop
+        self.fired = 0
+
+    def period(self, tail: list[int]) -> int | None:
+        """The shortest period whose last `copies` repetitions end the sequence, spanning min_span or more."""
+        for p in range(1, self.max_period + 1):
+            need = max(self.copies * p, self.min_span)
+            if need > len(tail):  # it only grows with p
+                return None
+            span = tail[-need:]
+            if all(span[i] == span[i + p] for i in range(len(span) - p)):
+                return p
+        return None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        gen = input_ids[:, self.start:]
+        if gen.shape[1] < 2:
+            return scores
+        window = self.copies * self.max_period + self.min_span
+        for row in range(gen.shape[0]):
+            tail = gen[row, -window:].tolist()
+            p = self.period(tail) if len(tail) >= self.min_span else None
+            if p is not None:
+                cycle = tail[-p:]
+                known = self.steps.setdefault(row, {})
+                for k in range(p):
+                    known.setdefault(cycle[k - 1], set()).add(cycle[k])
+            for nxt in self.steps.get(row, {}).get(tail[-1], ()):
+                if torch.isfinite(scores[row, nxt]) and torch.isfinite(scores[row]).sum() > 1:
+                    scores[row, nxt] = float("-inf")
+                    self.fired += 1
+        return scores
+
+
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 8,
              max_prompt_tokens: int | None = None, progress: Progress = NULL_PROGRESS,
              grammars: Any = None, constraints: Sequence[Any] | None = None) -> list[Generation]:
@@ -81,7 +133,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_toke
         with torch.no_grad():
             res = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id,
-                                 return_dict_in_generate=True, logits_processor=[raw] + ([lp] if lp is not None else []))
+                                 return_dict_in_generate=True,
+                                 logits_processor=[raw] + ([lp] if lp is not None else []) + [RepeatGuard()])
         dt = time.perf_counter() - t
         new = res.sequences[:, enc["input_ids"].shape[1]:]
         scores = raw.collect(new)

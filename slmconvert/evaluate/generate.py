@@ -158,6 +158,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
     from slmconvert.chat import answer_text, render_prompt, special_tokens, supports_native_tools
     from slmconvert.compaction import CompactionRecipe
     from slmconvert.constrained import tool_grammars
+    from slmconvert.generation import RepeatGuard
     from slmconvert.finetune.data import fit_prompt
     from slmconvert.finetune.stage import COMPLETE, load_artefact
     from slmconvert.finetune.trainer import pick_device
@@ -221,7 +222,8 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
             continue
         grammars = tool_grammars(tok, getattr(model.config, "vocab_size", None), problems) if ec.constrained_decoding else None
         settings = {"max_new_tokens": ec.max_new_tokens, "model": entry.name, "location": info["location"], "dtype": info["dtype"],
-                    "constrained": grammars is not None, "logprobs": "raw-v1"}
+                    "constrained": grammars is not None, "logprobs": "raw-v1",
+                    "guard": RepeatGuard.VERSION}
         todo = []
         for a in ads:
             sample = samples.get(a["site"]) or []

@@ -162,3 +162,48 @@ def test_a_model_caught_in_a_loop_still_closes_a_valid_call_under_the_bounds():
     resp, ok = parse_completion(text)
     assert ok and resp.tool_calls and invalid_reason(resp, CALC) is None, text
     assert resp.tool_calls[0].arguments["expression"] == "(" * 19  # the cap: 11 characters seen, 8 more
+
+
+def test_a_model_that_repeats_itself_is_made_to_close_the_list_and_the_call():
+    """Bounds do not stop a list of identical items short of its cap (the same passenger again and again until
+    the budget runs out). The repeat guard bans the loop's steps once the span has come three times in a row;
+    with the grammar, the model closes the list and the call within the budget."""
+    from slmconvert.generation import RepeatGuard
+
+    tools = [{"type": "function", "function": {"name": "tally", "parameters": {
+        "type": "object", "properties": {"items": {"type": "array", "items": {"type": "integer"}}},
+        "required": ["items"], "additionalProperties": False}}}]
+    model, tok = tiny_llama(seed=1)
+    prefix = '<tool_call>{"name": "tally", "arguments": {"items": ['
+    enc = tok(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt", add_special_tokens=False)
+    grammars = ToolGrammars(tok, model.config.vocab_size)
+
+    def run(guard):
+        procs = [Script(tok, prefix + "17, " * 200, enc["input_ids"].shape[1]), logits_processor(grammars, [grammars.for_tools(tools)])]
+        procs += [guard] if guard is not None else []
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=len(prefix) + 80, do_sample=False, logits_processor=procs,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    loose = run(None)
+    assert loose.startswith(prefix + "17, " * 15) and not parse_completion(loose)[1]  # cut off inside the list
+    guard = RepeatGuard()
+    text = run(guard)
+    resp, ok = parse_completion(text)
+    assert guard.fired and ok and resp.tool_calls and invalid_reason(resp, tools) is None, text
+    assert resp.tool_calls[0].arguments["items"][:6] == [17] * 6  # what came before the loop is kept
+
+
+def test_the_repeat_guard_leaves_answers_without_a_loop_alone():
+    from slmconvert.generation import RepeatGuard
+
+    g = RepeatGuard()
+    assert g.period(list(range(40))) is None
+    assert g.period([5, 6, 7] * 7) is None  # 21 tokens: shorter than the 24-token minimum run
+    assert g.period([1, 2] + [5, 6, 7, 8] * 6) == 4
+    assert g.period([9] * 24) == 1
+    scores = torch.zeros(1, 10)
+    assert torch.equal(g(torch.tensor([[0, 1, 2, 3]]), scores.clone()), scores)  # the first call marks the prompt
+    ids = torch.tensor([[0, 1, 2, 3] + [4, 5, 6] * 2])
+    assert torch.equal(g(ids, scores.clone()), scores) and not g.fired
