@@ -24,9 +24,12 @@ FALLBACK_TOOLS_HEADER = (
 
 
 def prompt_budget(max_length: int, new_tokens: int, cap: int | None = None) -> int:
-    """Tokens a prompt may take so that an answer of `new_tokens` still fits the model's trained
-    `max_length` (never less than half of it), at most `cap`. Select, evaluate and serve share it."""
-    budget = max(max_length - new_tokens, max_length // 2)
+    """Tokens a prompt may take: the model's trained `max_length` less room for the answer, at most `cap`.
+    Select, evaluate and serve share it. The room is `new_tokens` but at most a quarter of `max_length`:
+    training fitted each prompt beside its own answer (mostly short), and a generation budget sized for
+    the rare long answer (a 500-token booking) must not cut every prompt to half its trained length —
+    a long answer runs past `max_length` instead, within the base model's context."""
+    budget = max_length - min(new_tokens, max_length // 4)
     return min(cap, budget) if cap is not None else budget
 
 

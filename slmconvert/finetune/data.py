@@ -27,12 +27,28 @@ def end_at_eos(completion: str, tokenizer: Any) -> str:
     return trimmed if eos and trimmed.endswith(eos) else completion
 
 
+def _keep_carried(dropped: dict, after: list[dict]) -> list[dict]:
+    """The messages after a dropped one, the dropped one's carried values (slmconvert.compaction) moved onto
+    the next user message: they are what the prompt keeps of the history it no longer shows."""
+    from slmconvert.compaction import CARRY_HEADER
+
+    content = dropped.get("content")
+    if not (isinstance(content, str) and content.startswith(CARRY_HEADER)):
+        return after
+    note = content.split("\n\n", 1)[0]
+    nxt = next((i for i, m in enumerate(after) if m.get("role") == "user" and isinstance(m.get("content"), str)), None)
+    if nxt is None:
+        return after
+    return after[:nxt] + [{**after[nxt], "content": note + "\n\n" + after[nxt]["content"]}] + after[nxt + 1:]
+
+
 def fit_prompt(messages: list[dict], tools: list[dict] | None, tokenizer: Any, budget: int,
                native: bool, stats: Counter | None = None) -> tuple[str, int] | None:
     """The rendered prompt and its token count, fitted into `budget` tokens. Training, evaluation and
     serving share it, so a call is cut the same way everywhere.
 
-    1. Older non-system turns are dropped (the last message always stays).
+    1. Older non-system turns are dropped (the last message always stays; values compaction carried
+       move on to the next message).
     2. Still too long (long instructions, a huge last tool result): the longest message is cut in
        its middle, its head and tail kept with a marker saying how much was cut.
     3. Still too long: the tool descriptions are dropped (names and parameters stay).
@@ -47,7 +63,7 @@ def fit_prompt(messages: list[dict], tools: list[dict] | None, tokenizer: Any, b
         droppable = [i for i, m in enumerate(msgs) if m.get("role") != "system"]
         if len(droppable) <= 1:
             break
-        msgs = msgs[: droppable[0]] + msgs[droppable[0] + 1:]
+        msgs = msgs[: droppable[0]] + _keep_carried(msgs[droppable[0]], msgs[droppable[0] + 1:])
         done.add("history_windowed")
         prompt = render_prompt(tokenizer, msgs, tools, native)
         p_len = n_tokens(tokenizer, prompt)

@@ -183,3 +183,24 @@ def test_values_the_llm_copies_are_carried_past_the_history_window():
     assert off.carry_keys is None and "ORD-9042" not in json.dumps(compact(msgs, off))
     short = fit_recipe([m for m, _ in train], max_history_tokens=10**6, copy_examples=train, max_carried=8)
     assert compact(msgs, short) == msgs  # nothing dropped: nothing carried, the prompt unchanged
+
+
+def test_a_large_answer_budget_does_not_halve_the_prompt():
+    from slmconvert.chat import prompt_budget
+
+    assert prompt_budget(768, 96) == 672  # room for the whole answer budget
+    assert prompt_budget(896, 520) == 672  # at most a quarter of the trained length is held back
+    assert prompt_budget(2048, 256, cap=1024) == 1024
+
+
+def test_fitting_a_prompt_to_the_model_keeps_the_carried_values():
+    from slmconvert.finetune.data import fit_prompt
+
+    train = [_support_chat(k) for k in range(6)]
+    recipe = fit_recipe([m for m, _ in train], max_history_tokens=200, copy_examples=train, max_carried=8)
+    msgs, _ = _support_chat(42)
+    window = compact(msgs, recipe)
+    tok = tiny_tokenizer()
+    full = fit_prompt(window, None, tok, 10**6, False)
+    text, n = fit_prompt(window, None, tok, full[1] // 2, False)  # older turns must go to fit
+    assert n <= full[1] // 2 and "order_id=ORD-9042" in text and text.count("Earlier in this conversation") == 1
