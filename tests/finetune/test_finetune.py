@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from slmconvert.compaction import RECIPE_VERSION
 from slmconvert.config import FinetuneConfig
 from slmconvert.errors import StageError
 from slmconvert.workspace import Workspace
@@ -92,7 +93,7 @@ def test_interrupted_run_resumes_then_finished_work_is_skipped(tiny_ws):
     for a in m.extra["adapters"]:
         d = ws / a["path"]
         assert (d / "adapter" / "adapter_model.safetensors").exists() and (d / "adapter" / "chat_template.jinja").exists()
-        assert json.loads((d / "recipe.json").read_text())["version"] == 2
+        assert json.loads((d / "recipe.json").read_text())["version"] == RECIPE_VERSION
         card = (d / "README.md").read_text()
         assert "training examples" in card and "loss: first" in card and "learning_rate" in card
         assert not (d / "checkpoints").exists()
