@@ -35,17 +35,21 @@ class Script:
         return scores
 
 
-def _generate(wanted: str, constrained: bool) -> str:
-    model, tok = tiny_llama(seed=1)
+def _scripted(model, tok, wanted: str, max_new_tokens: int, processors=()) -> str:
+    """What the tiny model writes when pushed toward `wanted`, with these processors (None: skipped) after the push."""
     enc = tok(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt", add_special_tokens=False)
-    procs = [Script(tok, wanted, enc["input_ids"].shape[1])]
-    if constrained:
-        grammars = ToolGrammars(tok, model.config.vocab_size)
-        procs.append(logits_processor(grammars, [grammars.for_tools(TOOLS)]))
+    procs = [Script(tok, wanted, enc["input_ids"].shape[1])] + [p for p in processors if p is not None]
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=len(wanted) + 30, do_sample=False, logits_processor=procs,
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _generate(wanted: str, constrained: bool) -> str:
+    model, tok = tiny_llama(seed=1)
+    grammars = ToolGrammars(tok, model.config.vocab_size) if constrained else None
+    return _scripted(model, tok, wanted, len(wanted) + 30,
+                     [logits_processor(grammars, [grammars.for_tools(TOOLS)])] if constrained else [])
 
 
 @pytest.mark.parametrize("wanted", [
@@ -145,16 +149,11 @@ def test_a_model_caught_in_a_loop_still_closes_a_valid_call_under_the_bounds():
     model, tok = tiny_llama(seed=1)
     prefix = '<tool_call>{"name": "calc", "arguments": {"expression": "'
     wanted = prefix + "(" * 200
-    enc = tok(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt", add_special_tokens=False)
     grammars = ToolGrammars(tok, model.config.vocab_size)
     bounds = argument_bounds([_inv({"expression": "(2 + 3) * 4"})])
 
     def run(b):
-        procs = [Script(tok, wanted, enc["input_ids"].shape[1]), logits_processor(grammars, [grammars.for_tools(CALC, b)])]
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=len(prefix) + 60, do_sample=False, logits_processor=procs,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return _scripted(model, tok, wanted, len(prefix) + 60, [logits_processor(grammars, [grammars.for_tools(CALC, b)])])
 
     loose = run(None)
     assert loose.startswith(prefix + "(" * 40) and not parse_completion(loose)[1]  # cut off inside the string
@@ -175,16 +174,11 @@ def test_a_model_that_repeats_itself_is_made_to_close_the_list_and_the_call():
         "required": ["items"], "additionalProperties": False}}}]
     model, tok = tiny_llama(seed=1)
     prefix = '<tool_call>{"name": "tally", "arguments": {"items": ['
-    enc = tok(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt", add_special_tokens=False)
     grammars = ToolGrammars(tok, model.config.vocab_size)
 
     def run(guard):
-        procs = [Script(tok, prefix + "17, " * 200, enc["input_ids"].shape[1]), logits_processor(grammars, [grammars.for_tools(tools)])]
-        procs += [guard] if guard is not None else []
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=len(prefix) + 80, do_sample=False, logits_processor=procs,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return _scripted(model, tok, prefix + "17, " * 200, len(prefix) + 80,
+                         [logits_processor(grammars, [grammars.for_tools(tools)]), guard])
 
     loose = run(None)
     assert loose.startswith(prefix + "17, " * 15) and not parse_completion(loose)[1]  # cut off inside the list
