@@ -93,9 +93,9 @@ def _print_summary(result: dict, manifest) -> None:
 @handle_errors
 def formats(as_json: bool = JsonOpt) -> None:
     """List the log formats `collect` reads (auto-detected in this order)."""
-    from slmconvert.collect.formats import DETECTION_ORDER, log_formats
+    from slmconvert.collect.formats import format_names, log_formats
 
-    names = [n for n in DETECTION_ORDER if n in log_formats] + [n for n in log_formats.names() if n not in DETECTION_ORDER]
+    names = format_names()
     rows = [{"name": n, "description": log_formats.get(n).description} for n in names]
     if as_json:
         print_json(rows)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from slmconvert.invocation import (
     ROLE_ALIASES,
@@ -25,6 +25,7 @@ from slmconvert.invocation import (
     normalize_timestamp,
     response_from_message,
 )
+from slmconvert.collect.dialects import answer_body, chat_messages, maybe_json, request_body, tool_list, usage_of
 from slmconvert.collect.textactions import TextActionRule, read_actions
 from slmconvert.io import canonical_json, sha256_text
 from slmconvert.registry import Registry
@@ -34,6 +35,7 @@ from slmconvert.registry import Registry
 KEPT_PARAMS = (
     "temperature", "top_p", "max_tokens", "max_completion_tokens", "response_format", "tool_choice",
     "stop", "seed", "n", "parallel_tool_calls", "presence_penalty", "frequency_penalty", "reasoning_effort",
+    "max_output_tokens", "top_k",
 )
 SESSION_KEYS = ("session_id", "conversation_id", "thread_id", "trace_id", "chat_id", "dialog_id", "simulation_id",
                 "episode_id", "id")
@@ -73,6 +75,11 @@ class ParseContext:
     messages_path: str | None = None
 
     noted: dict[str, int] = field(default_factory=dict)
+    # Run-wide state a format keeps across records and files (a batch's requests awaiting their answers).
+    shared: dict[str, Any] = field(default_factory=dict)
+    # Parts of a record that are bad while the rest is good (one span of an OTLP export):
+    # (locator, reason, code), quarantined like a bad record.
+    bad: list[tuple[str, str, str]] = field(default_factory=list)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -91,6 +98,12 @@ class LogFormat:
 
     def parse(self, record: Any, ctx: ParseContext) -> list[Invocation]:
         raise NotImplementedError
+
+    def finish(self, shared: dict[str, Any], new_ctx: Callable[[str, str], ParseContext]
+               ) -> tuple[list[Invocation], list[tuple[str, str, str, str]]]:
+        """Called once after every file of a run: invocations completed from run-wide state (`new_ctx(path,
+        locator)` gives each its parse context), and (path, locator, reason, code) of what never could be."""
+        return [], []
 
 
 log_formats: Registry[type[LogFormat]] = Registry("log format")
@@ -124,6 +137,7 @@ def _normalize_tools(raw: Any, where: str) -> list[dict] | None:
     """Tools as OpenAI function schemas ({"type": "function", "function": {...}})."""
     if raw is None:
         return None
+    raw, _ = tool_list(raw)
     if not isinstance(raw, list):
         raise RecordError(f"{where}: tools must be a list, got {type(raw).__name__}")
     tools = []
@@ -158,14 +172,7 @@ def _session_from(record: dict) -> str | None:
 
 
 def _usage(raw: Any) -> Usage | None:
-    if not isinstance(raw, dict):
-        return None
-    p = raw.get("prompt_tokens", raw.get("input_tokens"))
-    c = raw.get("completion_tokens", raw.get("output_tokens"))
-    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
-    if not ok(p) and not ok(c):
-        return None
-    return Usage(p if ok(p) else None, c if ok(c) else None)
+    return usage_of(raw)
 
 
 def _number(record: dict, keys: tuple[str, ...], where: str) -> float | None:
@@ -181,7 +188,21 @@ def _number(record: dict, keys: tuple[str, ...], where: str) -> float | None:
 def _messages(raw: Any, where: str, ctx: ParseContext | None = None) -> list[dict]:
     if not isinstance(raw, list):
         raise RecordError(f"{where}: messages must be a list, got {type(raw).__name__}", "wrong_type")
-    return [normalize_message(m, f"{where}[{i}]") for i, m in enumerate(_environment_events(raw, ctx))]
+    out = [normalize_message(m, f"{where}[{i}]") for i, m in enumerate(_environment_events(chat_messages(raw, where), ctx))]
+    return _name_tool_results(out)
+
+
+def _name_tool_results(messages: list[dict]) -> list[dict]:
+    """Tool results named after the call they answer, as chat completions logs them: APIs that log
+    results by call id only (Anthropic, Responses, OTel) then give the same messages."""
+    names: dict[str, str] = {}
+    for m in messages:
+        for c in m.get("tool_calls") or []:
+            if c.get("id"):
+                names[c["id"]] = c["function"]["name"]
+        if m["role"] == "tool" and "name" not in m and m.get("tool_call_id") in names:
+            m["name"] = names[m["tool_call_id"]]
+    return messages
 
 
 def _environment_events(raw: list, ctx: ParseContext | None) -> list:
@@ -282,35 +303,65 @@ def _make(ctx: ParseContext, session: str, step: int, messages: list[dict], tool
 
 @log_formats.register("request-response")
 class RequestResponseFormat(LogFormat):
-    """One record per LLM call: {"request": {chat-completions request}, "response": {chat.completion}}.
+    """One record per LLM call: a request body and its response body.
 
-    The shape of NVIDIA's data-flywheel and most LLM gateways. Optional: timestamp, workload_id,
-    client_id, latency_ms, usage, session_id / conversation_id / trace_id.
+    `{"request": ..., "response": ...}` (NVIDIA's data-flywheel, most gateways), also under
+    `request_body`/`response_body` or `input`/`output`, bodies as objects or JSON strings. The
+    bodies may be OpenAI chat completions, Anthropic Messages (`system`, content blocks
+    `text`/`tool_use`/`tool_result`, `tools[].input_schema`, `stop_reason`) or the OpenAI Responses
+    API (`instructions`, `input` items with `function_call`/`function_call_output`, flat `tools`,
+    `output` items). Optional: timestamp, workload_id, client_id, latency_ms, usage,
+    session_id / conversation_id / trace_id.
     """
 
     name = "request-response"
-    description = 'JSONL of {"request": {...}, "response": {...}} (gateways, data-flywheel)'
-    RECORD_KEYS = {"request", "response", "timestamp", "usage", "latency_ms", "duration_ms", "cost_usd", "cost",
-                   "client_id", "workload_id", "agent", "model", "step", "hci", *SESSION_KEYS}
+    description = ('one call per record: {"request", "response"} (also request_body/response_body, input/output); '
+                   "OpenAI chat, Anthropic Messages or OpenAI Responses bodies (gateways, data-flywheel)")
+    PAIRS = (("request", "response"), ("request_body", "response_body"), ("input", "output"))
+    RECORD_KEYS = {"request", "response", "request_body", "response_body", "input", "output", "timestamp", "usage",
+                   "latency_ms", "duration_ms", "cost_usd", "cost", "client_id", "workload_id", "agent", "model", "step",
+                   "hci", *SESSION_KEYS}
+
+    @classmethod
+    def pair(cls, record: Any) -> tuple[str, str] | None:
+        """The (request key, response key) of a record, or None when it holds no such pair."""
+        if not isinstance(record, dict):
+            return None
+        for req_key, resp_key in cls.PAIRS:
+            req = maybe_json(record.get(req_key))
+            if isinstance(req, dict) and resp_key in record and (req_key == "request" or "messages" in req or "input" in req):
+                return req_key, resp_key
+        return None
 
     def sniff(self, record: Any) -> bool:
-        return isinstance(record, dict) and isinstance(record.get("request"), dict) and "response" in record
+        return self.pair(record) is not None
 
     def parse(self, record: Any, ctx: ParseContext) -> list[Invocation]:
         if not isinstance(record, dict):
             raise RecordError(f"record must be an object, got {type(record).__name__}", "wrong_type")
-        req = record.get("request")
+        req_key, resp_key = self.pair(record) or ("request", "response")
+        req = maybe_json(record.get(req_key))
         if not isinstance(req, dict):
-            raise RecordError("request must be an object", "missing_field")
-        if "messages" not in req:
-            raise RecordError("request.messages is missing", "missing_field")
-        messages = _messages(req["messages"], "request.messages", ctx)
-        tools = _normalize_tools(req.get("tools", req.get("functions")), "request.tools")
-        params = {k: req[k] for k in KEPT_PARAMS if k in req}
-        answer, finish, resp_model, resp_usage, created = self._response(record.get("response"))
+            raise RecordError(f"{req_key} must be an object", "missing_field")
+        if "messages" not in req and "input" not in req:
+            raise RecordError(f"{req_key}.messages is missing", "missing_field")
+        return [self.call(record, req, record.get(resp_key), ctx, req_key, resp_key)]
+
+    def call(self, record: dict, req: dict, raw_answer: Any, ctx: ParseContext, req_key: str = "request",
+             resp_key: str = "response", session: str | None = None) -> Invocation:
+        """The invocation of one request body and its answer; `record` holds the call's other fields."""
+        raw_messages, raw_tools, body, builtin = request_body(req, req_key)
+        if builtin:
+            ctx.drop("builtin_tools", builtin)
+        if isinstance(req.get("previous_response_id"), str):
+            ctx.note("prompts_continuing_a_previous_response")  # the earlier turns live in that response
+        messages = _messages(raw_messages, f"{req_key}.messages" if "messages" in req else f"{req_key}.input", ctx)
+        tools = _normalize_tools(raw_tools, f"{req_key}.tools")
+        params = {k: body[k] for k in KEPT_PARAMS if k in body}
+        answer, finish, resp_model, resp_usage, created = self._response(raw_answer, resp_key)
         messages, response = _call(messages, answer, finish, ctx)
         user = next((v for k in USER_KEYS if (v := _id_value(record, k)) is not None), None)
-        session = _session_from(record) or self._prefix_session(messages, user)
+        session = session or _session_from(record) or self._prefix_session(messages, user)
         step = record.get("step")
         if not (isinstance(step, int) and not isinstance(step, bool)):
             step = sum(1 for m in messages if m["role"] == "assistant")
@@ -318,19 +369,17 @@ class RequestResponseFormat(LogFormat):
         for key in ("workload_id", "client_id"):
             if isinstance(record.get(key), (str, int)):
                 meta[key] = record[key]
-        return [
-            _make(
-                ctx, session, step, messages, tools, params, response,
-                agent=_agent_of(record),
-                model=record.get("model") or resp_model or req.get("model"),
-                timestamp=normalize_timestamp(record.get("timestamp", created), "timestamp"),
-                usage=_usage(record.get("usage")) or resp_usage,
-                latency_ms=_number(record, ("latency_ms", "duration_ms"), "record"),
-                cost_usd=_number(record, ("cost_usd", "cost"), "record"),
-                hci=record.get("hci"),
-                meta=meta,
-            )
-        ]
+        return _make(
+            ctx, session, step, messages, tools, params, response,
+            agent=_agent_of(record),
+            model=record.get("model") if isinstance(record.get("model"), str) else resp_model or req.get("model"),
+            timestamp=normalize_timestamp(record.get("timestamp", created), "timestamp"),
+            usage=_usage(record.get("usage")) or resp_usage,
+            latency_ms=_number(record, ("latency_ms", "duration_ms"), "record"),
+            cost_usd=_number(record, ("cost_usd", "cost"), "record"),
+            hci=record.get("hci"),
+            meta=meta,
+        )
 
     @staticmethod
     def _prefix_session(messages: list[dict], user: Any = None) -> str:
@@ -339,34 +388,17 @@ class RequestResponseFormat(LogFormat):
         return "prefix:" + sha256_text(canonical_json([_opening(messages), user]))[:16]
 
     @staticmethod
-    def _response(raw: Any) -> tuple[dict, str | None, str | None, Usage | None, Any]:
+    def _response(raw: Any, where: str = "response") -> tuple[dict, str | None, str | None, Usage | None, Any]:
         """(assistant message, finish reason, model, usage, created) of a logged answer."""
-        if not isinstance(raw, dict):
-            raise RecordError(f"response must be an object, got {type(raw).__name__}", "missing_field")
-        if raw.get("error"):
-            err = raw["error"]
-            msg = err.get("message") if isinstance(err, dict) else err
-            raise RecordError(f"the logged call failed: {str(msg)[:200]}", "failed_call")
-        if "choices" in raw:
-            choices = raw["choices"]
-            if not isinstance(choices, list) or not choices:
-                raise RecordError("response.choices is empty", "missing_field")
-            choice = choices[0]
-            if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
-                raise RecordError("response.choices[0].message is missing", "missing_field")
-            msg = normalize_message({"role": "assistant", **choice["message"]}, "response.choices[0].message")
-            finish = choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
-        elif raw.get("role") in ("assistant", "agent") or "content" in raw or "tool_calls" in raw:
-            msg = normalize_message({"role": "assistant", **raw}, "response")
-            finish = None
-        else:
-            raise RecordError("response has neither choices nor an assistant message", "missing_field")
+        if raw is None:
+            raise RecordError(f"{where} is missing", "missing_field")
+        answer, finish, model, usage, created = answer_body(raw, where)
+        msg = normalize_message(answer, where)
         if msg["role"] != "assistant":
-            raise RecordError(f"response message has role {msg['role']!r}, expected assistant", "unknown_role")
+            raise RecordError(f"{where} message has role {msg['role']!r}, expected assistant", "unknown_role")
         if msg.get("content") is None and not msg.get("tool_calls"):
-            raise RecordError("response has neither content nor tool calls", "empty_response")
-        model = raw.get("model") if isinstance(raw.get("model"), str) else None
-        return msg, finish, model, _usage(raw.get("usage")), raw.get("created")
+            raise RecordError(f"{where} has neither content nor tool calls", "empty_response")
+        return msg, finish, model, usage, created
 
 
 # --------------------------------------------------------------------------- 2. trajectories
@@ -559,17 +591,26 @@ class OpenAIFinetuneFormat(TrajectoryFormat):
         return not (isinstance(raw, dict) and raw.get("weight") == 0)
 
 
+def _one_call(x: Any) -> bool:
+    return isinstance(x, dict) and isinstance(x.get("request"), dict) and "response" in x
+
+
+def _foreign_record(value: dict) -> bool:
+    """A record of a format with its own nesting (an OTLP export, a Langfuse trace): never split here."""
+    return any(fmt.owns(value) for _, cls in log_formats if (fmt := cls()) and hasattr(fmt, "owns"))
+
+
 def expand_document(value: Any) -> list[Any]:
     """The records of a file that is one JSON object: the object itself when it is a record, else
     the items of its list of conversations or calls ({"data": [...]}, {"policy": "...", "results": [...]}),
     each given the file-level fields that belong to every conversation: instructions, tools,
     agent and model."""
-    if not isinstance(value, dict) or RequestResponseFormat().sniff(value):
+    if not isinstance(value, dict) or RequestResponseFormat().sniff(value) or _foreign_record(value):
         return [value]
     if any(_is_message_list(v) for v in value.values()):
         return [value]
     lists = [(k, v) for k, v in value.items() if isinstance(v, list) and v and all(isinstance(x, (dict, list)) for x in v)]
-    holding = [(k, v) for k, v in lists if any(TrajectoryFormat().sniff(x) or RequestResponseFormat().sniff(x) for x in v[:5])]
+    holding = [(k, v) for k, v in lists if any(TrajectoryFormat().sniff(x) or _one_call(x) for x in v[:5])]
     if len(holding) != 1:
         legacy = [k for k in ("data", "records", "conversations", "items", "logs", "invocations") if isinstance(value.get(k), list)]
         return value[legacy[0]] if len(legacy) == 1 and len(value) <= 3 else [value]
@@ -579,15 +620,21 @@ def expand_document(value: Any) -> list[Any]:
     return [{**shared, **({} if _session_from(x) else session), **x} if isinstance(x, dict) else x for x in holding[0][1]]
 
 
-DETECTION_ORDER = ("request-response", "openai-finetune", "trajectory")
+# Most specific first: the tracing and gateway exports have marker fields of their own; a
+# trajectory is any record holding a message list.
+DETECTION_ORDER = ("otel", "langfuse", "langsmith", "litellm", "openai-batch", "request-response", "openai-finetune", "trajectory")
+
+
+def format_names() -> list[str]:
+    """Every registered format, in the order auto-detection tries them (plugins last)."""
+    return [n for n in DETECTION_ORDER if n in log_formats] + [n for n in log_formats.names() if n not in DETECTION_ORDER]
 
 
 def detect_format(samples: list[Any]) -> str | None:
     """The first format (most specific first) that matches most of the sample records."""
     if not samples:
         return None
-    names = [n for n in DETECTION_ORDER if n in log_formats] + [n for n in log_formats.names() if n not in DETECTION_ORDER]
-    for name in names:
+    for name in format_names():
         fmt = get_format(name)
         hits = sum(1 for s in samples if fmt.sniff(s))
         if hits * 2 > len(samples):
@@ -595,4 +642,6 @@ def detect_format(samples: list[Any]) -> str | None:
     return None
 
 
-__all__ = ["LogFormat", "ParseContext", "log_formats", "get_format", "detect_format", "expand_document"]
+from slmconvert.collect import observability as _observability  # noqa: E402,F401  (registers its formats)
+
+__all__ = ["LogFormat", "ParseContext", "log_formats", "get_format", "detect_format", "expand_document", "format_names"]

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from slmconvert.collect.formats import ParseContext, detect_format, expand_document, get_format, log_formats
+from slmconvert.collect.formats import ParseContext, detect_format, expand_document, format_names, get_format, log_formats
 from slmconvert.collect.records import MAX_DEPTH, RawError, UnreadableFile, find_log_files, read_records
 from slmconvert.collect.textactions import load_rules
 from slmconvert.collect.tools import infer_tools, load_tools_file, merge_tools, toolset_key
@@ -31,7 +31,7 @@ QUARANTINE_FILE = "quarantine.jsonl"
 SCRUB_REPORT = "scrub_report.json"
 SAMPLE_SIZE = 20
 # Bump when readers change what they produce from the same bytes: forces a rebuild.
-READER_VERSION = 2
+READER_VERSION = 3  # 3: dialects (Anthropic, Responses, LangChain, OTel parts) and tracing exports
 
 
 class CollectStrictError(StageError):
@@ -101,6 +101,36 @@ class _Collector:
         self.text_rules = [r for r in rules if not r.builtin]
         self.auto_rules = [r for r in rules if r.builtin]
         self.text_actions: dict[str, Counter[str]] = {}
+        self.shared: dict[str, Any] = {}  # run-wide state of the formats (a batch's requests awaiting answers)
+
+    def _context(self, path: str, locator: str, fmt_name: str) -> ParseContext:
+        return ParseContext(path=path, locator=locator, format=fmt_name, agent=self.cc.agent, model=self.cc.model,
+                            text_rules=self.text_rules, auto_rules=self.auto_rules, messages_path=self.cc.messages_path,
+                            shared=self.shared)
+
+    def _absorb(self, ctx: ParseContext) -> None:
+        self.dropped.update(ctx.dropped)
+        self.noted.update(ctx.noted)
+        for rule, tools in ctx.text_actions.items():
+            self.text_actions.setdefault(rule, Counter()).update(tools)
+        for locator, reason, code in ctx.bad:
+            self._quarantine(Path(ctx.path), locator, reason, code, ctx.format)
+
+    def finish(self) -> None:
+        """Let every format used complete what spans files (a batch's output joined with its input)."""
+        for name in list(self.formats):
+            contexts: list[ParseContext] = []
+
+            def new_ctx(path: str, locator: str, name: str = name) -> ParseContext:
+                contexts.append(self._context(path, locator, name))
+                return contexts[-1]
+
+            invocations, bad = get_format(name).finish(self.shared, new_ctx)
+            self.invocations.extend(invocations)
+            for ctx in contexts:
+                self._absorb(ctx)
+            for path, locator, reason, code in bad:
+                self._quarantine(Path(path), locator, reason, code, name)
 
     def _quarantine(self, path: Path, locator: str, reason: str, code: str, fmt: str | None) -> None:
         self.quarantine.append({"file": str(path), "locator": locator, "code": code, "reason": reason,
@@ -142,24 +172,20 @@ class _Collector:
         if fmt_name is None:
             if not sample:
                 return {"format": None}  # every record was quarantined already; nothing else to say
-            tried = ", ".join(log_formats.names())
+            tried = ", ".join(format_names())
             raise FormatError(f"{path}: matches no known log format (tried: {tried}); pass --format NAME if you know it")
         fmt = get_format(fmt_name)
         self.formats[fmt_name] += 1
         self.progress.start(f"reading {path.name}", None)
         for value, locator in itertools.chain(sample, records):
-            ctx = ParseContext(path=str(path), locator=locator, format=fmt_name, agent=self.cc.agent, model=self.cc.model,
-                               text_rules=self.text_rules, auto_rules=self.auto_rules, messages_path=self.cc.messages_path)
+            ctx = self._context(str(path), locator, fmt_name)
             try:
                 self.invocations.extend(fmt.parse(value, ctx))
             except RecordError as e:
                 self._quarantine(path, locator, e.reason, e.code, fmt_name)
             except RecursionError:  # nesting a format's own walk cannot follow
                 self._quarantine(path, locator, f"nested too deeply to read ({MAX_DEPTH}+ levels)", "too_deep", fmt_name)
-            self.dropped.update(ctx.dropped)
-            self.noted.update(ctx.noted)
-            for rule, tools in ctx.text_actions.items():
-                self.text_actions.setdefault(rule, Counter()).update(tools)
+            self._absorb(ctx)
             self.progress.advance()
         self.progress.stop()
         return {"format": fmt_name}
@@ -228,6 +254,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         with timer.step("parse_s"):
             for entry in todo:
                 inputs[entry["key"]] = collector.read_file(entry)
+            collector.finish()
 
         with timer.step("dedup_s"):
             known_ids, known_mids, old_calls = _existing(stage_dir, base)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from slmconvert.io import atomic_path
+from slmconvert.demo.exports import EXPORTS
 
 SHOP_SYSTEM = (
     "You are ShopAssist, the customer support agent of Northwind Outfitters, an online store for outdoor gear.\n"
@@ -282,7 +283,7 @@ def _completion(msg: dict, model: str, created: int, prompt_chars: int, rng: ran
     }
 
 
-FORMATS = ("request-response", "trajectory", "shapes")
+FORMATS = ("request-response", "trajectory", "shapes", "anthropic", "responses", "otel", "langfuse", "litellm", "langsmith")
 
 
 def _shapes(gen: "Generator", sessions: int, seed: int) -> tuple[list[dict], int]:
@@ -347,6 +348,8 @@ def generate(out: str | Path, sessions: int = 120, seed: int = 0, fmt: str = "re
                 "response": _completion(msg, model, int(ts.timestamp()), prompt_chars, gen.rng),
             })
             calls += 1
+    if fmt in EXPORTS:  # the same calls, written the way that tool logs them
+        records = list(EXPORTS[fmt](records))
     out = Path(out)
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for rec in records:

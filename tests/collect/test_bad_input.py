@@ -75,7 +75,7 @@ def test_empty_file_no_format_and_missing_path(tmp_path, collect_config):
 
     other = write_jsonl(tmp_path / "metrics.jsonl", [{"cpu": 0.5}, {"cpu": 0.7}])
     cfg = collect_config(other, ws=tmp_path / "ws2")
-    with pytest.raises(FormatError, match=r"metrics.jsonl: matches no known log format \(tried: request-response, trajectory, openai-finetune\)"):
+    with pytest.raises(FormatError, match=r"metrics.jsonl: matches no known log format \(tried: otel, langfuse, langsmith, litellm, openai-batch, request-response, openai-finetune, trajectory\)"):
         run(cfg, Workspace(cfg.workspace))
     cfg = collect_config(tmp_path / "nope.jsonl", ws=tmp_path / "ws3")
     with pytest.raises(StageError, match="log path not found: .*nope.jsonl"):

@@ -46,7 +46,7 @@ def test_a_list_of_calls_each_holding_its_own_prompt_is_one_conversation(tmp_pat
         {"input": {"messages": second}, "output": {"role": "assistant", "content": "Ticket T-1 is open."}},
     ]}
     m, invs = collect(collect_config, write_jsonl(tmp_path / "calls.jsonl", [record]))
-    assert m.counts["quarantined"] == 0 and m.extra["formats"] == {"trajectory": 1}
+    assert m.counts["quarantined"] == 0 and m.extra["formats"] == {"request-response": 1}  # each {input, output} is one call
     assert [len(i.request.messages) for i in invs] == [2, 4]  # each call's own prompt, not the prefix twice
     assert {i.session_id for i in invs} == {"trace_id:tr-9"}
     assert invs[0].response.tool_calls[0].arguments == {"prio": "high"}
