@@ -31,6 +31,7 @@ ROLE_ALIASES = {
     "tool": "tool",
     "function": "tool",
     "ipython": "tool",
+    "chain": "tool",  # NeMo Agent Toolkit: the output of a chain step fed back to the model
 }
 
 
