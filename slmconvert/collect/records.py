@@ -7,6 +7,7 @@ before the cut. Bytes that are not UTF-8 are located and reported instead of fai
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import gzip
 import io
@@ -286,6 +287,64 @@ def iter_json_document(data: bytes) -> Iterator[RawRecord | RawError]:
             return
 
 
+_MARK = "\U0010fffe"  # stands in for bytes that are not UTF-8 (a noncharacter: never in real text)
+codecs.register_error("slmconvert-mark", lambda e: (_MARK, e.end))
+
+
+class _Utf8Checked(io.RawIOBase):
+    """`head` then the rest of `f`, re-encoded as valid UTF-8: a byte that is not UTF-8 becomes a marker
+    character, so the streaming parser reads on and the element holding it is quarantined alone."""
+
+    def __init__(self, head: bytes, f: BinaryIO):
+        self.f, self.pending = f, head
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="slmconvert-mark")
+        self.buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.buf:
+            chunk, self.pending = (self.pending, b"") if self.pending else (self.f.read(1 << 20), b"")
+            self.buf = self.decoder.decode(chunk, final=not chunk).encode("utf-8")
+            if not chunk:
+                break
+        n = min(len(b), len(self.buf))
+        b[:n], self.buf = self.buf[:n], self.buf[n:]
+        return n
+
+
+def iter_json_array(head: bytes, f: BinaryIO) -> Iterator[RawRecord | RawError]:
+    """The elements of a JSON array, streamed with ijson: memory holds one element, not the file.
+
+    A truncated file keeps every complete element before the cut; an element nested too deeply or
+    holding bytes that are not UTF-8 is quarantined alone; malformed JSON ends the file there (the
+    parser cannot find the next element's start), keeping what came before."""
+    import ijson
+
+    index = 0
+    stream = io.BufferedReader(_Utf8Checked(head.removeprefix(b"\xef\xbb\xbf"), f), 1 << 20)
+    try:
+        for value in ijson.items(stream, "item", use_float=True):
+            if isinstance(value, (dict, list)) and too_deep(value):
+                yield RawError(f"index {index}", _TooDeep.reason, _TooDeep.code)
+            elif _MARK in json.dumps(value, ensure_ascii=False):
+                yield RawError(f"index {index}", "invalid UTF-8 bytes inside this element", "invalid_utf8")
+            else:
+                yield RawRecord(value, f"index {index}")
+            index += 1
+    except ijson.common.IncompleteJSONError as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else "incomplete JSON"
+        if "premature EOF" in msg or "Incomplete" in msg:
+            yield RawError(f"index {index}", "file ends before the closing ']' (truncated?); the elements before it are kept", "truncated")
+        else:
+            yield RawError(f"index {index}", f"malformed JSON ({msg}); this element and the rest of the file cannot be read", "malformed_json")
+    except ijson.common.JSONError as e:
+        yield RawError(f"index {index}", f"malformed JSON ({e}); this element and the rest of the file cannot be read", "malformed_json")
+    except _READ_ERRORS as e:
+        yield RawError(f"index {index}", _gzip_reason(e) + "; the elements before it are kept", "corrupt_gzip")
+
+
 @dataclass(slots=True)
 class ReadStats:
     lines: int = 0  # last line number read (JSONL)
@@ -297,7 +356,8 @@ class ReadStats:
 def read_records(path: Path, start_offset: int = 0, start_line: int = 1) -> Iterator[tuple[str, Iterator[RawRecord | RawError], ReadStats]]:
     """(layout, records, stats) of a log file, streamed. With `start_offset`, JSONL resumes there.
 
-    JSONL never sits in memory whole; a JSON array or document does (it is one value). A file
+    JSONL and JSON arrays are streamed (one record in memory at a time); a single JSON document
+    that is not an array is read whole (it is one value). A file
     that cannot be read at all raises `UnreadableFile`.
     """
     stats = ReadStats(lines=start_line - 1)
@@ -307,18 +367,30 @@ def read_records(path: Path, start_offset: int = 0, start_line: int = 1) -> Iter
         try:
             if start_offset:
                 f.seek(start_offset)
-            while not head or (head[-1] and not head[-1].strip()):  # up to the first non-blank line
-                head.append(f.readline())
+            while True:  # up to the first non-blank line; an array's first line (maybe the whole file) is not read whole
+                chunk = f.readline(1 << 16)
+                head.append(chunk)
+                if not chunk or not chunk.strip():
+                    if not chunk:
+                        break
+                    continue
+                if not start_offset and chunk.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
+                    break
+                while not head[-1].endswith(b"\n") and (more := f.readline()):
+                    head.append(more)
+                break
         except _READ_ERRORS as e:
             if stats.compressed:
                 raise UnreadableFile(_gzip_reason(e), "corrupt_gzip") from None
             raise UnreadableFile(f"unreadable ({type(e).__name__}: {e})", "unreadable") from None
         first = b"".join(head)
-        layout = ("lines" if first.strip() else "empty") if start_offset else sniff_layout(head[-1] if head[-1] else first)
+        layout = ("lines" if first.strip() else "empty") if start_offset else sniff_layout(first)
         if layout == "empty":
             yield layout, iter(()), stats
         elif layout == "lines":
-            yield layout, iter_jsonl(f, start_line, head, stats), stats
+            yield layout, iter_jsonl(f, start_line, first.splitlines(keepends=True), stats), stats
+        elif layout == "array":
+            yield layout, iter_json_array(first, f), stats
         else:
             try:
                 data = first + f.read()

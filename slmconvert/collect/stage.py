@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from slmconvert.collect.formats import ParseContext, detect_format, expand_document, format_names, get_format, log_formats
 from slmconvert.collect.records import MAX_DEPTH, RawError, UnreadableFile, find_log_files, read_records
 from slmconvert.collect.textactions import load_rules
-from slmconvert.collect.tools import infer_tools, load_tools_file, merge_tools, toolset_key
+from slmconvert.collect.tools import ToolInference, load_tools_file, merge_tools, toolset_key
 from slmconvert.config import PipelineConfig
 from slmconvert.errors import FormatError, StageError
 from slmconvert.invocation import Invocation, RecordError
 from slmconvert.io import read_json, read_jsonl, sha256_file, sha256_obj, write_json_atomic, write_jsonl_atomic
 from slmconvert.progress import NULL_PROGRESS, Progress
-from slmconvert.store import SHARD_PATTERNS, TOOLS_FILE, next_shard_no, read_table, write_shards
+from slmconvert.store import SHARD_PATTERNS, TOOLS_FILE, next_shard_no, write_shards
 from slmconvert.workspace import Manifest, Timer, Workspace, utcnow
 
 STAGE = "collect"
@@ -88,10 +89,70 @@ def _plan(files: list[Path], prev_inputs: dict[str, Any]) -> list[dict[str, Any]
     return plan
 
 
+# Invocations held in memory before they are deduplicated, scrubbed and written as a shard:
+# memory stays flat however large the input (τ-bench, 2,454 calls, is one batch).
+BATCH_SIZE = 5000
+
+
+class _Sink:
+    """Where parsed invocations go, a batch at a time: dedup against the workspace, scrub (template
+    values learned by earlier batches carry over, as they do across incremental runs), the calls of
+    inferred tool sets fed to tool inference, one Parquet shard per batch."""
+
+    def __init__(self, config: PipelineConfig, workspace: Workspace, stage_dir: Path, timer: Timer, progress: Progress,
+                 known_ids: set[str], known_mids: set[str], inference: "ToolInference", shard_no: int, template_values: list[str]):
+        self.config, self.workspace, self.stage_dir, self.timer, self.progress = config, workspace, stage_dir, timer, progress
+        self.known_ids, self.known_mids, self.inference, self.shard_no = known_ids, known_mids, inference, shard_no
+        self.template_values = list(template_values)
+        self.files: list[str] = []
+        self.report: dict | None = None
+        self.fresh = self.duplicates = self.scrub_dropped = 0
+        self.seconds = 0.0
+        self.tools_from_file = bool(config.collect.tools_file)
+
+    def __call__(self, batch: list[Invocation]) -> None:
+        t0 = time.perf_counter()
+        with self.timer.step("dedup_s"):
+            fresh = []
+            for inv in batch:
+                if inv.id in self.known_ids:
+                    self.duplicates += 1
+                    continue
+                self.known_ids.add(inv.id)
+                fresh.append(inv)
+        if self.config.scrub.enabled and fresh:
+            from slmconvert.scrub import scrub_invocations
+
+            with self.timer.step("scrub_s"):
+                n_before = len(fresh)
+                fresh, report = scrub_invocations(fresh, self.config.scrub, self.workspace, progress=self.progress,
+                                                  template_values=self.template_values)
+                self.template_values = sorted(set(self.template_values) | set(report.get("template_values_kept", [])))
+                self.report = _merge_reports(self.report, report)
+                self.scrub_dropped += n_before - len(fresh)
+        with self.timer.step("tools_s"):
+            toolsets: dict[str, str | None] = {}
+            for inv in fresh:
+                if inv.request.tools is None:
+                    key = toolset_key(inv.request.messages, inv.agent)
+                    toolsets[inv.id] = key
+                    inv.request.tools_source = "file" if self.tools_from_file else "inferred"
+                    self.inference.ensure(key)
+                    for c in inv.response.tool_calls:
+                        self.inference.add(key, c.name, c.arguments)
+        if fresh:
+            with self.timer.step("write_s"):
+                self.files += write_shards(self.stage_dir, fresh, toolsets, self.known_mids, self.shard_no)
+                self.shard_no += 1
+        self.fresh += len(fresh)
+        self.seconds += time.perf_counter() - t0
+
+
 class _Collector:
-    def __init__(self, config: PipelineConfig, progress: Progress):
+    def __init__(self, config: PipelineConfig, progress: Progress, sink: Callable[[list[Invocation]], None] | None = None):
         self.cc = config.collect
         self.progress = progress
+        self.sink = sink
         self.invocations: list[Invocation] = []
         self.quarantine: list[dict[str, Any]] = []
         self.dropped: Counter[str] = Counter()
@@ -115,6 +176,12 @@ class _Collector:
             self.text_actions.setdefault(rule, Counter()).update(tools)
         for locator, reason, code in ctx.bad:
             self._quarantine(Path(ctx.path), locator, reason, code, ctx.format)
+
+    def flush(self) -> None:
+        """Hand the invocations parsed so far to the sink (kept in memory when there is none)."""
+        if self.sink is not None and self.invocations:
+            batch, self.invocations = self.invocations, []
+            self.sink(batch)
 
     def finish(self) -> None:
         """Let every format used complete what spans files (a batch's output joined with its input)."""
@@ -181,6 +248,8 @@ class _Collector:
             ctx = self._context(str(path), locator, fmt_name)
             try:
                 self.invocations.extend(fmt.parse(value, ctx))
+                if len(self.invocations) >= BATCH_SIZE:
+                    self.flush()
             except RecordError as e:
                 self._quarantine(path, locator, e.reason, e.code, fmt_name)
             except RecursionError:  # nesting a format's own walk cannot follow
@@ -191,33 +260,42 @@ class _Collector:
         return {"format": fmt_name}
 
 
+def _columns(stage_dir: Path, files: list[str], prefix: str, columns: list[str]) -> Iterator[dict[str, list]]:
+    """The listed shards with this prefix, one at a time, only these columns (memory: one shard's columns)."""
+    import pyarrow.parquet as pq
+
+    for name in files:
+        if name.startswith(prefix) and name.endswith(".parquet"):
+            yield pq.read_table(stage_dir / name, columns=columns).to_pydict()
+
+
 def _existing(stage_dir: Path, manifest: Manifest | None) -> tuple[set[str], set[str], list[tuple[str, str, dict]]]:
     """Ids, message ids and (toolset, name, arguments) of the tool calls already stored."""
     if manifest is None:
         return set(), set(), []
-    inv = read_table(stage_dir, manifest.files, "invocations-")
-    msg = read_table(stage_dir, manifest.files, "messages-")
-    ids = set(inv["id"]) if inv is not None else set()
-    mids = set(msg["id"]) if msg is not None else set()
-    calls = []
-    if inv is not None:
-        sub = inv.select_columns(["toolset", "response_tool_calls"])
-        for ts, tcs in zip(sub["toolset"], sub["response_tool_calls"]):
+    ids, mids, calls = set(), set(), []
+    for part in _columns(stage_dir, manifest.files, "invocations-", ["id", "toolset", "response_tool_calls"]):
+        ids.update(part["id"])
+        for ts, tcs in zip(part["toolset"], part["response_tool_calls"]):
             if ts:
                 calls.extend((ts, c["name"], c["arguments"]) for c in json.loads(tcs))
+    for part in _columns(stage_dir, manifest.files, "messages-", ["id"]):
+        mids.update(part["id"])
     return ids, mids, calls
 
 
 def _totals(stage_dir: Path, files: list[str]) -> dict[str, Any]:
-    inv = read_table(stage_dir, files, "invocations-")
-    if inv is None:
-        return {"invocations": 0, "tool_calls": 0, "text": 0, "sessions": 0, "tools": []}
-    sub = inv.select_columns(["session_id", "n_tool_calls", "response_tool_calls"])
-    n_calls = sub["n_tool_calls"]
-    tools = sorted({c["name"] for tcs, n in zip(sub["response_tool_calls"], n_calls) if n for c in json.loads(tcs)})
-    tool_calls = sum(1 for n in n_calls if n)
-    return {"invocations": len(inv), "tool_calls": tool_calls, "text": len(inv) - tool_calls,
-            "sessions": len(set(sub["session_id"])), "tools": tools}
+    n = tool_calls = 0
+    sessions: set[str] = set()
+    tools: set[str] = set()
+    for part in _columns(stage_dir, files, "invocations-", ["session_id", "n_tool_calls", "response_tool_calls"]):
+        n += len(part["session_id"])
+        sessions.update(part["session_id"])
+        for tcs, k in zip(part["response_tool_calls"], part["n_tool_calls"]):
+            if k:
+                tool_calls += 1
+                tools.update(c["name"] for c in json.loads(tcs))
+    return {"invocations": n, "tool_calls": tool_calls, "text": n - tool_calls, "sessions": len(sessions), "tools": sorted(tools)}
 
 
 def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, progress: Progress = NULL_PROGRESS) -> Manifest:
@@ -249,67 +327,45 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             workspace.write_manifest(base)
             return base
 
-        collector = _Collector(config, progress)
+        known_ids, known_mids, old_calls = _existing(stage_dir, base)
+        inference = ToolInference()
+        for key, name, args in old_calls:
+            inference.add(key, name, args)
+        del old_calls
+        sink = _Sink(config, workspace, stage_dir, timer, progress, known_ids, known_mids, inference, next_shard_no(prev),
+                     read_json(stage_dir / SCRUB_REPORT).get("template_values_kept", [])
+                     if base and (stage_dir / SCRUB_REPORT).exists() else [])
+        collector = _Collector(config, progress, sink)
         inputs = dict(base.inputs) if base else {}
-        with timer.step("parse_s"):
-            for entry in todo:
-                inputs[entry["key"]] = collector.read_file(entry)
-            collector.finish()
-
-        with timer.step("dedup_s"):
-            known_ids, known_mids, old_calls = _existing(stage_dir, base)
-            fresh, duplicates = [], 0
-            for inv in collector.invocations:
-                if inv.id in known_ids:
-                    duplicates += 1
-                    continue
-                known_ids.add(inv.id)
-                fresh.append(inv)
-            collector.dropped["duplicate"] += duplicates
+        t_read = time.perf_counter()
+        for entry in todo:
+            inputs[entry["key"]] = collector.read_file(entry)
+        collector.finish()
+        collector.flush()
+        timer.timings["parse_s"] = round(time.perf_counter() - t_read - sink.seconds, 4)
 
         new_quarantine = collector.quarantine
         if cc.strict and new_quarantine:
+            for name in sink.files:  # nothing of this run is kept
+                (stage_dir / name).unlink(missing_ok=True)
             qpath = stage_dir / "quarantine.strict.jsonl"
             write_jsonl_atomic(qpath, new_quarantine)
             raise CollectStrictError(
                 f"--strict: {len(new_quarantine)} bad record(s); nothing was stored. Reasons are in {qpath} "
                 f"(first: {new_quarantine[0]['file']} {new_quarantine[0]['locator']}: {new_quarantine[0]['reason']})"
             )
+        duplicates = sink.duplicates
+        collector.dropped["duplicate"] += duplicates
+        collector.dropped["scrub_policy"] += sink.scrub_dropped
 
         scrub_info: dict[str, Any] = {"enabled": config.scrub.enabled}
-        report = None
         if config.scrub.enabled:
             scrub_info.update(policy=config.scrub.policy, surrogates=config.scrub.surrogates)
-        if config.scrub.enabled and fresh:
-            from slmconvert.scrub import scrub_invocations
-
-            with timer.step("scrub_s"):
-                n_before = len(fresh)
-                earlier = read_json(stage_dir / SCRUB_REPORT).get("template_values_kept", []) \
-                    if base and (stage_dir / SCRUB_REPORT).exists() else []
-                fresh, report = scrub_invocations(fresh, config.scrub, workspace, progress=progress, template_values=earlier)
-            collector.dropped["scrub_policy"] += n_before - len(fresh)
-
-        with timer.step("tools_s"):
-            toolsets: dict[str, str | None] = {}
-            calls = list(old_calls)
-            for inv in fresh:
-                if inv.request.tools is None:
-                    key = toolset_key(inv.request.messages, inv.agent)
-                    toolsets[inv.id] = key
-                    inv.request.tools_source = "file" if tools_from_file else "inferred"
-                    calls.extend((key, c.name, c.arguments) for c in inv.response.tool_calls)
-            groups: dict[str, list[tuple[str, dict]]] = {}
-            for key, name, args in calls:
-                groups.setdefault(key, []).append((name, args))
-            for key in set(toolsets.values()) - set(groups):
-                groups[key] = []
-            tool_inventory = {k: merge_tools(infer_tools(v), tools_from_file) for k, v in groups.items()}
-
+        report = sink.report
         with timer.step("write_s"):
             files_out = list(base.files) if base else []
-            if fresh:
-                files_out += write_shards(stage_dir, fresh, toolsets, known_mids, next_shard_no(prev))
+            files_out += sink.files
+            tool_inventory = {k: merge_tools(inference.tools(k), tools_from_file) for k in inference.keys()}
             write_json_atomic(stage_dir / TOOLS_FILE, tool_inventory)
             if TOOLS_FILE not in files_out:
                 files_out.append(TOOLS_FILE)
@@ -327,6 +383,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             if config.scrub.enabled and report is not None:
                 scrub_info["entities"] = {k: v["values"] for k, v in report["entities"].items() if v["values"]}
             (stage_dir / "quarantine.strict.jsonl").unlink(missing_ok=True)
+        fresh_n = sink.fresh
 
         totals = _totals(stage_dir, files_out)
         counts = {k: v for k, v in (base.counts if base else {}).items() if k.startswith(("dropped_", "kept_"))}
@@ -357,7 +414,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                 "skipped_files": [str(p) for p in skipped_files],
                 "last_run": {"at": utcnow(), "status": status, "files_read": len(todo),
                              "appended_files": sum(1 for e in todo if e["mode"] == "append"),
-                             "new_invocations": len(fresh), "duplicates": duplicates,
+                             "new_invocations": fresh_n, "duplicates": duplicates,
                              "quarantined": len(new_quarantine)},
             },
         )

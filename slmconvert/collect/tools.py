@@ -84,13 +84,36 @@ class _SchemaBuilder:
         return out
 
 
-def infer_tools(calls: Iterable[tuple[str, dict]]) -> list[dict]:
-    """OpenAI tool schemas from observed (name, arguments) pairs, sorted by name."""
-    builders: dict[str, _SchemaBuilder] = {}
-    counts: dict[str, int] = {}
-    for name, args in calls:
+class ToolInference:
+    """Tool schemas inferred per tool set, fed one call at a time (memory holds schemas, not calls)."""
+
+    def __init__(self) -> None:
+        self._sets: dict[str, tuple[dict[str, _SchemaBuilder], dict[str, int]]] = {}
+
+    def ensure(self, key: str) -> None:
+        self._sets.setdefault(key, ({}, {}))
+
+    def add(self, key: str, name: str, args: dict) -> None:
+        builders, counts = self._sets.setdefault(key, ({}, {}))
         builders.setdefault(name, _SchemaBuilder()).add(args)
         counts[name] = counts.get(name, 0) + 1
+
+    def keys(self) -> list[str]:
+        return list(self._sets)
+
+    def tools(self, key: str) -> list[dict]:
+        return _render(*self._sets.get(key, ({}, {})))
+
+
+def infer_tools(calls: Iterable[tuple[str, dict]]) -> list[dict]:
+    """OpenAI tool schemas from observed (name, arguments) pairs, sorted by name."""
+    inference = ToolInference()
+    for name, args in calls:
+        inference.add("", name, args)
+    return inference.tools("")
+
+
+def _render(builders: dict[str, _SchemaBuilder], counts: dict[str, int]) -> list[dict]:
     tools = []
     for name in sorted(builders):
         params = builders[name].schema()

@@ -1,0 +1,79 @@
+"""Large inputs: a JSON array is streamed element by element, and invocations go to the workspace
+in batches, so memory holds one batch, never the file. Batching must not change what is stored."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import slmconvert.collect.stage as stage
+from slmconvert.collect.stage import CollectStrictError, run
+from slmconvert.demo import generate
+from slmconvert.io import read_json, read_jsonl
+from slmconvert.store import load_invocations
+from slmconvert.workspace import Workspace
+from tests.conftest import rr_record
+
+
+def _collect(collect_config, ws, *paths, **kw):
+    cfg = collect_config(*paths, ws=ws, **kw)
+    workspace = Workspace(cfg.workspace)
+    m = run(cfg, workspace)
+    return m, workspace
+
+
+def _stored(workspace):
+    return sorted((i.id, i.session_id, json.dumps(i.request.messages), i.request.tools_source) for i in load_invocations(workspace))
+
+
+def test_batches_store_what_one_pass_stores(tmp_path, collect_config, monkeypatch):
+    log = tmp_path / "demo.jsonl"
+    generate(log, sessions=20, seed=5, fmt="shapes")  # tools inferred for the tool-less text-action agent
+    one, ws_one = _collect(collect_config, tmp_path / "one", log)
+    monkeypatch.setattr(stage, "BATCH_SIZE", 7)
+    many, ws_many = _collect(collect_config, tmp_path / "many", log)
+    assert _stored(ws_many) == _stored(ws_one)
+    assert {k: v for k, v in many.counts.items() if k != "files"} == {k: v for k, v in one.counts.items() if k != "files"}
+    assert read_json(ws_many.stage_dir("collect") / "tools.json") == read_json(ws_one.stage_dir("collect") / "tools.json")
+    shards = [f for f in many.files if f.startswith("invocations-")]
+    assert len(shards) >= one.counts["invocations"] // 7 > 1  # written a batch at a time
+    # an unchanged re-run is still a no-op, and appending a file adds only what is new
+    again, _ = _collect(collect_config, tmp_path / "many", log)
+    assert again.skipped
+
+
+def test_strict_run_in_batches_leaves_nothing_behind(tmp_path, collect_config, monkeypatch):
+    monkeypatch.setattr(stage, "BATCH_SIZE", 2)
+    lines = [json.dumps(rr_record(f"q{i}", answer="a", session=f"s{i}")) for i in range(6)] + ["{not json"]
+    log = tmp_path / "calls.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CollectStrictError, match="1 bad record"):
+        _collect(collect_config, tmp_path / "ws", log, strict=True)
+    assert not list((tmp_path / "ws" / "invocations").glob("*.parquet"))
+
+
+def test_a_json_array_keeps_every_element_beside_a_bad_one(tmp_path, collect_config):
+    good = [json.dumps(rr_record(f"q{i}", answer="a", session=f"s{i}")).encode() for i in range(4)]
+    bad = json.dumps(rr_record("caf\u00e9", answer="a", session="x")).encode().replace(b"caf\\u00e9", b"caf\xe9")  # latin-1 byte
+    deep = b"[" * 3000 + b"]" * 3000
+    path = tmp_path / "calls.json"
+    path.write_bytes(b"[" + b",\n".join([good[0], bad, good[1], deep, good[2], good[3]]) + b"]")
+    m, ws = _collect(collect_config, tmp_path / "ws", path)
+    q = {e["locator"]: e["code"] for e in read_jsonl(ws.stage_dir("collect") / "quarantine.jsonl")}
+    assert q == {"index 1": "invalid_utf8", "index 3": "too_deep"}
+    assert m.counts["invocations"] == 4  # the elements after both bad ones are read too
+    assert "caf" not in (ws.stage_dir("collect") / "quarantine.jsonl").read_text()
+
+
+def test_an_array_on_one_line_and_a_malformed_one(tmp_path, collect_config):
+    elems = [rr_record(f"q{i}", answer="a", session=f"s{i}") for i in range(3)]
+    one_line = tmp_path / "one.json"
+    one_line.write_text(json.dumps(elems))  # no newline anywhere: never read as one line
+    m, _ = _collect(collect_config, tmp_path / "ws", one_line)
+    assert m.counts["invocations"] == 3 and m.extra["formats"] == {"request-response": 1}
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(elems)[:-1].replace('}, {"session_id": "s2"', '} {"session_id": "s2"'))
+    m, ws = _collect(collect_config, tmp_path / "ws2", broken)
+    (entry,) = read_jsonl(ws.stage_dir("collect") / "quarantine.jsonl")
+    assert m.counts["invocations"] == 2 and entry["locator"] == "index 2" and entry["code"] == "malformed_json"
