@@ -50,6 +50,12 @@ def maybe_json(value: Any) -> Any:
     return value
 
 
+def _kind(obj: dict) -> str | None:
+    """The `type` of a block, item or message when it is a string (anything else names no type)."""
+    kind = obj.get("type")
+    return kind if isinstance(kind, str) else None
+
+
 def _block_text(block: dict) -> str | None:
     for key in ("text", "content"):
         if isinstance(block.get(key), str):
@@ -67,7 +73,7 @@ def _text_of(content: Any, where: str) -> str | None:
             if isinstance(block, str):
                 parts.append(block)
             elif isinstance(block, dict):
-                kind = block.get("type")
+                kind = _kind(block)
                 if kind in SKIPPED_BLOCKS:
                     continue
                 text = _block_text(block)
@@ -101,7 +107,7 @@ def _from_blocks(role: str, blocks: list, extra: dict, where: str) -> list[dict]
             continue
         if not isinstance(b, dict):
             raise RecordError(f"{where}: content block {i} must be an object")
-        kind = b.get("type")
+        kind = _kind(b)
         if kind in ("tool_use", "tool_call", "function_call"):
             calls.append(_call(b.get("id", b.get("call_id")), b.get("name"), b.get("input", b.get("arguments"))))
         elif kind in ("tool_result", "tool_call_response", "function_call_output"):
@@ -126,7 +132,7 @@ def _from_blocks(role: str, blocks: list, extra: dict, where: str) -> list[dict]
 
 def _has_blocks(content: Any) -> bool:
     return isinstance(content, list) and any(
-        isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result", "tool_call", "tool_call_response") for b in content)
+        isinstance(b, dict) and _kind(b) in ("tool_use", "tool_result", "tool_call", "tool_call_response") for b in content)
 
 
 def _langchain(m: dict, where: str) -> dict | None:
@@ -181,7 +187,7 @@ def chat_messages(raw: list, where: str) -> list[Any]:
         lc = _langchain(m, w)
         if lc is not None:
             m = lc
-        kind = m.get("type")
+        kind = _kind(m)
         if kind == "function_call" and "role" not in m:  # Responses API item: one call of an assistant turn
             call = _call(m.get("call_id", m.get("id")), m.get("name"), m.get("arguments"))
             last = out[-1] if out and isinstance(out[-1], dict) else None
@@ -326,7 +332,7 @@ def answer_body(raw: Any, where: str = "response") -> tuple[dict, str | None, st
         status = raw.get("status")
         if status == "failed":
             raise RecordError("the logged call failed (status: failed)", "failed_call")
-        items = [x for x in raw["output"] if not (isinstance(x, dict) and x.get("type") in SKIPPED_BLOCKS)]
+        items = [x for x in raw["output"] if not (isinstance(x, dict) and _kind(x) in SKIPPED_BLOCKS)]
         if not items:
             raise RecordError(f"{where}.output holds no message or tool call", "empty_response")
         msgs = chat_messages(items, f"{where}.output")

@@ -230,7 +230,7 @@ def _environment_events(raw: list, ctx: ParseContext | None) -> list:
             if ctx is not None:
                 ctx.note("user_side_tool_calls", len(calls))
             continue
-        if role == "tool" and (m.get("tool_call_id") in user_calls or m.get("requestor") == "user"):
+        if role == "tool" and (isinstance(m.get("tool_call_id"), str) and m["tool_call_id"] in user_calls or m.get("requestor") == "user"):
             content = m.get("content")
             text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
             out.append({"role": "user", "content": f"[user action result] {text}"})

@@ -232,7 +232,7 @@ class OtelFormat(LogFormat):
             if not isinstance(rs, dict):
                 ctx.bad.append((f"{ctx.locator} resourceSpans[{r}]", "not an object", "wrong_type"))
                 continue
-            resource = _attributes((rs.get("resource") or {}).get("attributes"))
+            resource = _attributes(rs["resource"].get("attributes")) if isinstance(rs.get("resource"), dict) else {}
             scopes = rs.get("scopeSpans", rs.get("instrumentationLibrarySpans")) or []
             for s, ss in enumerate(scopes if isinstance(scopes, list) else []):
                 spans = ss.get("spans") if isinstance(ss, dict) else None

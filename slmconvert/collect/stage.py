@@ -254,6 +254,9 @@ class _Collector:
                 self._quarantine(path, locator, e.reason, e.code, fmt_name)
             except RecursionError:  # nesting a format's own walk cannot follow
                 self._quarantine(path, locator, f"nested too deeply to read ({MAX_DEPTH}+ levels)", "too_deep", fmt_name)
+            except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:  # a reader's bug: lose this record only
+                self._quarantine(path, locator, f"the {fmt_name} reader failed on this record ({type(e).__name__}: {str(e)[:120]}); "
+                                 "please report it", "reader_error", fmt_name)
             self._absorb(ctx)
             self.progress.advance()
         self.progress.stop()

@@ -436,3 +436,21 @@ def test_a_folder_of_mixed_exports(tmp_path, collect_config):
         per_file[i.source.path.rsplit("/", 1)[-1]] = per_file.get(i.source.path.rsplit("/", 1)[-1], 0) + 1
     assert per_file["batch_6721_output.jsonl"] == 2 and m.counts["dropped_duplicate"] == per_file["otel.jsonl"]
     assert {e["code"] for e in q} == {"failed_call", "missing_request"}
+
+
+def test_a_reader_bug_costs_one_record_not_the_run(tmp_path, collect_config, monkeypatch):
+    from slmconvert.collect.observability import LiteLLMFormat
+
+    real = LiteLLMFormat.parse
+
+    def flaky(self, record, ctx):
+        if record.get("id") == "boom":
+            raise TypeError("'NoneType' object is not subscriptable")
+        return real(self, record, ctx)
+
+    monkeypatch.setattr(LiteLLMFormat, "parse", flaky)
+    rec = {"id": "ok", "call_type": "completion", "status": "success", "messages": TURN1,
+           "response": {"choices": [{"message": {"role": "assistant", "content": "hi"}}]}}
+    m, invs, q = collect(collect_config, tmp_path, write_jsonl(tmp_path / "l.jsonl", [rec, {**rec, "id": "boom"}]))
+    assert len(invs) == 1 and [(e["locator"], e["code"]) for e in q] == [("line 2", "reader_error")]
+    assert "litellm reader" in q[0]["reason"] and "report" in q[0]["reason"]
