@@ -25,7 +25,7 @@ from slmconvert.invocation import (
     normalize_timestamp,
     response_from_message,
 )
-from slmconvert.collect.dialects import answer_body, chat_messages, maybe_json, request_body, tool_list, usage_of
+from slmconvert.collect.dialects import LANGCHAIN_TYPES, answer_body, chat_messages, maybe_json, request_body, tool_list, usage_of
 from slmconvert.collect.textactions import TextActionRule, read_actions
 from slmconvert.io import canonical_json, sha256_text
 from slmconvert.registry import Registry
@@ -498,11 +498,24 @@ class TrajectoryFormat(LogFormat):
         return out
 
 
-def _is_message(x: Any) -> bool:
+def _role_of(x: Any) -> str | None:
+    """The chat role of a message (OpenAI / ShareGPT `from` / LangChain `type` or class), None if not one."""
     if not isinstance(x, dict):
-        return False
+        return None
     role = x.get("role", x.get("from"))
-    return isinstance(role, str) and role.strip().lower() in ROLE_ALIASES
+    if isinstance(role, str):
+        return ROLE_ALIASES.get(role.strip().lower())
+    kind = x.get("type")
+    if isinstance(kind, str) and kind.lower() in LANGCHAIN_TYPES and ("content" in x or isinstance(x.get("data"), dict)):
+        kind_role = LANGCHAIN_TYPES[kind.lower()]
+        return kind_role or (ROLE_ALIASES.get(str((x.get("data") or {}).get("role", "")).lower()))
+    if x.get("lc") == 1 and isinstance(x.get("id"), list) and x["id"] and isinstance(x.get("kwargs"), dict):
+        return LANGCHAIN_TYPES.get(str(x["id"][-1]).lower()) or ROLE_ALIASES.get(str(x["kwargs"].get("role", "")).lower())
+    return None
+
+
+def _is_message(x: Any) -> bool:
+    return _role_of(x) is not None
 
 
 def _is_message_list(v: Any) -> bool:
@@ -565,8 +578,7 @@ def _response_beside(chain: list[dict], root: dict) -> Any:
     for obj in list(reversed(chain))[:2]:
         for key in RESPONSE_KEYS:
             v = obj.get(key)
-            if isinstance(v, dict) and (isinstance(v.get("choices"), list) or _is_message(v) and
-                                        ROLE_ALIASES[str(v.get("role", v.get("from"))).strip().lower()] == "assistant"):
+            if isinstance(v, dict) and (isinstance(v.get("choices"), list) or _role_of(v) == "assistant"):
                 return v
     return None
 

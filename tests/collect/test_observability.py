@@ -454,3 +454,15 @@ def test_a_reader_bug_costs_one_record_not_the_run(tmp_path, collect_config, mon
     m, invs, q = collect(collect_config, tmp_path, write_jsonl(tmp_path / "l.jsonl", [rec, {**rec, "id": "boom"}]))
     assert len(invs) == 1 and [(e["locator"], e["code"]) for e in q] == [("line 2", "reader_error")]
     assert "litellm reader" in q[0]["reason"] and "report" in q[0]["reason"]
+
+
+def test_a_langchain_chat_history_as_trajectory(tmp_path, collect_config):
+    """`messages_to_dict` output (what LangChain chat-history stores keep): {"type": "ai", "data": {...}}."""
+    history = [{"type": "system", "data": {"content": SYSTEM}}, {"type": "human", "data": {"content": USER}},
+               {"type": "ai", "data": {"content": "", "tool_calls": [{"name": "get_booking", "args": ARGS, "id": "call_1"}]}},
+               {"type": "tool", "data": {"content": RESULT, "tool_call_id": "call_1"}},
+               {"type": "ai", "data": {"content": ANSWER}}]
+    record = {"session_id": "c-7", "tools": CHAT_TOOLS, "messages": history}
+    m, invs, q = collect(collect_config, tmp_path, write_jsonl(tmp_path / "history.jsonl", [record]))
+    assert m.extra["formats"] == {"trajectory": 1} and q == []
+    check_conversation(invs, reference(collect_config, tmp_path), usage=None)
