@@ -33,6 +33,7 @@ from slmconvert.cli import cluster as _cluster  # noqa: E402,F401
 from slmconvert.cli import collect as _collect  # noqa: E402,F401
 from slmconvert.cli import demo as _demo  # noqa: E402,F401
 from slmconvert.cli import evaluate as _evaluate  # noqa: E402,F401
+from slmconvert.cli import export as _export  # noqa: E402,F401
 from slmconvert.cli import finetune as _finetune  # noqa: E402,F401
 from slmconvert.cli import models as _models  # noqa: E402,F401
 from slmconvert.cli import pipeline as _pipeline  # noqa: E402,F401
