@@ -213,9 +213,20 @@ class FakeLLM:
                     "id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": body.get("model", "gpt-4o"),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply(body)}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}})
-                out = json.dumps(value).encode()
+                kind = "application/json"
+                if body.get("stream") and status == 200 and not raw:  # server-sent events, as OpenAI streams
+                    text, kind = reply(body), "text/event-stream"
+                    head = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": body.get("model", "gpt-4o")}
+                    pieces = [{"role": "assistant", "content": ""}] + [{"content": text[i:i + 5]} for i in range(0, len(text), 5)]
+                    events = [{**head, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in pieces]
+                    events.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                    if (body.get("stream_options") or {}).get("include_usage"):
+                        events.append({**head, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}})
+                    out = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+                else:
+                    out = json.dumps(value).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(out)))
                 self.end_headers()
                 self.wfile.write(out)

@@ -1,6 +1,9 @@
 """The OpenAI-compatible HTTP server (FastAPI on uvicorn).
 
-- `POST /v1/chat/completions`: in `convert` mode the call site's SLM answers when the evaluation
+- `POST /v1/chat/completions` (also `stream: true`: server-sent events in the OpenAI chunk format,
+  tool-call deltas included; a streamed SLM answer starts once the policy has seen it whole, an
+  upstream stream is passed through as it arrives and logged whole when it ends): in `convert` mode
+  the call site's SLM answers when the evaluation
   allows it (see `engine.SlmEngine`), otherwise the request goes unchanged to the upstream LLM; in
   `proxy` mode every request goes upstream. Response headers say who answered and why:
   `x-slmconvert-answered-by: slm|llm`, `x-slmconvert-site`, `x-slmconvert-task`, `x-slmconvert-reason`.
@@ -58,8 +61,8 @@ def validate_request(body: Any) -> str | None:
             return f"messages[{i}].role {m['role']!r} is not a chat role"
     if "tools" in body and body["tools"] is not None and not isinstance(body["tools"], list):
         return "'tools' must be an array"
-    if body.get("stream"):
-        return "stream=true is not supported by slmconvert serve yet; send non-streaming requests"
+    if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
+        return "'stream' must be true or false"
     return None
 
 
@@ -76,6 +79,91 @@ def completion_body(decision, model_name: str) -> dict[str, Any]:
             "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if resp.tool_calls else "stop"}],
             "usage": {"prompt_tokens": decision.prompt_tokens, "completion_tokens": decision.completion_tokens,
                       "total_tokens": decision.prompt_tokens + decision.completion_tokens}}
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+def completion_chunks(completion: dict[str, Any], include_usage: bool, piece: int = 24) -> list[bytes]:
+    """A whole chat.completion as the server-sent events a streaming client reads: the role, the text in
+    pieces, each tool call's id and name and then its arguments in pieces, the finish reason, the usage
+    (when `stream_options.include_usage`), `[DONE]`."""
+    base = {"id": completion["id"], "object": "chat.completion.chunk", "created": completion["created"],
+            "model": completion["model"], "system_fingerprint": completion.get("system_fingerprint")}
+    choice = completion["choices"][0]
+    msg = choice["message"]
+
+    def chunk(delta: dict, finish: str | None = None) -> bytes:
+        return sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+    out = [chunk({"role": "assistant", "content": ""})]
+    text = msg.get("content") or ""
+    out += [chunk({"content": text[i:i + piece]}) for i in range(0, len(text), piece)]
+    for k, call in enumerate(msg.get("tool_calls") or []):
+        out.append(chunk({"tool_calls": [{"index": k, "id": call["id"], "type": "function",
+                                          "function": {"name": call["function"]["name"], "arguments": ""}}]}))
+        args = call["function"]["arguments"]
+        out += [chunk({"tool_calls": [{"index": k, "function": {"arguments": args[i:i + piece]}}]}) for i in range(0, len(args), piece)]
+    out.append(chunk({}, choice["finish_reason"]))
+    if include_usage:
+        out.append(sse({**base, "choices": [], "usage": completion["usage"]}))
+    out.append(b"data: [DONE]\n\n")
+    return out
+
+
+class ChunkAssembler:
+    """The chat.completion a stream of chunks adds up to (what the call log stores for a streamed call)."""
+
+    def __init__(self) -> None:
+        self.head: dict[str, Any] = {}
+        self.content: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.finish: str | None = None
+        self.usage: dict | None = None
+        self.done = False
+
+    def feed(self, line: str) -> None:
+        if not line.startswith("data:"):
+            return
+        data = line[5:].strip()
+        if data == "[DONE]":
+            self.done = True
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        for k in ("id", "created", "model", "system_fingerprint"):
+            if k in obj and k not in self.head:
+                self.head[k] = obj[k]
+        if isinstance(obj.get("usage"), dict):
+            self.usage = obj["usage"]
+        for ch in obj.get("choices") or []:
+            delta = ch.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                self.content.append(delta["content"])
+            for tc in delta.get("tool_calls") or []:
+                slot = self.calls.setdefault(tc.get("index", 0), {"id": None, "name": "", "arguments": ""})
+                slot["id"] = tc.get("id") or slot["id"]
+                fn = tc.get("function") or {}
+                slot["name"] += fn.get("name") or ""
+                slot["arguments"] += fn.get("arguments") or ""
+            if ch.get("finish_reason"):
+                self.finish = ch["finish_reason"]
+
+    def completion(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
+        if self.calls:
+            message["tool_calls"] = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                     for _, c in sorted(self.calls.items())]
+        out = {"id": self.head.get("id", "chatcmpl-stream"), "object": "chat.completion", "created": self.head.get("created", 0),
+               "model": self.head.get("model"), "choices": [{"index": 0, "message": message, "finish_reason": self.finish}]}
+        if self.usage:
+            out["usage"] = self.usage
+        return out
 
 
 def _header(value: Any) -> str:
@@ -222,8 +310,38 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
             return None, openai_error(400, problem, param="messages" if "messages" in problem else None)
         return body, None
 
+    async def upstream_stream(body: bytes):
+        """Open a streaming upstream call: (response still open, status); errors before the first byte raise."""
+        if not settings.upstream:
+            raise UpstreamError(502, "no upstream LLM is configured (--upstream URL)")
+        headers = {"content-type": "application/json", "accept": "text/event-stream"}
+        key = os.environ.get(settings.upstream_key_env or "", "") if settings.upstream_key_env else ""
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        req = state["client"].build_request("POST", settings.upstream.rstrip("/") + "/chat/completions", content=body, headers=headers)
+        try:
+            r = await state["client"].send(req, stream=True)
+        except httpx.TimeoutException:
+            raise UpstreamError(504, f"the upstream LLM at {settings.upstream} did not answer within "
+                                     f"{settings.upstream_timeout_s:g} s") from None
+        except httpx.HTTPError as e:
+            raise UpstreamError(502, f"the upstream LLM at {settings.upstream} is unreachable ({type(e).__name__})") from None
+        if r.status_code in (401, 403):
+            await r.aclose()
+            raise UpstreamError(502, f"the upstream LLM at {settings.upstream} refused slmconvert's upstream key "
+                                     f"(HTTP {r.status_code}); check ${settings.upstream_key_env}", "upstream_auth")
+        return r
+
+    def headers_for(decision, by: str, reason: str) -> dict[str, str]:
+        h = {"x-slmconvert-answered-by": by, "x-slmconvert-reason": _header(reason)}
+        if decision is not None:
+            h.update({"x-slmconvert-site": _header(decision.site), "x-slmconvert-task": _header(decision.task)})
+        return h
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        from fastapi.responses import StreamingResponse
+
         if not authorised(request):
             return openai_error(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key", code="invalid_api_key")
         raw = await read_body(request)
@@ -239,10 +357,14 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
                                 code="concurrency_limit")
         state["requests"] += 1
         session = request.headers.get("x-session-id")
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(body.get("stream_options"), dict) else False
+        released = False
         try:
             t0 = time.perf_counter()
             decision = None
             if settings.mode == "convert":
+                # The decision needs the SLM's whole answer: a streamed SLM answer starts after the gate.
                 decision = await run_in_threadpool(engine.answer, body["messages"], body.get("tools"))
                 if decision.use_slm:
                     state["slm"] += 1
@@ -250,25 +372,65 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
                     served = {"by": "slm", "site": decision.site, "task": decision.task, "reason": decision.reason,
                               "confidence": decision.confidence}
                     log_call(body, out, (time.perf_counter() - t0) * 1000.0, served, session)
-                    return JSONResponse(out, headers={"x-slmconvert-answered-by": "slm", "x-slmconvert-site": _header(decision.site),
-                                                      "x-slmconvert-task": _header(decision.task),
-                                                      "x-slmconvert-reason": _header(decision.reason)})
+                    headers = headers_for(decision, "slm", decision.reason)
+                    if stream:
+                        chunks = completion_chunks(out, include_usage)
+
+                        async def slm_events():
+                            for c in chunks:
+                                yield c
+                        return StreamingResponse(slm_events(), media_type="text/event-stream", headers=headers)
+                    return JSONResponse(out, headers=headers)
+            reason = "proxy mode" if decision is None else decision.reason
+            headers = headers_for(decision, "llm", reason)
+            served = {"by": "llm", "reason": reason, "site": decision.site if decision else None}
+            if stream:
+                try:
+                    r = await upstream_stream(raw)
+                except UpstreamError as e:
+                    state["errors"] += 1
+                    return openai_error(e.status, e.message, "upstream_error", code=e.code)
+                if r.status_code != 200 or "text/event-stream" not in r.headers.get("content-type", ""):
+                    data = await r.aread()
+                    await r.aclose()
+                    try:
+                        payload = json.loads(data)
+                    except ValueError:
+                        state["errors"] += 1
+                        return openai_error(502, f"the upstream LLM at {settings.upstream} answered HTTP {r.status_code} without JSON",
+                                            "upstream_error", code="upstream_unavailable")
+                    if r.status_code == 200 and isinstance(payload, dict):  # a non-streaming answer: pass it on as one
+                        state["llm"] += 1
+                        log_call(body, payload, (time.perf_counter() - t0) * 1000.0, served, session)
+                    return JSONResponse(payload, status_code=r.status_code, headers=headers)
+                state["llm"] += 1
+                released = True  # the stream releases the slot when it ends
+
+                async def llm_events():
+                    assembler = ChunkAssembler()
+                    try:
+                        async for line in r.aiter_lines():
+                            assembler.feed(line)
+                            yield (line + "\n").encode("utf-8")
+                        if assembler.done:  # logged whole, once the client has it all
+                            log_call(body, assembler.completion(), (time.perf_counter() - t0) * 1000.0,
+                                     {**served, "streamed": True}, session)
+                    finally:
+                        await r.aclose()
+                        state["sem"].release()
+                return StreamingResponse(llm_events(), media_type="text/event-stream", headers=headers)
             try:
                 status, payload, upstream_ms = await upstream_call(raw)
             except UpstreamError as e:
                 state["errors"] += 1
                 return openai_error(e.status, e.message, "upstream_error", code=e.code)
-            reason = "proxy mode" if decision is None else decision.reason
-            headers = {"x-slmconvert-answered-by": "llm", "x-slmconvert-reason": _header(reason)}
-            if decision is not None:
-                headers.update({"x-slmconvert-site": _header(decision.site), "x-slmconvert-task": _header(decision.task)})
             if status == 200:
                 state["llm"] += 1
-                log_call(body, payload, upstream_ms, {"by": "llm", "reason": reason,
-                                                     "site": decision.site if decision else None}, session)
+                log_call(body, payload, upstream_ms, served, session)
             return JSONResponse(payload, status_code=status, headers=headers)
         finally:
-            state["sem"].release()
+            if not released:
+                state["sem"].release()
 
     app.state.stats = state
     return app

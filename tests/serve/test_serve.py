@@ -69,7 +69,7 @@ def test_auth_size_and_malformed_requests_get_openai_style_errors(tmp_path, upst
         bad_json = httpx.post(url, content=b"{not json", headers={**KEY, "content-type": "application/json"})
         no_msgs = httpx.post(url, json={"model": "x"}, headers=KEY)
         bad_role = httpx.post(url, json={"messages": [{"role": "wizard", "content": "hi"}]}, headers=KEY)
-        streaming = httpx.post(url, json={**PII_REQUEST, "stream": True}, headers=KEY)
+        streaming = httpx.post(url, json={**PII_REQUEST, "stream": "yes please"}, headers=KEY)
         too_big = httpx.post(url, json={"messages": [{"role": "user", "content": "x" * 5000}]}, headers=KEY)
         models_no_key = httpx.get(f"{srv.url}/v1/models")
         health = httpx.get(f"{srv.url}/health")
