@@ -1,6 +1,6 @@
 """Load on `slmconvert serve` over loopback: the latency the proxy adds, and that no call is lost.
 
-    python benchmarks/serve_load.py [--clients 50] [--requests 2000] [--malformed 0.1]
+    python benchmarks/serve_load.py [--clients 50] [--requests 2000] [--malformed 0.1] [--stream]
     HF_HUB_OFFLINE=1 python benchmarks/serve_load.py --slm workspace/quickstart [--slm-requests 20]
 
 1. Proxy mode (`slmconvert serve --mode proxy`, its own process) in front of a local fake upstream
@@ -8,6 +8,9 @@
    this process) send chat completions straight to the upstream, then through the proxy. Prints
    requests/s and p50/p95 latency both ways; the overhead is their difference. Then stops the proxy
    gracefully and counts the log: one scrubbed line per request (zero lost).
+   With --stream, every request has `stream: true` and the upstream answers in server-sent events:
+   latency is to the last byte, and time to first byte is printed too; the log must hold each
+   streamed call whole.
 2. With --slm WS: convert mode on a converted workspace on CPU; latency per request of the SLM path
    (requests drawn from the workspace's test split, one client at a time).
 """
@@ -47,6 +50,19 @@ def fake_upstream_app(malformed: float = 0.0):
 
     @app.post("/v1/chat/completions")
     async def chat(body: dict):
+        if body.get("stream"):
+            from fastapi.responses import StreamingResponse
+
+            head = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": body.get("model", "m")}
+            deltas = [{"role": "assistant", "content": ""}, {"content": "o"}, {"content": "k"}]
+            events = [{**head, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+            events.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+
+            async def gen():
+                for e in events:
+                    yield f"data: {json.dumps(e)}\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(gen(), media_type="text/event-stream")
         tail = str(body["messages"][-1].get("content", ""))
         n = int(tail[1:]) if tail[:1] == "n" and tail[1:].isdigit() else 0
         message = MALFORMED[n % len(MALFORMED)] if every and n % every == 0 else {"content": "ok"}
@@ -76,12 +92,18 @@ class Server:
         self.thread.join()
 
 
+TTFB: dict[str, list[float]] = {}
+
+
 async def load(url: str, body: dict, clients: int, total: int, headers: dict, rate: float | None = None) -> tuple[list[float], float, int]:
     """`clients` concurrent connections send `total` requests; with `rate`, requests start on a fixed
-    schedule (open loop, `rate` per second in all), so latency is measured below saturation."""
+    schedule (open loop, `rate` per second in all), so latency is measured below saturation. Streamed
+    requests: latency to the last byte; the time to the first byte goes to TTFB[url]."""
     import httpx
 
     lat: list[float] = []
+    ttfb = TTFB.setdefault(url, [])
+    ttfb.clear()
     errors = 0
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(total):
@@ -97,8 +119,15 @@ async def load(url: str, body: dict, clients: int, total: int, headers: dict, ra
                     if delay > 0:
                         await asyncio.sleep(delay)
                 t = time.perf_counter()
-                r = await client.post(url, json={**body, "messages": body["messages"] + [{"role": "user", "content": f"n{i}"}]},
-                                      headers=headers)
+                payload = {**body, "messages": body["messages"] + [{"role": "user", "content": f"n{i}"}]}
+                if body.get("stream"):
+                    async with client.stream("POST", url, json=payload, headers=headers) as r:
+                        first = None
+                        async for chunk in r.aiter_raw():
+                            first = first or time.perf_counter()
+                        ttfb.append(((first or time.perf_counter()) - t) * 1000)
+                else:
+                    r = await client.post(url, json=payload, headers=headers)
                 lat.append((time.perf_counter() - t) * 1000)
                 errors += r.status_code != 200
 
@@ -136,7 +165,7 @@ def wait_up(url: str, proc, timeout: float = 120.0) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
-def proxy_benchmark(clients: int, total: int, rate: float | None, malformed: float = 0.0) -> None:
+def proxy_benchmark(clients: int, total: int, rate: float | None, malformed: float = 0.0, stream: bool = False) -> None:
     """Upstream, proxy and clients in three processes (one Python process each: no shared GIL)."""
     import os
     import signal
@@ -152,6 +181,8 @@ def proxy_benchmark(clients: int, total: int, rate: float | None, malformed: flo
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=Path(__file__).resolve().parents[1])
     body = {"model": "gpt-4o", "messages": [{"role": "system", "content": "You are the billing agent."},
                                             {"role": "user", "content": "My email is jo@example.com, what do I owe?"}]}
+    if stream:
+        body["stream"] = True
     try:
         wait_up(f"http://127.0.0.1:{up_port}/health", upstream)
         wait_up(f"http://127.0.0.1:{px_port}/health", proxy)
@@ -177,6 +208,10 @@ def proxy_benchmark(clients: int, total: int, rate: float | None, malformed: flo
     print(f"  direct to upstream: {total / d_wall:7.0f} req/s  p50 {statistics.median(direct):6.2f} ms  p95 {pct(direct, .95):6.2f} ms  errors {d_err}")
     print(f"  through the proxy:  {total / p_wall:7.0f} req/s  p50 {statistics.median(via):6.2f} ms  p95 {pct(via, .95):6.2f} ms  errors {p_err}")
     print(f"  added by the proxy: p50 {statistics.median(via) - statistics.median(direct):+.2f} ms  p95 {pct(via, .95) - pct(direct, .95):+.2f} ms")
+    if stream:
+        d_first, p_first = TTFB[direct_url], TTFB[proxy_url]
+        print(f"  streamed: time to first byte direct p50 {statistics.median(d_first):.2f} ms, through the proxy "
+              f"p50 {statistics.median(p_first):.2f} ms (p95 {pct(d_first, .95):.2f} / {pct(p_first, .95):.2f} ms)")
     print(f"  call log: {lines} of {expected} requests logged, scrubbed ({expected - lines} lost); "
           f"{malformed:.0%} malformed upstream answers, {reduced} logged in reduced form (content withheld)")
 
@@ -221,6 +256,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=None, help="total requests/s (open loop); default: as fast as possible")
     ap.add_argument("--malformed", type=float, default=0.0, help="share of upstream answers that are odd (refusal, truncated "
                     "tool arguments, numeric content); the call log must still hold every call")
+    ap.add_argument("--stream", action="store_true", help="stream: true requests, the upstream answering in server-sent events")
     ap.add_argument("--slm", default=None, help="a converted workspace (after evaluate) for the SLM-path latency")
     ap.add_argument("--slm-requests", type=int, default=20)
     ap.add_argument("--role", choices=["bench", "upstream"], default="bench", help=argparse.SUPPRESS)
@@ -233,7 +269,7 @@ def main() -> None:
     elif a.slm:
         slm_benchmark(a.slm, a.slm_requests)
     else:
-        proxy_benchmark(a.clients, a.requests, a.rate, a.malformed)
+        proxy_benchmark(a.clients, a.requests, a.rate, a.malformed, a.stream)
 
 
 if __name__ == "__main__":

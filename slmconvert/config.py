@@ -221,6 +221,11 @@ class ServeConfig(StrictModel):
     max_new_tokens: int | None = Field(None, ge=1, description="SLM answer budget; null: evaluate.max_new_tokens, the budget the routing policy was verified with.")
     device: str | None = Field(None, description="cuda / cpu for the SLMs (default: cuda when available).")
     log_calls: bool = Field(True, description="Append every call (scrubbed per scrub.*) to WS/serve/calls-DATE.jsonl.")
+    slm_backend: str | None = Field(None, description="Base URL of an OpenAI-compatible server running the exported SLMs "
+                                    "(vLLM, llama-server, Ollama; `slmconvert export`); null: the SLMs run in this process.")
+    slm_backend_sites: str | None = Field(None, description="The export's sites.json (site -> model name, llama.cpp adapter id); "
+                                          "null: each site is asked for as slm-<site>.")
+    slm_backend_timeout_s: float = Field(60.0, gt=0, description="An SLM backend slower than this: the request goes to the LLM.")
 
 
 class PipelineConfig(StrictModel):

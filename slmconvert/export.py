@@ -60,6 +60,11 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", s).strip("-").lower() or "site"
 
 
+def served_name(site: str) -> str:
+    """The model name a call site's SLM is served under by an exported engine (and asked for by `serve --slm-backend`)."""
+    return "slm-" + _slug(site)
+
+
 def site_models(workspace: Workspace) -> list[SiteModel]:
     """The adapter each call site serves with: evaluate's choice, else the site's only (or first) finished one."""
     from slmconvert.finetune.stage import load_artefact
@@ -82,7 +87,7 @@ def site_models(workspace: Workspace) -> list[SiteModel]:
         if found is None:
             continue
         kind, weights, record = found
-        out[a["site"]] = SiteModel(a["site"], "slm-" + _slug(a["site"]), a["model"], resolve_model(a.get("model_ref") or a["model"]),
+        out[a["site"]] = SiteModel(a["site"], served_name(a["site"]), a["model"], resolve_model(a.get("model_ref") or a["model"]),
                                    kind, weights, folder, record)
     if not out:
         raise ExportError(f"no finished adapter in {workspace.root}/models (a finetune run was interrupted?)")

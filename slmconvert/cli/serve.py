@@ -34,6 +34,8 @@ def serve(
     port: Optional[int] = typer.Option(None, "--port", help="Port (default 8000)."),
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Accepted client keys, one per line (or $SLMCONVERT_API_KEYS, comma-separated)."),
     no_auth: bool = typer.Option(False, "--no-auth", help="Accept requests without a client key (explicit opt-out)."),
+    slm_backend: Optional[str] = typer.Option(None, "--slm-backend", help="OpenAI-compatible server running the exported SLMs (vLLM, llama-server, Ollama), e.g. http://localhost:8000/v1; default: the SLMs run in this process."),
+    slm_backend_sites: Optional[Path] = typer.Option(None, "--slm-backend-sites", help="The export's sites.json (model names, llama.cpp adapter ids)."),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -43,7 +45,8 @@ def serve(
     import json
 
     extra = []
-    for key, value in (("upstream", upstream), ("mode", mode), ("host", host), ("port", port)):
+    for key, value in (("upstream", upstream), ("mode", mode), ("host", host), ("port", port), ("slm_backend", slm_backend),
+                       ("slm_backend_sites", str(slm_backend_sites) if slm_backend_sites else None)):
         if value is not None:
             extra.append(f"serve.{key}={json.dumps(value)}")
     if api_key_file:
@@ -74,7 +77,13 @@ def serve(
         from slmconvert.serve.engine import SlmEngine
 
         err_console.print("loading the router and the SLM adapters ...")
-        engine = SlmEngine(cfg, ws, device=sc.device, max_new_tokens=sc.max_new_tokens or cfg.evaluate.max_new_tokens)
+        sites = None
+        if sc.slm_backend_sites:
+            from slmconvert.io import read_json
+
+            sites = read_json(sc.slm_backend_sites)
+        engine = SlmEngine(cfg, ws, device=sc.device, max_new_tokens=sc.max_new_tokens or cfg.evaluate.max_new_tokens,
+                           backend=sc.slm_backend, backend_sites=sites, backend_timeout_s=sc.slm_backend_timeout_s)
         if not sc.upstream:
             err_console.print("[yellow]warning:[/] no --upstream: requests the SLM may not answer get HTTP 502")
     logger = CallLogger(ws, cfg) if sc.log_calls else None

@@ -43,7 +43,8 @@ class Decision:
 
 
 class SlmEngine:
-    def __init__(self, config, workspace: Workspace, *, device: str | None = None, max_new_tokens: int | None = None):
+    def __init__(self, config, workspace: Workspace, *, device: str | None = None, max_new_tokens: int | None = None,
+                 backend: str | None = None, backend_sites: dict[str, dict] | None = None, backend_timeout_s: float = 60.0):
         from slmconvert.cluster.router import load_router
         from slmconvert.compaction import CompactionRecipe
         from slmconvert.evaluate.stage import FAMILIARITY, POLICY, load_summary
@@ -91,10 +92,16 @@ class SlmEngine:
         self._lock = threading.Lock()
         self._models: dict[str, tuple[Any, Any]] = {}  # model ref -> (peft model, tokenizer)
         self._grammars: dict[str, Any] = {}  # model ref -> ToolGrammars, when the policy was verified constrained
-        self._load_models()
+        # An external OpenAI-compatible engine (vLLM, llama-server, Ollama) generates instead of this process:
+        # prompts are still compacted and rendered here, and the policy still decides here.
+        self.backend = RemoteSlm(backend, backend_sites or {}, backend_timeout_s) if backend else None
+        if self.backend is None:
+            self._load_models()
+        else:
+            self._load_tokenizers()
         # the caps on argument lengths the policy was verified with (None for a policy from before them: schemas as given)
         self.argument_bounds: dict[str, dict] = self.policy.doc.get("argument_bounds") or {}
-        if self.policy.doc.get("constrained_decoding"):
+        if self.policy.doc.get("constrained_decoding") and self.backend is None:
             from slmconvert.constrained import tool_grammars
 
             for key, (model, tok) in self._models.items():
@@ -121,6 +128,14 @@ class SlmEngine:
                 model = attach(base, model, a["weights"], a["name"])
                 a["model_key"] = ref
             self._models[ref] = (model, tok)
+
+    def _load_tokenizers(self) -> None:
+        """With an external backend only the tokenizer (and chat template) each adapter was trained with is needed here."""
+        from transformers import AutoTokenizer
+
+        for a in self.adapters.values():
+            a["model_key"] = a["name"]
+            self._models[a["name"]] = (None, AutoTokenizer.from_pretrained(a["weights"], local_files_only=True))
 
     # ------------------------------------------------------------------ answering
     @property
@@ -155,7 +170,7 @@ class SlmEngine:
         return True
 
     def answer(self, messages: list[dict], tools: list[dict] | None) -> Decision:
-        from slmconvert.chat import parse_completion, special_tokens, supports_native_tools
+        from slmconvert.chat import special_tokens, supports_native_tools
         from slmconvert.compaction import compact, compact_tools
         from slmconvert.finetune.data import fit_prompt
         from slmconvert.generation import generate
@@ -189,6 +204,14 @@ class SlmEngine:
             d.reason = "the request does not fit the SLM's context after compaction"
             return d
         prompt, d.prompt_tokens = fitted
+        if self.backend is not None:
+            try:
+                g = self.backend.generate(site, prompt, self.max_new_tokens, special_tokens(tok))
+            except BackendError as e:
+                d.reason = str(e)
+                d.seconds = time.perf_counter() - t0
+                return d
+            return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
         with self._lock:  # one generation at a time per process: the model is not re-entrant
             if adapter["kind"] == "adapter":
                 model.set_adapter(adapter["name"])
@@ -196,9 +219,73 @@ class SlmEngine:
             [g] = generate(model, tok, [prompt], max_new_tokens=self.max_new_tokens, batch_size=1, max_prompt_tokens=budget,
                            grammars=grammars, constraints=[grammars.for_tools(tools, self.argument_bounds.get(site))]
                            if grammars is not None else None)
+        return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
+
+    def _decide(self, d: "Decision", g, tok, site: str, messages: list[dict], tools, text_agent: bool, t0: float) -> "Decision":
+        from slmconvert.chat import parse_completion, special_tokens
+
         d.seconds = time.perf_counter() - t0
         d.completion_tokens = g.new_tokens
         d.confidence = confidence_of(g.as_dict(), self.policy.doc.get("confidence_signal", "mean_logprob"))
         response, ok = parse_completion(g.text, special_tokens(tok))
         d.response = response
         return self._apply_policy(d, site, messages, tools, response, ok, text_agent)
+
+
+class BackendError(Exception):
+    """The external SLM server did not answer usably: the request goes to the LLM with this reason."""
+
+
+class RemoteSlm:
+    """An OpenAI-compatible server that runs the exported SLMs. The prompt serve compacted and rendered
+    with the adapter's chat template goes to `/completions` as text (the engine applies no template of
+    its own), greedy, with token log-probabilities for the policy's confidence signal. The site's model
+    is `slm-<site>` (the export's names) or what the export's sites.json says; a llama.cpp adapter id
+    there is sent as llama-server's per-request `lora`."""
+
+    def __init__(self, url: str, sites: dict[str, dict], timeout_s: float):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.sites = sites
+        self.client = httpx.Client(timeout=timeout_s)
+        self.timeout_s = timeout_s
+
+    def generate(self, site: str, prompt: str, max_new_tokens: int, stops: list[str] | tuple[str, ...] = ()):
+        import httpx
+
+        from slmconvert.export import served_name
+        from slmconvert.generation import Generation
+
+        info = self.sites.get(site, {})
+        body: dict[str, Any] = {"model": info.get("model") or served_name(site), "prompt": prompt, "max_tokens": max_new_tokens,
+                                "temperature": 0, "logprobs": 1, "stream": False}
+        if [s for s in stops if s]:
+            body["stop"] = [s for s in stops if s][:4]
+        if info.get("lora_id") is not None:
+            body["lora"] = [{"id": info["lora_id"], "scale": 1.0}]
+        t = time.perf_counter()
+        try:
+            r = self.client.post(self.url + "/completions", json=body)
+        except httpx.TimeoutException:
+            raise BackendError(f"the SLM backend at {self.url} did not answer within {self.timeout_s:g} s") from None
+        except httpx.HTTPError as e:
+            raise BackendError(f"the SLM backend at {self.url} is unreachable ({type(e).__name__})") from None
+        try:
+            payload = r.json()
+        except ValueError:
+            payload = None
+        if r.status_code != 200 or not isinstance(payload, dict):
+            msg = (payload.get("error") or {}).get("message") if isinstance(payload, dict) and isinstance(payload.get("error"), dict) else None
+            raise BackendError(f"the SLM backend at {self.url} answered HTTP {r.status_code}" + (f": {str(msg)[:160]}" if msg else ""))
+        choices = payload.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("text"), str):
+            raise BackendError(f"the SLM backend at {self.url} answered without choices[0].text")
+        lp = choices[0].get("logprobs") if isinstance(choices[0].get("logprobs"), dict) else {}
+        values = lp.get("token_logprobs") if isinstance(lp.get("token_logprobs"), list) else None
+        tokens = lp.get("tokens") if isinstance(lp.get("tokens"), list) else None
+        values = [float(v) for v in values if isinstance(v, (int, float))] if values else None
+        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+        n = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else len(values or [])
+        return Generation(text=choices[0]["text"], new_tokens=n, mean_logprob=sum(values) / len(values) if values else None,
+                          seconds=time.perf_counter() - t, logprobs=values, tokens=tokens if tokens and values and len(tokens) == len(values) else None)
