@@ -176,6 +176,7 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
     import httpx
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
+    from starlette.background import BackgroundTask
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -406,19 +407,30 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
                 state["llm"] += 1
                 released = True  # the stream releases the slot when it ends
 
+                received: list[bytes] = []
+                timing: dict[str, float] = {}
+
                 async def llm_events():
-                    assembler = ChunkAssembler()
                     try:
-                        async for line in r.aiter_lines():
-                            assembler.feed(line)
-                            yield (line + "\n").encode("utf-8")
-                        if assembler.done:  # logged whole, once the client has it all
-                            log_call(body, assembler.completion(), (time.perf_counter() - t0) * 1000.0,
-                                     {**served, "streamed": True}, session)
+                        async for chunk in r.aiter_raw():  # bytes on as they come; read for the log after the end
+                            received.append(chunk)
+                            yield chunk
+                        timing["ms"] = (time.perf_counter() - t0) * 1000.0
                     finally:
                         await r.aclose()
                         state["sem"].release()
-                return StreamingResponse(llm_events(), media_type="text/event-stream", headers=headers)
+
+                def log_stream() -> None:  # after the response is sent: costs the client nothing
+                    if "ms" not in timing:
+                        return  # the stream broke off: nothing whole to log
+                    assembler = ChunkAssembler()
+                    for line in b"".join(received).decode("utf-8", "replace").splitlines():
+                        assembler.feed(line)
+                    if assembler.done:
+                        log_call(body, assembler.completion(), timing["ms"], {**served, "streamed": True}, session)
+
+                return StreamingResponse(llm_events(), media_type="text/event-stream", headers=headers,
+                                         background=BackgroundTask(log_stream))
             try:
                 status, payload, upstream_ms = await upstream_call(raw)
             except UpstreamError as e:
