@@ -11,7 +11,12 @@
    With --stream, every request has `stream: true` and the upstream answers in server-sent events:
    latency is to the last byte, and time to first byte is printed too; the log must hold each
    streamed call whole.
-2. With --slm WS: convert mode on a converted workspace on CPU; latency per request of the SLM path
+2. With --slm-backend WS: `serve --mode convert --slm-backend` on a converted workspace, in its own
+   process, in front of a fake OpenAI-compatible SLM engine (another process, answering at once);
+   the workspace's test-split requests, N concurrent clients. Prints the latency straight to the
+   engine and through serve (routing, the request gate, compaction and prompt rendering, the policy):
+   what serve adds over the engine.
+3. With --slm WS: convert mode on a converted workspace on CPU; latency per request of the SLM path
    (requests drawn from the workspace's test split, one client at a time).
 """
 
@@ -216,6 +221,102 @@ def proxy_benchmark(clients: int, total: int, rate: float | None, malformed: flo
           f"{malformed:.0%} malformed upstream answers, {reduced} logged in reduced form (content withheld)")
 
 
+def fake_backend_app():
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    async def completions(body: dict):
+        return {"id": "cmpl-x", "object": "text_completion", "model": body.get("model"),
+                "choices": [{"index": 0, "text": "ok", "finish_reason": "stop",
+                             "logprobs": {"tokens": ["ok"], "token_logprobs": [-0.01]}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 1}}
+
+    return app
+
+
+def backend_benchmark(workspace: str, clients: int, total: int, rate: float | None) -> None:
+    """serve (convert mode, external SLM engine) vs the engine alone, separate processes."""
+    import os
+    import signal
+    import subprocess
+
+    import pyarrow.parquet as pq
+
+    from slmconvert.store import load_invocations
+    from slmconvert.workspace import Workspace
+
+    import shutil
+
+    # A copy whose policy lets every site's text answers through (the fake engine answers "ok"): this
+    # times the SLM path, whatever the real policy moves. The real workspace is not touched.
+    copy = Path(tempfile.mkdtemp()) / "ws"
+    shutil.copytree(workspace, copy, ignore=shutil.ignore_patterns("serve"))
+    policy_path = copy / "eval" / "policy.json"
+    policy = json.loads(policy_path.read_text())
+    sites = sorted(policy.get("requests", {}))
+    policy["rules"] = {site: {"text": {"action": "slm", "min_confidence": None, "reason": "opened for the benchmark"}} for site in sites}
+    for site in sites:
+        policy["requests"][site]["min_similarity"] = None
+    policy_path.write_text(json.dumps(policy))
+    workspace = str(copy)
+    ws = Workspace(workspace)
+    by_id = {i.id: i for i in load_invocations(ws, ws.invocation_stage())}
+    test = [by_id[a["invocation_id"]] for a in pq.read_table(ws.stage_dir("cluster") / "assignments.parquet").to_pylist()
+            if a["split"] == "test" and a["invocation_id"] in by_id]
+    be_port, up_port, sv_port = free_port(), free_port(), free_port()
+    backend = subprocess.Popen([sys.executable, __file__, "--role", "backend", "--port", str(be_port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    upstream = subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    serve = subprocess.Popen([sys.executable, "-m", "slmconvert", "serve", "-w", workspace, "--mode", "convert", "--no-auth",
+                              "--port", str(sv_port), "--upstream", f"http://127.0.0.1:{up_port}/v1",
+                              "--slm-backend", f"http://127.0.0.1:{be_port}/v1", "--set", f"serve.max_concurrency={max(64, clients)}",
+                              "--set", "serve.log_calls=false"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ), cwd=Path(__file__).resolve().parents[1])
+    try:
+        for url, proc in ((f"http://127.0.0.1:{be_port}/health", backend), (f"http://127.0.0.1:{up_port}/health", upstream),
+                          (f"http://127.0.0.1:{sv_port}/health", serve)):
+            wait_up(url, proc, timeout=300)
+        import httpx
+
+        body, answered = None, None
+        for inv in test:  # a request the policy lets the SLM answer (the fake engine says "ok": a text answer)
+            candidate = {"model": "gpt-4o", "messages": inv.request.messages, "tools": inv.request.tools}
+            r = httpx.post(f"http://127.0.0.1:{sv_port}/v1/chat/completions", json=candidate, timeout=60)
+            if r.headers.get("x-slmconvert-answered-by") == "slm":
+                body, answered = candidate, r.headers.get("x-slmconvert-site")
+                break
+        if body is None:
+            raise SystemExit("no test-split request of this workspace is answered by the SLM under its policy "
+                             "(the fake engine answers in text): nothing to time on the SLM path")
+        direct_body = {"model": "slm", "prompt": "x" * 2000, "max_tokens": 8, "messages": []}
+        direct_url = f"http://127.0.0.1:{be_port}/v1/completions"
+        serve_url = f"http://127.0.0.1:{sv_port}/v1/chat/completions"
+        asyncio.run(load(serve_url, body, clients, min(100, total), {}))
+        direct, d_wall, d_err = asyncio.run(load(direct_url, direct_body, clients, total, {}, rate))
+        via, s_wall, s_err = asyncio.run(load(serve_url, body, clients, total, {}, rate))
+    finally:
+        serve.send_signal(signal.SIGINT)
+        serve.wait(timeout=120)
+        for p in (backend, upstream):
+            p.terminate()
+            p.wait()
+    print(f"{clients} concurrent clients, {total} requests each way{f' at {rate:g} req/s (open loop)' if rate else ''}; "
+          f"engine, upstream, serve and load generator in separate processes on {os.cpu_count()} cores")
+    print(f"  straight to the SLM engine:   p50 {statistics.median(direct):7.2f} ms  p95 {pct(direct, .95):7.2f} ms  errors {d_err}")
+    print(f"  through serve (convert mode): p50 {statistics.median(via):7.2f} ms  p95 {pct(via, .95):7.2f} ms  errors {s_err}")
+    print(f"  every timed request was answered by the SLM engine (site {answered}; a copy of the workspace whose policy "
+          "lets text answers through, so the SLM path is what is timed)")
+    print(f"  added by serve: p50 {statistics.median(via) - statistics.median(direct):+.2f} ms  p95 {pct(via, .95) - pct(direct, .95):+.2f} ms "
+          "(routing embedding, request gate, compaction and rendering, policy)")
+
+
 def slm_benchmark(workspace: str, n: int) -> None:
     import httpx
     import pyarrow.parquet as pq
@@ -258,14 +359,21 @@ def main() -> None:
                     "tool arguments, numeric content); the call log must still hold every call")
     ap.add_argument("--stream", action="store_true", help="stream: true requests, the upstream answering in server-sent events")
     ap.add_argument("--slm", default=None, help="a converted workspace (after evaluate) for the SLM-path latency")
+    ap.add_argument("--slm-backend", default=None, metavar="WS", help="a converted workspace: serve with an external (fake) SLM engine")
     ap.add_argument("--slm-requests", type=int, default=20)
-    ap.add_argument("--role", choices=["bench", "upstream"], default="bench", help=argparse.SUPPRESS)
+    ap.add_argument("--role", choices=["bench", "upstream", "backend"], default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.role == "upstream":
         import uvicorn
 
         uvicorn.run(fake_upstream_app(a.malformed), host="127.0.0.1", port=a.port, log_level="error")
+    elif a.role == "backend":
+        import uvicorn
+
+        uvicorn.run(fake_backend_app(), host="127.0.0.1", port=a.port, log_level="error")
+    elif a.slm_backend:
+        backend_benchmark(a.slm_backend, a.clients, a.requests, a.rate)
     elif a.slm:
         slm_benchmark(a.slm, a.slm_requests)
     else:
