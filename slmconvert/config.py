@@ -221,6 +221,8 @@ class ServeConfig(StrictModel):
     max_new_tokens: int | None = Field(None, ge=1, description="SLM answer budget; null: evaluate.max_new_tokens, the budget the routing policy was verified with.")
     device: str | None = Field(None, description="cuda / cpu for the SLMs (default: cuda when available).")
     log_calls: bool = Field(True, description="Append every call (scrubbed per scrub.*) to WS/serve/calls-DATE.jsonl.")
+    batch_size: int = Field(8, ge=1, description="In-process SLM: concurrent requests of one adapter generated together, at most.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="In-process SLM: how long the first request of a batch waits for others.")
     slm_backend: str | None = Field(None, description="Base URL of an OpenAI-compatible server running the exported SLMs "
                                     "(vLLM, llama-server, Ollama; `slmconvert export`); null: the SLMs run in this process.")
     slm_backend_sites: str | None = Field(None, description="The export's sites.json (site -> model name, llama.cpp adapter id); "

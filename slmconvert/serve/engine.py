@@ -44,7 +44,8 @@ class Decision:
 
 class SlmEngine:
     def __init__(self, config, workspace: Workspace, *, device: str | None = None, max_new_tokens: int | None = None,
-                 backend: str | None = None, backend_sites: dict[str, dict] | None = None, backend_timeout_s: float = 60.0):
+                 backend: str | None = None, backend_sites: dict[str, dict] | None = None, backend_timeout_s: float = 60.0,
+                 batch_size: int = 8, batch_wait_ms: float = 5.0):
         from slmconvert.cluster.router import load_router
         from slmconvert.compaction import CompactionRecipe
         from slmconvert.evaluate.stage import FAMILIARITY, POLICY, load_summary
@@ -89,8 +90,11 @@ class SlmEngine:
         cm = workspace.read_manifest("collect")
         self.text_actions: dict[str, dict[str, int]] = (cm.extra.get("text_actions") or {}) if cm else {}
         self.text_rules = load_rules(config.collect.text_actions) if self.text_actions else []
-        self._lock = threading.Lock()
         self._models: dict[str, tuple[Any, Any]] = {}  # model ref -> (peft model, tokenizer)
+        # Concurrent requests for one adapter are generated as one batch by a worker per model (the model is
+        # not re-entrant; batching, not a lock, is how concurrent requests share it).
+        self._batchers: dict[str, MicroBatcher] = {}
+        self.batch_size, self.batch_wait_s = batch_size, batch_wait_ms / 1000.0
         self._grammars: dict[str, Any] = {}  # model ref -> ToolGrammars, when the policy was verified constrained
         # An external OpenAI-compatible engine (vLLM, llama-server, Ollama) generates instead of this process:
         # prompts are still compacted and rendered here, and the policy still decides here.
@@ -173,7 +177,6 @@ class SlmEngine:
         from slmconvert.chat import special_tokens, supports_native_tools
         from slmconvert.compaction import compact, compact_tools
         from slmconvert.finetune.data import fit_prompt
-        from slmconvert.generation import generate
 
         t0 = time.perf_counter()
         text_agent = bool(self.text_rules) and not tools
@@ -212,14 +215,29 @@ class SlmEngine:
                 d.seconds = time.perf_counter() - t0
                 return d
             return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
-        with self._lock:  # one generation at a time per process: the model is not re-entrant
-            if adapter["kind"] == "adapter":
-                model.set_adapter(adapter["name"])
-            grammars = self._grammars.get(adapter["model_key"])
-            [g] = generate(model, tok, [prompt], max_new_tokens=self.max_new_tokens, batch_size=1, max_prompt_tokens=budget,
-                           grammars=grammars, constraints=[grammars.for_tools(tools, self.argument_bounds.get(site))]
-                           if grammars is not None else None)
+        grammars = self._grammars.get(adapter["model_key"])
+        constraint = grammars.for_tools(tools, self.argument_bounds.get(site)) if grammars is not None else None
+        batcher = self._batchers.get(adapter["model_key"])
+        if batcher is None:
+            with _BATCHERS_LOCK:
+                batcher = self._batchers.setdefault(adapter["model_key"], MicroBatcher(
+                    lambda items, key=adapter["model_key"]: self._generate_batch(key, items), self.batch_size, self.batch_wait_s))
+        g = batcher.submit(adapter["name"] if adapter["kind"] == "adapter" else None, (prompt, constraint, budget)).result()
         return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
+
+    def _generate_batch(self, model_key: str, items: list[tuple[str | None, tuple]]) -> list:
+        """One adapter's queued requests, generated together (greedy, the same budget evaluate verified)."""
+        from slmconvert.generation import generate
+
+        model, tok = self._models[model_key]
+        adapter_name = items[0][0]
+        if adapter_name is not None:
+            model.set_adapter(adapter_name)
+        grammars = self._grammars.get(model_key)
+        prompts = [p for _, (p, _, _) in items]
+        constraints = [c for _, (_, c, _) in items]
+        return generate(model, tok, prompts, max_new_tokens=self.max_new_tokens, batch_size=len(prompts),
+                        max_prompt_tokens=items[0][1][2], grammars=grammars, constraints=constraints if grammars is not None else None)
 
     def _decide(self, d: "Decision", g, tok, site: str, messages: list[dict], tools, text_agent: bool, t0: float) -> "Decision":
         from slmconvert.chat import parse_completion, special_tokens
@@ -230,6 +248,64 @@ class SlmEngine:
         response, ok = parse_completion(g.text, special_tokens(tok))
         d.response = response
         return self._apply_policy(d, site, messages, tools, response, ok, text_agent)
+
+
+_BATCHERS_LOCK = threading.Lock()
+
+
+class MicroBatcher:
+    """A worker thread that runs queued requests in batches: the first request waits up to `wait_s` for
+    others with the same key (the same adapter), at most `max_batch` together; requests for another key
+    wait for the next batch, in arrival order. `run(items)` gets [(key, payload)] and returns one
+    result per item."""
+
+    def __init__(self, run, max_batch: int, wait_s: float):
+        import queue
+        from collections import deque
+
+        self.run, self.max_batch, self.wait_s = run, max_batch, wait_s
+        self.queue: queue.Queue = queue.Queue()
+        self.held: deque = deque()
+        self.batches: list[int] = []  # the size of each batch run (for tests and /health)
+        threading.Thread(target=self._loop, daemon=True, name="slm-batcher").start()
+
+    def submit(self, key, payload):
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self.queue.put((key, payload, fut))
+        return fut
+
+    def _next(self, timeout: float | None):
+        import queue
+
+        if self.held:
+            return self.held.popleft()
+        try:
+            return self.queue.get(timeout=timeout) if timeout is None or timeout > 0 else self.queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _loop(self) -> None:
+        while True:
+            first = self._next(None)
+            batch, later = [first], []
+            deadline = time.monotonic() + self.wait_s
+            while len(batch) < self.max_batch:
+                item = self._next(deadline - time.monotonic())
+                if item is None:
+                    break
+                (batch if item[0] == first[0] else later).append(item)
+            self.held.extendleft(reversed(later))
+            self.batches.append(len(batch))
+            try:
+                results = self.run([(k, p) for k, p, _ in batch])
+                for (_, _, fut), r in zip(batch, results):
+                    fut.set_result(r)
+            except BaseException as e:  # every waiting request learns, none hangs
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
 
 
 class BackendError(Exception):

@@ -1,0 +1,75 @@
+"""In-process SLM serving under concurrency: requests of one adapter are generated together, and each
+still gets its own answer (the one it gets alone)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from slmconvert.serve.engine import MicroBatcher
+from slmconvert.workspace import Workspace
+
+
+def test_the_batcher_groups_by_key_keeps_order_and_never_hangs():
+    seen = []
+
+    def run(items):
+        seen.append([k for k, _ in items])
+        time.sleep(0.05)
+        if any(p == "boom" for _, p in items):
+            raise RuntimeError("the model failed")
+        return [f"{k}:{p}" for k, p in items]
+
+    b = MicroBatcher(run, max_batch=4, wait_s=0.005)
+    first = b.submit("a", 0)  # runs alone (50 ms) while the others queue up
+    time.sleep(0.02)
+    futs = [b.submit(k, i) for i, k in enumerate("ababab", start=1)]
+    assert first.result(5) == "a:0"
+    assert [f.result(5) for f in futs] == ["a:1", "b:2", "a:3", "b:4", "a:5", "b:6"]
+    assert seen[0] == ["a"] and sorted(map(tuple, seen[1:])) == [("a", "a", "a"), ("b", "b", "b")]
+    bad = [b.submit("c", "boom"), b.submit("c", 1)]
+    for f in bad:
+        with pytest.raises(RuntimeError, match="the model failed"):
+            f.result(5)
+    assert b.submit("c", 2).result(5) == "c:2"  # the worker lives on
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_answers(tuned_ws, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from slmconvert.evaluate.stage import run as evaluate
+    from slmconvert.serve.engine import SlmEngine
+    from slmconvert.store import load_invocations
+    from tests.evaluate.conftest import copy_ws
+
+    ws, cfg = copy_ws(tuned_ws, tmp_path)
+    evaluate(cfg, Workspace(ws))
+    assignments = pq.read_table(ws / "clusters" / "assignments.parquet").to_pylist()
+    policy = json.loads((ws / "eval" / "policy.json").read_text())
+    for site in policy["requests"]:
+        policy["requests"][site]["min_similarity"] = None
+        policy["rules"][site] = {"text": {"action": "slm", "min_confidence": None, "reason": "set by hand"}}
+    (ws / "eval" / "policy.json").write_text(json.dumps(policy))
+    by_id = {i.id: i for i in load_invocations(Workspace(ws), "collect")}
+    site = sorted(policy["requests"])[0]
+    requests = [by_id[a["invocation_id"]] for a in assignments if a["site"] == site][:6]
+    alone = SlmEngine(cfg, Workspace(ws), max_new_tokens=6, batch_size=1)
+    want = [alone.answer(r.request.messages, r.request.tools).response for r in requests]
+    engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=6, batch_size=8, batch_wait_ms=200)
+    start = threading.Barrier(len(requests))
+
+    def ask(r):
+        start.wait()
+        return engine.answer(r.request.messages, r.request.tools).response
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        got = list(pool.map(ask, requests))
+    batches = [b for batcher in engine._batchers.values() for b in batcher.batches]
+    assert max(batches) > 1 and sum(batches) == len(requests)  # generated together, every request once
+    assert [(g.content, [(c.name, c.arguments) for c in g.tool_calls]) for g in got] == \
+        [(w.content, [(c.name, c.arguments) for c in w.tool_calls]) for w in want]
