@@ -276,8 +276,7 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     serve = subprocess.Popen([sys.executable, "-m", "slmconvert", "serve", "-w", workspace, "--mode", "convert", "--no-auth",
                               "--port", str(sv_port), "--upstream", f"http://127.0.0.1:{up_port}/v1",
-                              "--slm-backend", f"http://127.0.0.1:{be_port}/v1", "--set", f"serve.max_concurrency={max(64, clients)}",
-                              "--set", "serve.log_calls=false"],
+                              "--slm-backend", f"http://127.0.0.1:{be_port}/v1", "--set", f"serve.max_concurrency={max(64, clients)}"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ), cwd=Path(__file__).resolve().parents[1])
     try:
         for url, proc in ((f"http://127.0.0.1:{be_port}/health", backend), (f"http://127.0.0.1:{up_port}/health", upstream),
@@ -285,8 +284,9 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
             wait_up(url, proc, timeout=300)
         import httpx
 
-        body, answered = None, None
-        for inv in test:  # a request the policy lets the SLM answer (the fake engine says "ok": a text answer)
+        body, answered, probes = None, None, 0
+        for inv in test:
+            probes += 1  # a request the policy lets the SLM answer (the fake engine says "ok": a text answer)
             candidate = {"model": "gpt-4o", "messages": inv.request.messages, "tools": inv.request.tools}
             r = httpx.post(f"http://127.0.0.1:{sv_port}/v1/chat/completions", json=candidate, timeout=60)
             if r.headers.get("x-slmconvert-answered-by") == "slm":
@@ -311,6 +311,10 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
           f"engine, upstream, serve and load generator in separate processes on {os.cpu_count()} cores")
     print(f"  straight to the SLM engine:   p50 {statistics.median(direct):7.2f} ms  p95 {pct(direct, .95):7.2f} ms  errors {d_err}")
     print(f"  through serve (convert mode): p50 {statistics.median(via):7.2f} ms  p95 {pct(via, .95):7.2f} ms  errors {s_err}")
+    records = [json.loads(line) for f in (copy / "serve").glob("calls-*.jsonl") for line in open(f)]
+    expected = probes + min(100, total) + total
+    print(f"  call log: {len(records)} of {expected} requests logged ({expected - len(records)} lost), "
+          f"{sum(r.get('served_by', {}).get('by') == 'slm' for r in records)} answered by the SLM")
     print(f"  every timed request was answered by the SLM engine (site {answered}; a copy of the workspace whose policy "
           "lets text answers through, so the SLM path is what is timed)")
     print(f"  added by serve: p50 {statistics.median(via) - statistics.median(direct):+.2f} ms  p95 {pct(via, .95) - pct(direct, .95):+.2f} ms "

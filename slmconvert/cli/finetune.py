@@ -16,7 +16,7 @@ def finetune(
     model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="Train this model (catalogue name, folder, hub id or pypi:...) instead of select's candidates. Repeatable."),
     method: Optional[str] = typer.Option(None, "--method", help="lora | qlora (4-bit base, CUDA) | full."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
-    merge: bool = typer.Option(False, "--merge", help="Also export the base model with the adapter merged in."),
+    merge: bool = typer.Option(False, "--merge", help="Also save the base model with the adapter merged in, beside it (for every chosen adapter at once: slmconvert export --to merged)."),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     force: bool = ForceOpt,
