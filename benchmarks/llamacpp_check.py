@@ -52,6 +52,8 @@ def main() -> None:
     print(f"exported {len(manifest['sites'])} site(s) to {out} in {time.perf_counter() - t:.1f} s")
 
     local = SlmEngine(cfg, ws, max_new_tokens=args.max_new_tokens)
+    free = SlmEngine(cfg, ws, max_new_tokens=args.max_new_tokens)
+    free._grammars = {}  # decoded without the tool-call grammar, as llama.cpp decodes here
     remote = SlmEngine(cfg, ws, max_new_tokens=args.max_new_tokens, backend="http://unused")
     engines: dict[str, object] = {}
 
@@ -69,25 +71,56 @@ def main() -> None:
                           mean_logprob=sum(vals) / len(vals) if vals else None, seconds=0.0, logprobs=vals or None)
 
     remote.backend.generate = llama_generate
-    for e in (local, remote):  # generate for every request: this compares answers, whatever the policy would return
+    for e in (local, free, remote):  # generate for every request: this compares answers, whatever the policy would return
         e.policy.servable = lambda site: True
         e.policy.admit = lambda site, similarity: None
     by_id = {i.id: i for i in load_invocations(ws, ws.invocation_stage())}
     test = [by_id[a["invocation_id"]] for a in pq.read_table(ws.stage_dir("cluster") / "assignments.parquet").to_pylist()
             if a["split"] == "test" and a["invocation_id"] in by_id and a["site"] in manifest["sites"]][: args.requests]
-    agree = 0
+    def key(d):
+        if d.response is None:
+            return None
+        return [(c.name, c.arguments) for c in d.response.tool_calls] or ("text", (d.response.content or "")[:60])
+
+    agree = agree_free = 0
     for inv in test:
-        a = local.answer(inv.request.messages, inv.request.tools)
-        b = remote.answer(inv.request.messages, inv.request.tools)
-        if a.response is None or b.response is None:
-            print(f"  {inv.id[:10]}: not generated ({a.reason or b.reason})")
-            continue
-        ka = [(c.name, c.arguments) for c in a.response.tool_calls] or ("text", (a.response.content or "")[:60])
-        kb = [(c.name, c.arguments) for c in b.response.tool_calls] or ("text", (b.response.content or "")[:60])
-        same = ka == kb
-        agree += same
-        print(f"  {inv.id[:10]} {a.site}: {'same' if same else 'DIFFERENT'}  transformers {ka}  llama.cpp {kb}")
-    print(f"{agree} of {len(test)} held-out requests: the llama.cpp export answers as the workspace adapter does "
+        a, f, b = (e.answer(inv.request.messages, inv.request.tools) for e in (local, free, remote))
+        ka, kf, kb = key(a), key(f), key(b)
+        agree += ka == kb
+        agree_free += kf == kb
+        print(f"  {inv.id[:10]} {a.site}: llama.cpp {kb}\n      transformers, grammar: {'same' if ka == kb else ka}"
+              f"\n      transformers, free:    {'same' if kf == kb else kf}")
+    # The adapter's own effect, apart from quantisation: its change to the next-token logits of one prompt
+    # in transformers (dequantised base) and in llama.cpp (the quantised GGUF base).
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from slmconvert.export import _base_folder, site_models
+
+    sm = site_models(ws)[0]
+    info = manifest["sites"][sm.site]
+    tok = remote._models[remote.adapters[sm.site]["model_key"]][1]
+    ids = tok("<|im_start|>user\n" + (test[0].request.messages[-1].get("content") or "")[:400] + "<|im_end|>\n<|im_start|>assistant\n",
+              add_special_tokens=False)["input_ids"]
+    base_folder = _base_folder(sm, cfg)
+    with torch.no_grad():
+        hb = AutoModelForCausalLM.from_pretrained(base_folder).eval()(torch.tensor([ids])).logits[0, -1].float().numpy()
+        hl = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), str(sm.weights)).eval()(
+            torch.tensor([ids])).logits[0, -1].float().numpy()
+
+    def last_logits(lora):
+        llm = Llama(model_path=info["base_gguf"], lora_path=lora, n_ctx=2048, verbose=False, logits_all=True)
+        llm.eval(ids)
+        return np.array(llm.scores[len(ids) - 1])
+
+    lb, la = last_logits(None), last_logits(str(out / info["lora"]))
+    print(f"base logits, transformers vs llama.cpp (quantised): correlation {np.corrcoef(hb, lb)[0, 1]:.4f}; "
+          f"the adapter's change to them: correlation {np.corrcoef(hl - hb, la - lb)[0, 1]:.4f} "
+          f"(norm {np.linalg.norm(hl - hb):.0f} vs {np.linalg.norm(la - lb):.0f})")
+    print(f"of {len(test)} held-out requests, the llama.cpp export (no grammar) answers as the workspace adapter does: "
+          f"{agree_free} decoded the same way (no grammar), {agree} against serve's grammar-constrained decoding "
           "(same kind, tool name and arguments; text compared on its first 60 characters)")
 
 
