@@ -257,12 +257,12 @@ def tool_list(raw: Any) -> tuple[list | None, int]:
 
 def request_body(body: dict, where: str) -> tuple[list, Any, dict, int]:
     """(messages, tools, request fields, built-in tools dropped) of a chat-completions, Anthropic
-    Messages or Responses request body."""
+    Messages or Responses request body. The messages are still in the body's dialect (with the
+    instructions as a leading system message): `chat_messages` converts them."""
     if "messages" in body:
-        raw = body["messages"]
-        if not isinstance(raw, list):
-            raise RecordError(f"{where}.messages must be a list, got {type(raw).__name__}", "wrong_type")
-        messages = chat_messages(raw, f"{where}.messages")
+        messages = body["messages"]
+        if not isinstance(messages, list):
+            raise RecordError(f"{where}.messages must be a list, got {type(messages).__name__}", "wrong_type")
         system = system_text(body.get("system"), f"{where}.system") if "system" in body else None
     elif "input" in body:
         raw = body["input"]
@@ -270,7 +270,7 @@ def request_body(body: dict, where: str) -> tuple[list, Any, dict, int]:
             raw = [{"role": "user", "content": raw}]
         if not isinstance(raw, list):
             raise RecordError(f"{where}.input must be a string or a list of items, got {type(raw).__name__}", "wrong_type")
-        messages = chat_messages(raw, f"{where}.input")
+        messages = raw
         system = system_text(body.get("instructions"), f"{where}.instructions")
     else:
         raise RecordError(f"{where} has neither messages nor input", "missing_field")

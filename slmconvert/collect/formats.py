@@ -607,9 +607,18 @@ def _one_call(x: Any) -> bool:
     return isinstance(x, dict) and isinstance(x.get("request"), dict) and "response" in x
 
 
+_OWNERS: dict[type, LogFormat] = {}
+
+
 def _foreign_record(value: dict) -> bool:
-    """A record of a format with its own nesting (an OTLP export, a Langfuse trace): never split here."""
-    return any(fmt.owns(value) for _, cls in log_formats if (fmt := cls()) and hasattr(fmt, "owns"))
+    """A record of a format with its own nesting (an OTLP export, a Langfuse trace): never split here.
+    Called for every record: the formats that say what they own are instantiated once."""
+    for _, cls in log_formats:
+        if hasattr(cls, "owns"):
+            fmt = _OWNERS.get(cls) or _OWNERS.setdefault(cls, cls())
+            if fmt.owns(value):
+                return True
+    return False
 
 
 def expand_document(value: Any) -> list[Any]:

@@ -359,7 +359,8 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             )
         duplicates = sink.duplicates
         collector.dropped["duplicate"] += duplicates
-        collector.dropped["scrub_policy"] += sink.scrub_dropped
+        if sink.report is not None:  # scrubbed something this run (as before batching: no key when scrubbing is off)
+            collector.dropped["scrub_policy"] += sink.scrub_dropped
 
         scrub_info: dict[str, Any] = {"enabled": config.scrub.enabled}
         if config.scrub.enabled:

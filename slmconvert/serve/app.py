@@ -209,25 +209,33 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
         return bool(token) and any(hmac.compare_digest(token, k) for k in settings.api_keys)
 
-    async def upstream_call(body: bytes) -> tuple[int, Any, float]:
+    async def open_upstream(body: bytes, stream: bool = False):
+        """The upstream's response to `body` (left open when `stream`); what is not the upstream's answer raises."""
         if not settings.upstream:
             raise UpstreamError(502, "no upstream LLM is configured (--upstream URL)")
-        url = settings.upstream.rstrip("/") + "/chat/completions"
         headers = {"content-type": "application/json"}
+        if stream:
+            headers["accept"] = "text/event-stream"
         key = os.environ.get(settings.upstream_key_env or "", "") if settings.upstream_key_env else ""
         if key:
             headers["authorization"] = f"Bearer {key}"
-        t = time.perf_counter()
+        req = state["client"].build_request("POST", settings.upstream.rstrip("/") + "/chat/completions", content=body, headers=headers)
         try:
-            r = await state["client"].post(url, content=body, headers=headers)
+            r = await state["client"].send(req, stream=stream)
         except httpx.TimeoutException:
             raise UpstreamError(504, f"the upstream LLM at {settings.upstream} did not answer within "
                                      f"{settings.upstream_timeout_s:g} s") from None
         except httpx.HTTPError as e:
             raise UpstreamError(502, f"the upstream LLM at {settings.upstream} is unreachable ({type(e).__name__})") from None
         if r.status_code in (401, 403):  # our upstream key, not the client's: never pass it on as theirs
+            await r.aclose()
             raise UpstreamError(502, f"the upstream LLM at {settings.upstream} refused slmconvert's upstream key "
                                      f"(HTTP {r.status_code}); check ${settings.upstream_key_env}", "upstream_auth")
+        return r
+
+    async def upstream_call(body: bytes) -> tuple[int, Any, float]:
+        t = time.perf_counter()
+        r = await open_upstream(body)
         try:
             payload = r.json()
         except ValueError:
@@ -311,28 +319,6 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
             return None, openai_error(400, problem, param="messages" if "messages" in problem else None)
         return body, None
 
-    async def upstream_stream(body: bytes):
-        """Open a streaming upstream call: (response still open, status); errors before the first byte raise."""
-        if not settings.upstream:
-            raise UpstreamError(502, "no upstream LLM is configured (--upstream URL)")
-        headers = {"content-type": "application/json", "accept": "text/event-stream"}
-        key = os.environ.get(settings.upstream_key_env or "", "") if settings.upstream_key_env else ""
-        if key:
-            headers["authorization"] = f"Bearer {key}"
-        req = state["client"].build_request("POST", settings.upstream.rstrip("/") + "/chat/completions", content=body, headers=headers)
-        try:
-            r = await state["client"].send(req, stream=True)
-        except httpx.TimeoutException:
-            raise UpstreamError(504, f"the upstream LLM at {settings.upstream} did not answer within "
-                                     f"{settings.upstream_timeout_s:g} s") from None
-        except httpx.HTTPError as e:
-            raise UpstreamError(502, f"the upstream LLM at {settings.upstream} is unreachable ({type(e).__name__})") from None
-        if r.status_code in (401, 403):
-            await r.aclose()
-            raise UpstreamError(502, f"the upstream LLM at {settings.upstream} refused slmconvert's upstream key "
-                                     f"(HTTP {r.status_code}); check ${settings.upstream_key_env}", "upstream_auth")
-        return r
-
     def headers_for(decision, by: str, reason: str) -> dict[str, str]:
         h = {"x-slmconvert-answered-by": by, "x-slmconvert-reason": _header(reason)}
         if decision is not None:
@@ -387,7 +373,7 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
             served = {"by": "llm", "reason": reason, "site": decision.site if decision else None}
             if stream:
                 try:
-                    r = await upstream_stream(raw)
+                    r = await open_upstream(raw, stream=True)
                 except UpstreamError as e:
                     state["errors"] += 1
                     return openai_error(e.status, e.message, "upstream_error", code=e.code)
