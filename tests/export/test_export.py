@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,22 +12,17 @@ import torch
 from slmconvert.export import ExportError, _permute_rows, export
 from slmconvert.io import read_json, sha256_file
 from slmconvert.workspace import Workspace
-from tests.conftest import stage_config, tiny_model_folder
+from tests.evaluate.conftest import tuned_ws  # noqa: F401  (the shared fine-tuned demo workspace)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, clustered_demo):
-    """The demo workspace with a LoRA adapter per call site on a tiny Llama (2 steps: weights that moved)."""
-    from slmconvert.finetune.stage import run
+def trained(tuned_ws):
+    """The evaluate tests' demo workspace: a LoRA adapter per call site on a tiny Llama (exports only read it)."""
+    from slmconvert.workspace import Workspace
 
-    root = tmp_path_factory.mktemp("export")
-    ws = root / "ws"
-    shutil.copytree(clustered_demo[0], ws)
-    folder = tiny_model_folder(root / "tiny-base")
-    cfg = stage_config(ws, f"finetune.models=[{folder}]", "finetune.max_steps=2", "finetune.batch_size=4",
-                       "finetune.max_length=512", "finetune.max_train_examples=8", "finetune.learning_rate=0.05")
-    m = run(cfg, Workspace(ws))
-    return ws, folder, cfg, m
+    ws, cfg = tuned_ws
+    folder = Path(cfg.finetune.models[0])
+    return ws, folder, cfg, Workspace(ws).read_manifest("finetune")
 
 
 def _logits(model, tok):
