@@ -58,6 +58,7 @@ class CollectConfig(StrictModel):
     model: str | None = Field(None, description="LLM name recorded on every invocation whose log does not say.")
     recursive: bool = Field(True, description="Descend into sub-folders of a folder path.")
     messages_path: str | None = Field(None, description="Dotted path to the message list(s) in each record, `*` for every list element (e.g. output.history, calls.*.messages). Default: found wherever they are nested.")
+    partition_mb: float = Field(32.0, gt=0, description="Megabytes of log per session partition: calls are grouped by session into ceil(MB read / partition_mb) partitions, each deduplicated, scrubbed and written on its own (memory holds one; Ray scrubs them in parallel). Changing it re-collects.")
     text_actions: list[str | dict[str, Any]] = Field(
         default_factory=lambda: ["http", "call"],
         description="Plain-text actions read as tool calls. Built-ins ('http': METHOD url [json]; 'call': NAME(json)) apply to "
@@ -230,8 +231,20 @@ class ServeConfig(StrictModel):
     slm_backend_timeout_s: float = Field(60.0, gt=0, description="An SLM backend slower than this: the request goes to the LLM.")
 
 
+class RayConfig(StrictModel):
+    """Where and how wide `engine: ray` runs (collect's parsing and scrubbing, cluster's embedding)."""
+
+    address: str | None = Field(None, description="An existing Ray cluster (`auto`, `ray://host:10001`, host:port); unset: a local Ray on this machine.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all of this machine's).")
+    workers: int | None = Field(None, ge=1, description="Scrub and embedding workers (each loads spaCy and Presidio, or the embedding model, once); default: the cluster's CPUs.")
+    chunk_mb: float = Field(16.0, gt=0, description="Megabytes of a JSONL log per parsing task (other files are one task each).")
+    embed_batch: int = Field(1024, ge=1, description="Texts per embedding task.")
+
+
 class PipelineConfig(StrictModel):
     workspace: str = Field("workspace", description="The workspace folder every stage reads and writes.")
+    engine: Literal["local", "ray"] = Field("local", description="local: this process. ray: collect (parse, scrub) and embedding run as Ray Data pipelines, locally or on the cluster at ray.address; the workspace written is the same.")
+    ray: RayConfig = Field(default_factory=RayConfig)
     demo_data: DemoDataConfig | None = None
     collect: CollectConfig = Field(default_factory=CollectConfig)
     scrub: ScrubConfig = Field(default_factory=ScrubConfig)

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from slmconvert.collect.partitions import PartitionResult, Spill, n_partitions, process_partition
 from slmconvert.collect.formats import ParseContext, detect_format, expand_document, format_names, get_format, log_formats
 from slmconvert.collect.records import MAX_DEPTH, RawError, UnreadableFile, find_log_files, read_records
 from slmconvert.collect.textactions import load_rules
@@ -89,63 +90,44 @@ def _plan(files: list[Path], prev_inputs: dict[str, Any]) -> list[dict[str, Any]
     return plan
 
 
-# Invocations held in memory before they are deduplicated, scrubbed and written as a shard:
-# memory stays flat however large the input (τ-bench, 2,454 calls, is one batch).
-BATCH_SIZE = 5000
+# Parsed calls handed to the partitions at a time (memory holds these, plus one partition when scrubbing).
+FLUSH_EVERY = 5000
 
 
-class _Sink:
-    """Where parsed invocations go, a batch at a time: dedup against the workspace, scrub (template
-    values learned by earlier batches carry over, as they do across incremental runs), the calls of
-    inferred tool sets fed to tool inference, one Parquet shard per batch."""
+class _Writer:
+    """Where deduplicated, scrubbed partitions go, one at a time and in partition order (on either engine):
+    the calls of inferred tool sets fed to tool inference, one Parquet shard per partition, the scrub
+    reports merged."""
 
-    def __init__(self, config: PipelineConfig, workspace: Workspace, stage_dir: Path, timer: Timer, progress: Progress,
-                 known_ids: set[str], known_mids: set[str], inference: "ToolInference", shard_no: int, template_values: list[str]):
-        self.config, self.workspace, self.stage_dir, self.timer, self.progress = config, workspace, stage_dir, timer, progress
-        self.known_ids, self.known_mids, self.inference, self.shard_no = known_ids, known_mids, inference, shard_no
-        self.template_values = list(template_values)
+    def __init__(self, stage_dir: Path, timer: Timer, known_mids: set[str], inference: "ToolInference", shard_no: int,
+                 tools_from_file: bool):
+        self.stage_dir, self.timer, self.known_mids, self.inference, self.shard_no = stage_dir, timer, known_mids, inference, shard_no
+        self.tools_from_file = tools_from_file
         self.files: list[str] = []
         self.report: dict | None = None
+        self.template_values: set[str] = set()
         self.fresh = self.duplicates = self.scrub_dropped = 0
-        self.seconds = 0.0
-        self.tools_from_file = bool(config.collect.tools_file)
 
-    def __call__(self, batch: list[Invocation]) -> None:
-        t0 = time.perf_counter()
-        with self.timer.step("dedup_s"):
-            fresh = []
-            for inv in batch:
-                if inv.id in self.known_ids:
-                    self.duplicates += 1
-                    continue
-                self.known_ids.add(inv.id)
-                fresh.append(inv)
-        if self.config.scrub.enabled and fresh:
-            from slmconvert.scrub import scrub_invocations
-
-            with self.timer.step("scrub_s"):
-                n_before = len(fresh)
-                fresh, report = scrub_invocations(fresh, self.config.scrub, self.workspace, progress=self.progress,
-                                                  template_values=self.template_values)
-                self.template_values = sorted(set(self.template_values) | set(report.get("template_values_kept", [])))
-                self.report = _merge_reports(self.report, report)
-                self.scrub_dropped += n_before - len(fresh)
+    def __call__(self, result: PartitionResult) -> None:
+        for step, seconds in result.seconds.items():
+            self.timer.timings[step] = round(self.timer.timings.get(step, 0.0) + seconds, 4)
+        self.duplicates += result.duplicates
+        self.scrub_dropped += result.scrub_dropped
+        if result.report is not None:
+            self.report = _merge_reports(self.report, result.report)
         with self.timer.step("tools_s"):
-            toolsets: dict[str, str | None] = {}
-            for inv in fresh:
-                if inv.request.tools is None:
-                    key = toolset_key(inv.request.messages, inv.agent)
-                    toolsets[inv.id] = key
+            for inv in result.calls:
+                key = result.toolsets.get(inv.id)
+                if key is not None:
                     inv.request.tools_source = "file" if self.tools_from_file else "inferred"
                     self.inference.ensure(key)
                     for c in inv.response.tool_calls:
                         self.inference.add(key, c.name, c.arguments)
-        if fresh:
+        if result.calls:
             with self.timer.step("write_s"):
-                self.files += write_shards(self.stage_dir, fresh, toolsets, self.known_mids, self.shard_no)
+                self.files += write_shards(self.stage_dir, result.calls, result.toolsets, self.known_mids, self.shard_no)
                 self.shard_no += 1
-        self.fresh += len(fresh)
-        self.seconds += time.perf_counter() - t0
+        self.fresh += len(result.calls)
 
 
 class _Collector:
@@ -248,7 +230,7 @@ class _Collector:
             ctx = self._context(str(path), locator, fmt_name)
             try:
                 self.invocations.extend(fmt.parse(value, ctx))
-                if len(self.invocations) >= BATCH_SIZE:
+                if len(self.invocations) >= FLUSH_EVERY:
                     self.flush()
             except RecordError as e:
                 self._quarantine(path, locator, e.reason, e.code, fmt_name)
@@ -261,6 +243,23 @@ class _Collector:
             self.progress.advance()
         self.progress.stop()
         return {"format": fmt_name}
+
+
+def _local_partitions(config: PipelineConfig, workspace: Workspace, spill: Spill, known_ids: set[str], template_values: list[str],
+                      progress: Progress) -> Iterator[PartitionResult]:
+    make_scrubber = None
+    if config.scrub.enabled:
+        from slmconvert.scrub.engine import Scrubber, scrub_key
+        from slmconvert.scrub.policy import load_policy
+
+        sc = config.scrub
+        policy, key = load_policy(sc.policy), scrub_key(workspace, sc.seed)
+
+        def make_scrubber():
+            return Scrubber(policy, key, sc.surrogates, sc.batch_size, sc.n_process)
+    for index, calls in spill.partitions():  # one partition: the scrubber's own progress bars (NER) show
+        yield process_partition(index, calls, known_ids, config.scrub, make_scrubber, template_values,
+                                progress if spill.n == 1 else NULL_PROGRESS)
 
 
 def _columns(stage_dir: Path, files: list[str], prefix: str, columns: list[str]) -> Iterator[dict[str, list]]:
@@ -335,40 +334,66 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         for key, name, args in old_calls:
             inference.add(key, name, args)
         del old_calls
-        sink = _Sink(config, workspace, stage_dir, timer, progress, known_ids, known_mids, inference, next_shard_no(prev),
-                     read_json(stage_dir / SCRUB_REPORT).get("template_values_kept", [])
-                     if base and (stage_dir / SCRUB_REPORT).exists() else [])
-        collector = _Collector(config, progress, sink)
+        old_templates = (read_json(stage_dir / SCRUB_REPORT).get("template_values_kept", [])
+                         if base and (stage_dir / SCRUB_REPORT).exists() else [])
+        writer = _Writer(stage_dir, timer, known_mids, inference, next_shard_no(prev), bool(cc.tools_file))
+        n_parts = n_partitions(sum(e["size"] - e["offset"] for e in todo), cc.partition_mb)
         inputs = dict(base.inputs) if base else {}
         t_read = time.perf_counter()
-        for entry in todo:
-            inputs[entry["key"]] = collector.read_file(entry)
-        collector.finish()
-        collector.flush()
-        timer.timings["parse_s"] = round(time.perf_counter() - t_read - sink.seconds, 4)
+        if config.engine == "ray":
+            from slmconvert.distributed import collect_on_ray
 
-        new_quarantine = collector.quarantine
-        if cc.strict and new_quarantine:
-            for name in sink.files:  # nothing of this run is kept
-                (stage_dir / name).unlink(missing_ok=True)
-            qpath = stage_dir / "quarantine.strict.jsonl"
-            write_jsonl_atomic(qpath, new_quarantine)
-            raise CollectStrictError(
-                f"--strict: {len(new_quarantine)} bad record(s); nothing was stored. Reasons are in {qpath} "
-                f"(first: {new_quarantine[0]['file']} {new_quarantine[0]['locator']}: {new_quarantine[0]['reason']})"
-            )
-        duplicates = sink.duplicates
+            parsed = collect_on_ray(config, workspace, todo, n_parts, known_ids, old_templates, progress)
+            collector = parsed.collector
+        else:
+            spill = Spill(n_parts)
+            collector = _Collector(config, progress, spill.add)
+        try:
+            if config.engine == "ray":
+                inputs.update(parsed.inputs)
+                results = parsed.results
+            else:
+                for entry in todo:
+                    inputs[entry["key"]] = collector.read_file(entry)
+                collector.finish()
+                collector.flush()
+                results = _local_partitions(config, workspace, spill, known_ids, old_templates, progress)
+            timer.timings["parse_s"] = round(time.perf_counter() - t_read, 4)
+            new_quarantine = collector.quarantine
+            if cc.strict and new_quarantine:  # nothing of this run has been written yet
+                qpath = stage_dir / "quarantine.strict.jsonl"
+                write_jsonl_atomic(qpath, new_quarantine)
+                raise CollectStrictError(
+                    f"--strict: {len(new_quarantine)} bad record(s); nothing was stored. Reasons are in {qpath} "
+                    f"(first: {new_quarantine[0]['file']} {new_quarantine[0]['locator']}: {new_quarantine[0]['reason']})"
+                )
+            if n_parts > 1:
+                progress.start("collect: deduplicate, scrub, write partitions", n_parts)
+            for result in results:
+                writer(result)
+                if n_parts > 1:
+                    progress.advance()
+            if n_parts > 1:
+                progress.stop()
+        finally:
+            if config.engine == "ray":
+                parsed.close()
+            else:
+                spill.close()
+        duplicates = writer.duplicates
         collector.dropped["duplicate"] += duplicates
-        if sink.report is not None:  # scrubbed something this run (as before batching: no key when scrubbing is off)
-            collector.dropped["scrub_policy"] += sink.scrub_dropped
+        if writer.report is not None:  # scrubbed something this run (as before batching: no key when scrubbing is off)
+            collector.dropped["scrub_policy"] += writer.scrub_dropped
 
         scrub_info: dict[str, Any] = {"enabled": config.scrub.enabled}
         if config.scrub.enabled:
             scrub_info.update(policy=config.scrub.policy, surrogates=config.scrub.surrogates)
-        report = sink.report
+        report = writer.report
+        if report is not None:
+            report["template_values_kept"] = sorted(set(report.get("template_values_kept", [])) | set(old_templates))
         with timer.step("write_s"):
             files_out = list(base.files) if base else []
-            files_out += sink.files
+            files_out += writer.files
             tool_inventory = {k: merge_tools(inference.tools(k), tools_from_file) for k in inference.keys()}
             write_json_atomic(stage_dir / TOOLS_FILE, tool_inventory)
             if TOOLS_FILE not in files_out:
@@ -387,7 +412,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             if config.scrub.enabled and report is not None:
                 scrub_info["entities"] = {k: v["values"] for k, v in report["entities"].items() if v["values"]}
             (stage_dir / "quarantine.strict.jsonl").unlink(missing_ok=True)
-        fresh_n = sink.fresh
+        fresh_n = writer.fresh
 
         totals = _totals(stage_dir, files_out)
         counts = {k: v for k, v in (base.counts if base else {}).items() if k.startswith(("dropped_", "kept_"))}

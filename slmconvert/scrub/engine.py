@@ -173,6 +173,8 @@ def dump_like(value: Any, original: str) -> str:
 
 # --------------------------------------------------------------------------- the scrubber
 
+_NLP_MODELS: dict[str, Any] = {}  # spaCy pipelines loaded in this process, by name (read-only once loaded)
+
 
 class Scrubber:
     def __init__(self, policy: ScrubPolicy, key: bytes, surrogates: str = "fake", batch_size: int = 64, n_process: int = 1):
@@ -212,8 +214,12 @@ class Scrubber:
             name = self.policy.spacy_model
             try:
                 # NER only: the tagger, parser and lemmatiser cost most of spaCy's time and
-                # nothing here reads their output.
-                self._nlp = spacy.load(name, exclude=["parser", "lemmatizer", "tagger", "attribute_ruler", "senter", "morphologizer"])
+                # nothing here reads their output. Loaded once per process: a scrubber per partition
+                # (or per Ray worker batch) shares it.
+                if name not in _NLP_MODELS:
+                    _NLP_MODELS[name] = spacy.load(name, exclude=["parser", "lemmatizer", "tagger", "attribute_ruler", "senter",
+                                                                  "morphologizer"])
+                self._nlp = _NLP_MODELS[name]
             except OSError:
                 raise StageError(
                     f"spaCy model {name!r} is not installed (scrub.policy spacy_model). Install it with "

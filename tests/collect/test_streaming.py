@@ -1,10 +1,12 @@
 """Large inputs: a JSON array is streamed element by element, and invocations go to the workspace
-in batches, so memory holds one batch, never the file. Batching must not change what is stored."""
+in session partitions, so memory holds one partition, never the file. Partitioning must not change
+what is stored."""
 
 from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 import slmconvert.collect.stage as stage
@@ -27,29 +29,34 @@ def _stored(workspace):
     return sorted((i.id, i.session_id, json.dumps(i.request.messages), i.request.tools_source) for i in load_invocations(workspace))
 
 
-def test_batches_store_what_one_pass_stores(tmp_path, collect_config, monkeypatch):
+def test_partitions_store_what_one_pass_stores(tmp_path, collect_config, monkeypatch):
     log = tmp_path / "demo.jsonl"
     generate(log, sessions=20, seed=5, fmt="shapes")  # tools inferred for the tool-less text-action agent
     one, ws_one = _collect(collect_config, tmp_path / "one", log)
-    monkeypatch.setattr(stage, "BATCH_SIZE", 7)
-    many, ws_many = _collect(collect_config, tmp_path / "many", log)
+    monkeypatch.setattr(stage, "FLUSH_EVERY", 7)
+    many, ws_many = _collect(collect_config, tmp_path / "many", log, partition_mb=log.stat().st_size / 2**20 / 5)
     assert _stored(ws_many) == _stored(ws_one)
     assert {k: v for k, v in many.counts.items() if k != "files"} == {k: v for k, v in one.counts.items() if k != "files"}
     assert read_json(ws_many.stage_dir("collect") / "tools.json") == read_json(ws_one.stage_dir("collect") / "tools.json")
     shards = [f for f in many.files if f.startswith("invocations-")]
-    assert len(shards) >= one.counts["invocations"] // 7 > 1  # written a batch at a time
-    # an unchanged re-run is still a no-op, and appending a file adds only what is new
-    again, _ = _collect(collect_config, tmp_path / "many", log)
+    assert len(shards) >= 4  # written a partition at a time (5 partitions; one may hold no session)
+    for shard in shards:  # a session lies whole in one partition, so in one shard
+        sessions = set(pq.read_table(ws_many.stage_dir("collect") / shard, columns=["session_id"]).column(0).to_pylist())
+        others = [pq.read_table(ws_many.stage_dir("collect") / s, columns=["session_id"]).column(0).to_pylist()
+                  for s in shards if s != shard]
+        assert not sessions & {x for o in others for x in o}
+    # an unchanged re-run is still a no-op
+    again, _ = _collect(collect_config, tmp_path / "many", log, partition_mb=log.stat().st_size / 2**20 / 5)
     assert again.skipped
 
 
-def test_strict_run_in_batches_leaves_nothing_behind(tmp_path, collect_config, monkeypatch):
-    monkeypatch.setattr(stage, "BATCH_SIZE", 2)
+def test_strict_run_in_partitions_leaves_nothing_behind(tmp_path, collect_config, monkeypatch):
+    monkeypatch.setattr(stage, "FLUSH_EVERY", 2)
     lines = [json.dumps(rr_record(f"q{i}", answer="a", session=f"s{i}")) for i in range(6)] + ["{not json"]
     log = tmp_path / "calls.jsonl"
     log.write_text("\n".join(lines) + "\n")
     with pytest.raises(CollectStrictError, match="1 bad record"):
-        _collect(collect_config, tmp_path / "ws", log, strict=True)
+        _collect(collect_config, tmp_path / "ws", log, strict=True, partition_mb=0.0005)
     assert not list((tmp_path / "ws" / "invocations").glob("*.parquet"))
 
 
