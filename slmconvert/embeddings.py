@@ -40,6 +40,8 @@ class Embedder:
         self.device = device
         self.max_seq_length = max_seq_length
         self._model = None
+        # encode(chunks, progress) -> vectors per chunk, elsewhere (engine: ray); None: in this process
+        self.remote = None
 
     @property
     def key(self) -> str:
@@ -79,7 +81,17 @@ class Embedder:
         return int(get())
 
     def encode(self, texts: Sequence[str], progress: Progress = NULL_PROGRESS, chunk: int = 1024) -> np.ndarray:
-        """Encode in length-sorted chunks (one progress step per text), rows in the input order."""
+        """Encode in length-sorted chunks (one progress step per text), rows in the input order.
+
+        With `remote` set (engine: ray) the same chunks are encoded by a worker pool: same vectors."""
+        if self.remote is not None and len(texts) > chunk:
+            order = np.argsort([-len(t) for t in texts], kind="stable")
+            starts = range(0, len(order), chunk)
+            got = self.remote(self, [[texts[i] for i in order[s:s + chunk]] for s in starts], progress)
+            out = np.empty((len(texts), got[0].shape[1]), dtype=np.float32)
+            for s, vecs in zip(starts, got):
+                out[order[s:s + chunk]] = vecs
+            return out
         model = self.load()
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)

@@ -108,11 +108,13 @@ def write_shards(
     toolsets: dict[str, str | None],
     known_message_ids: set[str],
     shard_no: int,
+    remember: bool = True,
 ) -> list[str]:
     """Write one invocations shard and one messages shard (new messages only). Returns file names.
 
     `toolsets` maps invocation id -> key into tools.json (for inferred or user-supplied tools).
-    `known_message_ids` is updated in place with the messages written.
+    `known_message_ids` is updated in place with the messages written (unless `remember` is off: shards
+    written in any order then hold the same messages).
     """
     rows, new_messages = [], {}
     for inv in invocations:
@@ -138,7 +140,8 @@ def write_shards(
             Features({"id": Value("string"), "message": Value("string")}),
         )
         files.append(name)
-    known_message_ids.update(new_messages)
+    if remember:
+        known_message_ids.update(new_messages)
     return files
 
 

@@ -283,6 +283,10 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             rows.append(Row(inv, inv.session_id or f"invocation:{inv.id}", template, tools, F.invocation_text(inv)))
 
         embedder = Embedder(cc.embedding_model, cc.batch_size, cc.device, cc.max_seq_length)
+        if config.engine == "ray":
+            from slmconvert.distributed import RayEncoder
+
+            embedder.remote = RayEncoder(config)
         cache = EmbeddingCache(workspace.stage_dir(STAGE) / CACHE_DIR, embedder.key)
         with timer.step("embed_s"):
             vecs, embed_counts = embed_texts([r.text for r in rows], embedder, cache, progress, "embedding invocations")

@@ -95,17 +95,15 @@ FLUSH_EVERY = 5000
 
 
 class _Writer:
-    """Where deduplicated, scrubbed partitions go, one at a time and in partition order (on either engine):
-    the calls of inferred tool sets fed to tool inference, one Parquet shard per partition, the scrub
-    reports merged."""
+    """Where deduplicated, scrubbed partitions go, in any order (Ray hands them over as they finish):
+    partition p is shard `first_shard + p`, its messages deduplicated against the earlier runs' only, and
+    the reports merged in partition order at the end, so the workspace does not depend on the order."""
 
-    def __init__(self, stage_dir: Path, timer: Timer, known_mids: set[str], inference: "ToolInference", shard_no: int,
-                 tools_from_file: bool):
-        self.stage_dir, self.timer, self.known_mids, self.inference, self.shard_no = stage_dir, timer, known_mids, inference, shard_no
+    def __init__(self, stage_dir: Path, timer: Timer, known_mids: set[str], first_shard: int, tools_from_file: bool):
+        self.stage_dir, self.timer, self.known_mids, self.first_shard = stage_dir, timer, known_mids, first_shard
         self.tools_from_file = tools_from_file
-        self.files: list[str] = []
-        self.report: dict | None = None
-        self.template_values: set[str] = set()
+        self.written: list[str] = []
+        self.reports: dict[int, dict] = {}
         self.fresh = self.duplicates = self.scrub_dropped = 0
 
     def __call__(self, result: PartitionResult) -> None:
@@ -114,20 +112,26 @@ class _Writer:
         self.duplicates += result.duplicates
         self.scrub_dropped += result.scrub_dropped
         if result.report is not None:
-            self.report = _merge_reports(self.report, result.report)
-        with self.timer.step("tools_s"):
-            for inv in result.calls:
-                key = result.toolsets.get(inv.id)
-                if key is not None:
-                    inv.request.tools_source = "file" if self.tools_from_file else "inferred"
-                    self.inference.ensure(key)
-                    for c in inv.response.tool_calls:
-                        self.inference.add(key, c.name, c.arguments)
+            self.reports[result.index] = result.report
+        for inv in result.calls:
+            if inv.id in result.toolsets:
+                inv.request.tools_source = "file" if self.tools_from_file else "inferred"
         if result.calls:
             with self.timer.step("write_s"):
-                self.files += write_shards(self.stage_dir, result.calls, result.toolsets, self.known_mids, self.shard_no)
-                self.shard_no += 1
+                self.written += write_shards(self.stage_dir, result.calls, result.toolsets, self.known_mids,
+                                             self.first_shard + result.index, remember=False)
         self.fresh += len(result.calls)
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(self.written)
+
+    @property
+    def report(self) -> dict | None:
+        merged = None
+        for index in sorted(self.reports):
+            merged = _merge_reports(merged, self.reports[index])
+        return merged
 
 
 class _Collector:
@@ -187,22 +191,28 @@ class _Collector:
         self.dropped[code] += 1
 
     def read_file(self, entry: dict[str, Any]) -> dict[str, Any]:
-        """Parse one file into invocations, streaming; a file that cannot be read at all is quarantined whole."""
+        """Parse one file into invocations, streaming; a file that cannot be read at all is quarantined whole.
+
+        `entry` may name the format (`format`, detected by whoever split the file) and the last line to
+        read (`end_line`: a JSONL file read in pieces by several workers)."""
         path: Path = entry["path"]
         info: dict[str, Any] = {"size": entry["size"], "sha256": entry["sha256"]}
         try:
             with read_records(path, entry["offset"], entry["line"]) as (layout, items, stats):
-                info.update(self._parse(path, layout, self._records(path, layout, items)))
+                if entry.get("end_line") is not None:
+                    items = itertools.takewhile(lambda _item: stats.lines <= entry["end_line"], items)
+                info.update(self._parse(path, layout, self._records(path, layout, items), entry.get("format")))
                 info.update(layout=layout, lines=stats.lines, encoding=stats.encoding, compressed=stats.compressed)
         except UnreadableFile as e:
             self._quarantine(path, "file", e.reason, e.code, None)
             info.update(layout="unreadable", lines=0, format=None)
         return info
 
-    def _records(self, path: Path, layout: str, items) -> Iterator[tuple[Any, str]]:
+    def _records(self, path: Path, layout: str, items, quarantine: bool = True) -> Iterator[tuple[Any, str]]:
         for item in items:
             if isinstance(item, RawError):
-                self._quarantine(path, item.locator, item.reason, item.code, None)
+                if quarantine:
+                    self._quarantine(path, item.locator, item.reason, item.code, None)
             else:  # a record (or the whole file) may hold many conversations, with file-level fields
                 values = expand_document(item.value)
                 if len(values) == 1:
@@ -212,12 +222,29 @@ class _Collector:
                 else:
                     yield from ((v, f"{item.locator} index {i}") for i, v in enumerate(values))
 
-    def _parse(self, path: Path, layout: str, records: Iterator[tuple[Any, str]]) -> dict[str, Any]:
+    def sniff(self, entry: dict[str, Any]) -> tuple[str, str | None, str | None, bool]:
+        """(layout, format, encoding, compressed) of a file, from its first records (raises FormatError
+        as reading it would); what is quarantined on the way is quarantined when the file is read."""
+        path: Path = entry["path"]
+        try:
+            with read_records(path, entry["offset"], entry["line"]) as (layout, items, stats):
+                if layout == "empty":
+                    return layout, None, stats.encoding, stats.compressed
+                sample = [r for r, _ in itertools.islice(self._records(path, layout, items, quarantine=False), SAMPLE_SIZE)]
+                fmt_name = self.cc.format or detect_format(sample)
+                if fmt_name is None and sample:
+                    raise FormatError(f"{path}: matches no known log format (tried: {', '.join(format_names())}); "
+                                      "pass --format NAME if you know it")
+                return layout, fmt_name, stats.encoding, stats.compressed
+        except UnreadableFile:
+            return "unreadable", None, None, False
+
+    def _parse(self, path: Path, layout: str, records: Iterator[tuple[Any, str]], fmt_name: str | None = None) -> dict[str, Any]:
         if layout == "empty":
             self.dropped["empty_file"] += 1
             return {"format": None}
         sample = list(itertools.islice(records, SAMPLE_SIZE))
-        fmt_name = self.cc.format or detect_format([r for r, _ in sample])
+        fmt_name = fmt_name or self.cc.format or detect_format([r for r, _ in sample])
         if fmt_name is None:
             if not sample:
                 return {"format": None}  # every record was quarantined already; nothing else to say
@@ -271,19 +298,28 @@ def _columns(stage_dir: Path, files: list[str], prefix: str, columns: list[str])
             yield pq.read_table(stage_dir / name, columns=columns).to_pydict()
 
 
-def _existing(stage_dir: Path, manifest: Manifest | None) -> tuple[set[str], set[str], list[tuple[str, str, dict]]]:
-    """Ids, message ids and (toolset, name, arguments) of the tool calls already stored."""
+def _existing(stage_dir: Path, manifest: Manifest | None) -> tuple[set[str], set[str]]:
+    """Ids and message ids already stored."""
     if manifest is None:
-        return set(), set(), []
-    ids, mids, calls = set(), set(), []
-    for part in _columns(stage_dir, manifest.files, "invocations-", ["id", "toolset", "response_tool_calls"]):
+        return set(), set()
+    ids, mids = set(), set()
+    for part in _columns(stage_dir, manifest.files, "invocations-", ["id"]):
         ids.update(part["id"])
-        for ts, tcs in zip(part["toolset"], part["response_tool_calls"]):
-            if ts:
-                calls.extend((ts, c["name"], c["arguments"]) for c in json.loads(tcs))
     for part in _columns(stage_dir, manifest.files, "messages-", ["id"]):
         mids.update(part["id"])
-    return ids, mids, calls
+    return ids, mids
+
+
+def _tool_inference(stage_dir: Path, files: list[str]) -> ToolInference:
+    """Tool schemas inferred from every stored call of an inferred tool set, shard by shard in order."""
+    inference = ToolInference()
+    for part in _columns(stage_dir, files, "invocations-", ["toolset", "response_tool_calls"]):
+        for ts, tcs in zip(part["toolset"], part["response_tool_calls"]):
+            if ts:
+                inference.ensure(ts)
+                for c in json.loads(tcs):
+                    inference.add(ts, c["name"], c["arguments"])
+    return inference
 
 
 def _totals(stage_dir: Path, files: list[str]) -> dict[str, Any]:
@@ -329,14 +365,10 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             workspace.write_manifest(base)
             return base
 
-        known_ids, known_mids, old_calls = _existing(stage_dir, base)
-        inference = ToolInference()
-        for key, name, args in old_calls:
-            inference.add(key, name, args)
-        del old_calls
+        known_ids, known_mids = _existing(stage_dir, base)
         old_templates = (read_json(stage_dir / SCRUB_REPORT).get("template_values_kept", [])
                          if base and (stage_dir / SCRUB_REPORT).exists() else [])
-        writer = _Writer(stage_dir, timer, known_mids, inference, next_shard_no(prev), bool(cc.tools_file))
+        writer = _Writer(stage_dir, timer, known_mids, next_shard_no(prev), bool(cc.tools_file))
         n_parts = n_partitions(sum(e["size"] - e["offset"] for e in todo), cc.partition_mb)
         inputs = dict(base.inputs) if base else {}
         t_read = time.perf_counter()
@@ -394,6 +426,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         with timer.step("write_s"):
             files_out = list(base.files) if base else []
             files_out += writer.files
+            inference = _tool_inference(stage_dir, files_out)
             tool_inventory = {k: merge_tools(inference.tools(k), tools_from_file) for k in inference.keys()}
             write_json_atomic(stage_dir / TOOLS_FILE, tool_inventory)
             if TOOLS_FILE not in files_out:
