@@ -238,7 +238,7 @@ class RayConfig(StrictModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all of this machine's).")
     workers: int | None = Field(None, ge=1, description="Scrub and embedding workers (each loads spaCy and Presidio, or the embedding model, once); default: the cluster's CPUs.")
     chunk_mb: float = Field(16.0, gt=0, description="Megabytes of a JSONL log per parsing task (other files are one task each).")
-    embed_batch: int = Field(1024, ge=1, description="Texts per embedding task.")
+    embed_chunk: int = Field(1024, ge=1, description="Texts per embedding task (each worker encodes whole chunks in length order, as one process does).")
 
 
 class PipelineConfig(StrictModel):

@@ -54,6 +54,8 @@ def ensure_ray(config) -> int:
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        if rc.address:
+            _check_reachable(rc.address)
         try:
             if rc.address:
                 ray.init(address=rc.address, **kwargs)
@@ -70,6 +72,35 @@ def ensure_ray(config) -> int:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A host:port (or ray://host:port) that does not answer fails now, in one line, not after Ray's own retries."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    if address == "auto" or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise StageError(f"cannot reach the Ray cluster at ray.address={address!r} ({type(e).__name__}: {e}); "
+                         "check the address, or unset ray.address to run a local Ray") from None
+
+
+def _actor_pool(ds_method, fn, **kwargs):
+    """`map_groups` / `map_batches` on an actor pool whose workers are not restarted: a worker that dies fails
+    the run, which a re-run redoes (nothing is recorded before every partition is written). Ray's restartable
+    default also prints a core-worker error line on every run about its constructor arguments."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # `max_restarts` among the remote args: deprecated in 2.60
+        try:
+            return ds_method(fn, max_restarts=0, **kwargs)
+        except TypeError:  # a Ray without it: its default
+            return ds_method(fn, **kwargs)
 
 
 def _workers(config, cpus: int) -> int:
@@ -264,7 +295,7 @@ def collect_on_ray(config, workspace, todo: list[dict[str, Any]], n_parts: int, 
     parsed = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
     parsed = parsed.flat_map(_parse_task, fn_args=(config_json, n_parts, known_ref)).materialize()
     known_dups = 0
-    for row in parsed.filter(expr="p < 0").iter_rows():
+    for row in parsed.filter(expr=_p_below(0)).iter_rows():
         s = json.loads(row["data"])
         collector.quarantine.extend(s["quarantine"])
         collector.dropped.update(s["dropped"])
@@ -278,11 +309,16 @@ def collect_on_ray(config, workspace, todo: list[dict[str, Any]], n_parts: int, 
     collector.quarantine.sort(key=lambda q: (order.get(q["file"], len(order)), _locator_key(q["locator"])))
     progress.stop()
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=_workers(config, cpus))
-    scrubbed = parsed.filter(expr="p >= 0").groupby("p").map_groups(
-        ScrubWorker, batch_format="pyarrow", compute=pool, num_cpus=1, max_restarts=0,
-        fn_constructor_args=(config_json, key_hex, list(template_values)))
+    scrubbed = _actor_pool(parsed.filter(expr=~_p_below(0)).groupby("p").map_groups, ScrubWorker, batch_format="pyarrow",
+                           compute=pool, num_cpus=1, fn_constructor_args=(config_json, key_hex, list(template_values)))
     return RayCollect(collector, inputs, _partitions(scrubbed.iter_batches(batch_format="pyarrow", batch_size=None), known_dups),
                       known_dups)
+
+
+def _p_below(n: int):
+    from ray.data.expressions import col
+
+    return col("p") < n
 
 
 def _locator_key(locator: str) -> tuple:
@@ -342,6 +378,7 @@ class RayEncoder:
 
     def __init__(self, config):
         self.config = config
+        self.chunk = config.ray.embed_chunk
 
     def __call__(self, embedder, chunks: list[list[str]], progress) -> list[np.ndarray]:
         cpus = ensure_ray(self.config)
@@ -350,8 +387,8 @@ class RayEncoder:
         spec = {"name": embedder.name, "batch_size": embedder.batch_size, "device": embedder.device,
                 "max_seq_length": embedder.max_seq_length}
         ds = ray.data.from_items([{"chunk": i, "texts": c} for i, c in enumerate(chunks)], override_num_blocks=len(chunks))
-        ds = ds.map_batches(EmbedWorker, batch_size=1, concurrency=(1, min(len(chunks), _workers(self.config, cpus))), num_cpus=1,
-                            fn_constructor_args=(spec,))
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=min(len(chunks), _workers(self.config, cpus)))
+        ds = _actor_pool(ds.map_batches, EmbedWorker, batch_size=1, compute=pool, num_cpus=1, fn_constructor_args=(spec,))
         out: list[np.ndarray | None] = [None] * len(chunks)
         for row in ds.iter_rows():
             i = int(row["chunk"])

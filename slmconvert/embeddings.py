@@ -84,6 +84,7 @@ class Embedder:
         """Encode in length-sorted chunks (one progress step per text), rows in the input order.
 
         With `remote` set (engine: ray) the same chunks are encoded by a worker pool: same vectors."""
+        chunk = getattr(self.remote, "chunk", chunk)
         if self.remote is not None and len(texts) > chunk:
             order = np.argsort([-len(t) for t in texts], kind="stable")
             starts = range(0, len(order), chunk)
