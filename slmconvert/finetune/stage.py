@@ -200,9 +200,34 @@ def site_data(config: PipelineConfig, workspace: Workspace) -> dict[str, dict[st
                                  max_tool_result_chars=cc.max_tool_result_chars, toolsets=[i.request.tools for i in s["all"]],
                                  copy_examples=[(i.request.messages, i.response.tool_calls) for i in s["train"]],
                                  max_carried=cc.carry_values)
-        s["train"], s["balance"] = balanced_sample(s.pop("train"), s.pop("tasks"), fc.max_train_examples, fc.seed,
-                                                   fc.balance, fc.max_upweight)
+    recorded = _recorded_samples(workspace)
+    for site, s in sites.items():
+        train, tasks = s.pop("train"), s.pop("tasks")
+        key = sha256_obj({"train": [[i.id, t] for i, t in zip(train, tasks)], "limit": fc.max_train_examples, "seed": fc.seed,
+                          "balance": fc.balance, "max_upweight": fc.max_upweight})
+        rec = recorded.get(site)
+        by_train_id = {i.id: i for i in train}
+        if rec and rec.get("key") == key and all(i in by_train_id for i in rec["ids"]):
+            s["train"], s["balance"] = [by_train_id[i] for i in rec["ids"]], rec["balance"]  # the sample drawn before
+        else:
+            s["train"], s["balance"] = balanced_sample(train, tasks, fc.max_train_examples, fc.seed, fc.balance, fc.max_upweight)
+        recorded[site] = {"key": key, "ids": [i.id for i in s["train"]], "balance": s["balance"]}
+    write_json_atomic(workspace.stage_dir(STAGE) / SAMPLE_FILE, {k: recorded[k] for k in sorted(sites)})
     return sites
+
+
+SAMPLE_FILE = "train_sample.json"
+
+
+def _recorded_samples(workspace: Workspace) -> dict[str, Any]:
+    """Per site, the training examples drawn by an earlier run (ids in training order) and what they were
+    drawn from: while the site's train split and the sampling settings are unchanged, a re-run (after an
+    interruption, on another machine, with another slmconvert version) trains on the very same examples."""
+    path = workspace.stage_dir(STAGE) / SAMPLE_FILE
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}  # a damaged record is redrawn, with the same seed
 
 
 def balanced_sample(invs: list, tasks: list[str], limit: int | None, seed: int, balance: str = "sqrt",
@@ -226,6 +251,7 @@ def balanced_sample(invs: list, tasks: list[str], limit: int | None, seed: int, 
     total = len(invs)
     out: list = []
     per_task: dict[str, dict[str, Any]] = {}
+    want: dict[str, int] = {}
     for kind in ("tool", "text"):
         names = sorted(t for t in groups if (t.startswith("tool") if kind == "tool" else not t.startswith("tool")))
         size = sum(len(groups[t]) for t in names)
@@ -236,12 +262,15 @@ def balanced_sample(invs: list, tasks: list[str], limit: int | None, seed: int, 
         z = sum(root.values())
         for t in names:
             share = len(groups[t]) / size
-            k = round(budget * min(root[t] / z, max_upweight * share))
-            pool = rng.sample(groups[t], len(groups[t]))
-            take = [pool[i % len(pool)] for i in range(min(k, int(max_upweight * len(pool))))]
-            out += take
-            per_task[t] = {"available": len(pool), "examples": len(take), "traffic_share": round(len(pool) / total, 4),
-                           "training_share": None}
+            want[t] = min(round(budget * min(root[t] / z, max_upweight * share)), int(max_upweight * len(groups[t])))
+    while sum(want.values()) > n:  # rounding must not break the cap: the largest task gives way
+        want[max(want, key=lambda t: (want[t], t))] -= 1
+    for t in want:
+        pool = rng.sample(groups[t], len(groups[t]))
+        take = [pool[i % len(pool)] for i in range(want[t])]
+        out += take
+        per_task[t] = {"available": len(pool), "examples": len(take), "traffic_share": round(len(pool) / total, 4),
+                       "training_share": None}
     rng.shuffle(out)
     for t, d in per_task.items():
         d["training_share"] = round(d["examples"] / len(out), 4) if out else 0.0
@@ -301,6 +330,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                             files=[a["path"] for a in adapters], status="ran" if prev is None else "updated",
                             extra={"adapters": [{k: v for k, v in a.items() if k != "files"} for a in adapters],
                                    "recipes": {s: d["recipe"].to_dict() for s, d in sites.items()},
-                                   "training_mix": {s: d["balance"] for s, d in sites.items()}, "warnings": warnings_})
+                                   "training_mix": {s: d["balance"] for s, d in sites.items()}, "train_sample": SAMPLE_FILE,
+                                   "warnings": warnings_})
         workspace.write_manifest(manifest)
         return manifest

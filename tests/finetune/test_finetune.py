@@ -164,3 +164,22 @@ def test_balanced_sampling_lifts_rare_tools_and_keeps_the_tool_text_mix():
     assert len(uniform) == 300 and u["method"] == "uniform" and len(set(uniform)) == 300
     again, _ = balanced_sample(invs, tasks, 300, seed=0)
     assert again == picked  # seeded
+
+
+def test_the_training_sample_is_recorded_and_reused(tiny_ws, monkeypatch):
+    """A stratified sample per site is written to finetune/train_sample.json; a re-run trains on exactly those
+    examples (even if the sampler changed), and a changed setting draws afresh."""
+    import slmconvert.finetune.stage as ft
+    from slmconvert.io import read_json
+
+    ws, folder = tiny_ws
+    cfg = ft_config(ws, folder)
+    first = ft.site_data(cfg, Workspace(ws))
+    record = read_json(Workspace(ws).stage_dir("finetune") / ft.SAMPLE_FILE)
+    assert set(record) == set(first) and all(len(r["ids"]) <= 24 for r in record.values())
+    assert {s: [i.id for i in d["train"]] for s, d in first.items()} == {s: r["ids"] for s, r in record.items()}
+    monkeypatch.setattr(ft, "balanced_sample", lambda invs, *a, **k: (list(reversed(invs))[:5], {"method": "changed"}))
+    again = ft.site_data(cfg, Workspace(ws))  # the recorded sample wins over a different sampler
+    assert {s: [i.id for i in d["train"]] for s, d in again.items()} == {s: r["ids"] for s, r in record.items()}
+    other = ft.site_data(ft_config(ws, folder, "finetune.max_train_examples=10"), Workspace(ws))
+    assert all(d["balance"] == {"method": "changed"} for d in other.values())  # new settings: drawn again
