@@ -124,7 +124,7 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"\n| calls | engine | calls/s | wall s | peak RSS driver MB | peak RSS all processes MB | disk MB (log MB) |")
+    print("\n| calls | engine | calls/s | wall s | peak RSS driver MB | peak RSS all processes MB | disk MB (log MB) |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['calls']:,} | {r['engine']} | {r['calls_per_s']:,.0f} | {r['wall_s']:,.0f} | {r['driver_peak_mb']:,.0f} | "

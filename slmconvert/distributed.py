@@ -217,19 +217,13 @@ class ScrubWorker:
     """A Ray actor: a partition's calls in, deduplicated and scrubbed calls out (Presidio, spaCy loaded once)."""
 
     def __init__(self, config_json: str, key_hex: str | None, template_values: list[str]):
+        from slmconvert.collect.partitions import scrubber_factory
         from slmconvert.config import PipelineConfig
 
         self.config = PipelineConfig.model_validate_json(config_json)
         self.templates = template_values
-        self.make_scrubber = None
-        if self.config.scrub.enabled:
-            from slmconvert.scrub.engine import Scrubber
-            from slmconvert.scrub.policy import load_policy
-
-            sc = self.config.scrub
-            policy, key = load_policy(sc.policy), bytes.fromhex(key_hex)
-            # one process per worker: the pool is the parallelism, not spaCy's own processes
-            self.make_scrubber = lambda: Scrubber(policy, key, sc.surrogates, sc.batch_size, 1)
+        # one process per worker: the pool is the parallelism, not spaCy's own processes
+        self.make_scrubber = scrubber_factory(self.config.scrub, bytes.fromhex(key_hex) if key_hex else None, 1)
 
     def __call__(self, table):
         import pyarrow as pa

@@ -56,6 +56,17 @@ class PartitionResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def scrubber_factory(scrub_config, key: bytes | None, n_process: int) -> Callable[[], Any] | None:
+    """A fresh scrubber per partition (spaCy itself is loaded once per process); None when scrubbing is off."""
+    if not scrub_config.enabled:
+        return None
+    from slmconvert.scrub.engine import Scrubber
+    from slmconvert.scrub.policy import load_policy
+
+    policy, sc = load_policy(scrub_config.policy), scrub_config
+    return lambda: Scrubber(policy, key, sc.surrogates, sc.batch_size, n_process)
+
+
 def process_partition(index: int, calls: list[Invocation], known_ids: set[str] | frozenset[str], scrub_config,
                       make_scrubber: Callable[[], Any] | None, template_values: Iterable[str] = (),
                       progress: Progress = NULL_PROGRESS) -> PartitionResult:

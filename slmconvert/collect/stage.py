@@ -15,11 +15,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from slmconvert.collect.partitions import PartitionResult, Spill, n_partitions, process_partition
+from slmconvert.collect.partitions import PartitionResult, Spill, n_partitions, process_partition, scrubber_factory
 from slmconvert.collect.formats import ParseContext, detect_format, expand_document, format_names, get_format, log_formats
 from slmconvert.collect.records import MAX_DEPTH, RawError, UnreadableFile, find_log_files, read_records
 from slmconvert.collect.textactions import load_rules
-from slmconvert.collect.tools import ToolInference, load_tools_file, merge_tools, toolset_key
+from slmconvert.collect.tools import ToolInference, load_tools_file, merge_tools
 from slmconvert.config import PipelineConfig
 from slmconvert.errors import FormatError, StageError
 from slmconvert.invocation import Invocation, RecordError
@@ -274,16 +274,10 @@ class _Collector:
 
 def _local_partitions(config: PipelineConfig, workspace: Workspace, spill: Spill, known_ids: set[str], template_values: list[str],
                       progress: Progress) -> Iterator[PartitionResult]:
-    make_scrubber = None
-    if config.scrub.enabled:
-        from slmconvert.scrub.engine import Scrubber, scrub_key
-        from slmconvert.scrub.policy import load_policy
+    from slmconvert.scrub.engine import scrub_key
 
-        sc = config.scrub
-        policy, key = load_policy(sc.policy), scrub_key(workspace, sc.seed)
-
-        def make_scrubber():
-            return Scrubber(policy, key, sc.surrogates, sc.batch_size, sc.n_process)
+    key = scrub_key(workspace, config.scrub.seed) if config.scrub.enabled else None
+    make_scrubber = scrubber_factory(config.scrub, key, config.scrub.n_process)
     for index, calls in spill.partitions():  # one partition: the scrubber's own progress bars (NER) show
         yield process_partition(index, calls, known_ids, config.scrub, make_scrubber, template_values,
                                 progress if spill.n == 1 else NULL_PROGRESS)
