@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py                       # 10k and 100k calls, both engines
     python benchmarks/scale.py --sizes 10000 100000 1000000 --engines local ray
-    python benchmarks/scale.py --sizes 10000 --no-scrub
+    python benchmarks/scale.py --sizes 10000 --no-scrub --set collect.partition_mb=8
 
 The logs are the demo generator's (`slmconvert demo-data`, request-response, many sessions; ~2.7 calls
 per session). Each run is a fresh `slmconvert collect` in its own process; a sampler adds up the resident
@@ -63,9 +63,11 @@ def _tree_rss(pid: int) -> tuple[int, int]:
         return 0, 0
 
 
-def _run(log: Path, ws: Path, engine: str, scrub: bool, cpus: int) -> dict:
+def _run(log: Path, ws: Path, engine: str, scrub: bool, cpus: int, sets: list[str]) -> dict:
     cmd = [sys.executable, "-m", "slmconvert", "collect", str(log), "--workspace", str(ws), "--json",
            "--set", f"engine={engine}", "--set", f"ray.num_cpus={cpus}"]
+    for s in sets:
+        cmd += ["--set", s]
     if not scrub:
         cmd += ["--set", "scrub.enabled=false"]
     peak = [0, 0]
@@ -98,6 +100,8 @@ def main() -> None:
     ap.add_argument("--no-scrub", action="store_true", help="parse and write only")
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray")
     ap.add_argument("--keep", type=Path, help="keep the logs and workspaces here")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a pipeline setting for every run, e.g. collect.partition_mb=32")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="slmconvert-scale-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -113,7 +117,7 @@ def main() -> None:
             for engine in args.engines:
                 ws = root / f"ws-{size}-{engine}"
                 shutil.rmtree(ws, ignore_errors=True)
-                r = _run(log, ws, engine, not args.no_scrub, args.cpus)
+                r = _run(log, ws, engine, not args.no_scrub, args.cpus, args.sets)
                 r.update(size=size, engine=engine, log_mb=log_mb)
                 rows.append(r)
                 print(f"{size:>9,} {engine:<5} {r['calls']:>9,} calls  {r['calls_per_s']:>7,.0f} calls/s  {r['wall_s']:>7.1f} s  "

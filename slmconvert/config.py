@@ -58,7 +58,7 @@ class CollectConfig(StrictModel):
     model: str | None = Field(None, description="LLM name recorded on every invocation whose log does not say.")
     recursive: bool = Field(True, description="Descend into sub-folders of a folder path.")
     messages_path: str | None = Field(None, description="Dotted path to the message list(s) in each record, `*` for every list element (e.g. output.history, calls.*.messages). Default: found wherever they are nested.")
-    partition_mb: float = Field(32.0, gt=0, description="Megabytes of log per session partition: calls are grouped by session into ceil(MB read / partition_mb) partitions, each deduplicated, scrubbed and written on its own (memory holds one; Ray scrubs them in parallel, so a log of N x partition_mb keeps N workers busy). Changing it re-collects.")
+    partition_mb: float = Field(16.0, gt=0, description="Megabytes of log per session partition: calls are grouped by session into ceil(MB read / partition_mb) partitions, each deduplicated, scrubbed and written on its own (memory holds one; Ray scrubs them in parallel, so a log of N x partition_mb keeps N workers busy). Changing it re-collects.")
     text_actions: list[str | dict[str, Any]] = Field(
         default_factory=lambda: ["http", "call"],
         description="Plain-text actions read as tool calls. Built-ins ('http': METHOD url [json]; 'call': NAME(json)) apply to "
