@@ -15,7 +15,9 @@
    process, in front of a fake OpenAI-compatible SLM engine (another process, answering at once);
    the workspace's test-split requests, N concurrent clients. Prints the latency straight to the
    engine and through serve (routing, the request gate, compaction and prompt rendering, the policy):
-   what serve adds over the engine.
+   what serve adds over the engine. `--engine-ms MS` makes the fake engine take MS per answer, as a
+   real one does generating; `--no-overlap` runs the request gate before the engine instead of
+   while it generates (serve.gate_overlap).
 3. With --slm WS: convert mode on a converted workspace on CPU; latency per request of the SLM path
    (requests drawn from the workspace's test split, one client at a time).
 """
@@ -221,7 +223,7 @@ def proxy_benchmark(clients: int, total: int, rate: float | None, malformed: flo
           f"{malformed:.0%} malformed upstream answers, {reduced} logged in reduced form (content withheld)")
 
 
-def fake_backend_app():
+def fake_backend_app(engine_ms: float = 0.0):
     from fastapi import FastAPI
 
     app = FastAPI()
@@ -232,6 +234,8 @@ def fake_backend_app():
 
     @app.post("/v1/completions")
     async def completions(body: dict):
+        if engine_ms:  # the time a real engine spends generating (a 135M model decoding a short answer on a GPU: tens of ms)
+            await asyncio.sleep(engine_ms / 1000)
         return {"id": "cmpl-x", "object": "text_completion", "model": body.get("model"),
                 "choices": [{"index": 0, "text": "ok", "finish_reason": "stop",
                              "logprobs": {"tokens": ["ok"], "token_logprobs": [-0.01]}}],
@@ -240,7 +244,8 @@ def fake_backend_app():
     return app
 
 
-def backend_benchmark(workspace: str, clients: int, total: int, rate: float | None) -> None:
+def backend_benchmark(workspace: str, clients: int, total: int, rate: float | None, engine_ms: float = 0.0,
+                      overlap: bool = True) -> None:
     """serve (convert mode, external SLM engine) vs the engine alone, separate processes."""
     import os
     import signal
@@ -270,13 +275,14 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
     test = [by_id[a["invocation_id"]] for a in pq.read_table(ws.stage_dir("cluster") / "assignments.parquet").to_pylist()
             if a["split"] == "test" and a["invocation_id"] in by_id]
     be_port, up_port, sv_port = free_port(), free_port(), free_port()
-    backend = subprocess.Popen([sys.executable, __file__, "--role", "backend", "--port", str(be_port)],
+    backend = subprocess.Popen([sys.executable, __file__, "--role", "backend", "--port", str(be_port), "--engine-ms", str(engine_ms)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     upstream = subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     serve = subprocess.Popen([sys.executable, "-m", "slmconvert", "serve", "-w", workspace, "--mode", "convert", "--no-auth",
                               "--port", str(sv_port), "--upstream", f"http://127.0.0.1:{up_port}/v1",
-                              "--slm-backend", f"http://127.0.0.1:{be_port}/v1", "--set", f"serve.max_concurrency={max(64, clients)}"],
+                              "--slm-backend", f"http://127.0.0.1:{be_port}/v1", "--set", f"serve.max_concurrency={max(64, clients)}",
+                              "--set", f"serve.gate_overlap={str(overlap).lower()}"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ), cwd=Path(__file__).resolve().parents[1])
     try:
         for url, proc in ((f"http://127.0.0.1:{be_port}/health", backend), (f"http://127.0.0.1:{up_port}/health", upstream),
@@ -308,7 +314,8 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
             p.terminate()
             p.wait()
     print(f"{clients} concurrent clients, {total} requests each way{f' at {rate:g} req/s (open loop)' if rate else ''}; "
-          f"engine, upstream, serve and load generator in separate processes on {os.cpu_count()} cores")
+          f"engine, upstream, serve and load generator in separate processes on {os.cpu_count()} cores; "
+          f"the engine takes {engine_ms:g} ms per answer; serve.gate_overlap={str(overlap).lower()}")
     print(f"  straight to the SLM engine:   p50 {statistics.median(direct):7.2f} ms  p95 {pct(direct, .95):7.2f} ms  errors {d_err}")
     print(f"  through serve (convert mode): p50 {statistics.median(via):7.2f} ms  p95 {pct(via, .95):7.2f} ms  errors {s_err}")
     records = [json.loads(line) for f in (copy / "serve").glob("calls-*.jsonl") for line in open(f)]
@@ -365,6 +372,8 @@ def main() -> None:
     ap.add_argument("--slm", default=None, help="a converted workspace (after evaluate) for the SLM-path latency")
     ap.add_argument("--slm-backend", default=None, metavar="WS", help="a converted workspace: serve with an external (fake) SLM engine")
     ap.add_argument("--slm-requests", type=int, default=20)
+    ap.add_argument("--engine-ms", type=float, default=0.0, help="with --slm-backend: the fake engine's time per answer (generation)")
+    ap.add_argument("--no-overlap", action="store_true", help="with --slm-backend: serve.gate_overlap=false (the gate, then the engine)")
     ap.add_argument("--role", choices=["bench", "upstream", "backend"], default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -375,9 +384,9 @@ def main() -> None:
     elif a.role == "backend":
         import uvicorn
 
-        uvicorn.run(fake_backend_app(), host="127.0.0.1", port=a.port, log_level="error")
+        uvicorn.run(fake_backend_app(a.engine_ms), host="127.0.0.1", port=a.port, log_level="error")
     elif a.slm_backend:
-        backend_benchmark(a.slm_backend, a.clients, a.requests, a.rate)
+        backend_benchmark(a.slm_backend, a.clients, a.requests, a.rate, a.engine_ms, not a.no_overlap)
     elif a.slm:
         slm_benchmark(a.slm, a.slm_requests)
     else:

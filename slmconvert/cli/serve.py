@@ -84,7 +84,7 @@ def serve(
             sites = read_json(sc.slm_backend_sites)
         engine = SlmEngine(cfg, ws, device=sc.device, max_new_tokens=sc.max_new_tokens or cfg.evaluate.max_new_tokens,
                            backend=sc.slm_backend, backend_sites=sites, backend_timeout_s=sc.slm_backend_timeout_s,
-                           batch_size=sc.batch_size, batch_wait_ms=sc.batch_wait_ms)
+                           batch_size=sc.batch_size, batch_wait_ms=sc.batch_wait_ms, gate_overlap=sc.gate_overlap)
         if not sc.upstream:
             err_console.print("[yellow]warning:[/] no --upstream: requests the SLM may not answer get HTTP 502")
     logger = CallLogger(ws, cfg) if sc.log_calls else None

@@ -45,7 +45,7 @@ class Decision:
 class SlmEngine:
     def __init__(self, config, workspace: Workspace, *, device: str | None = None, max_new_tokens: int | None = None,
                  backend: str | None = None, backend_sites: dict[str, dict] | None = None, backend_timeout_s: float = 60.0,
-                 batch_size: int = 8, batch_wait_ms: float = 5.0):
+                 batch_size: int = 8, batch_wait_ms: float = 5.0, gate_overlap: bool = True):
         from slmconvert.cluster.router import load_router
         from slmconvert.compaction import CompactionRecipe
         from slmconvert.evaluate.stage import FAMILIARITY, POLICY, load_summary
@@ -100,6 +100,12 @@ class SlmEngine:
         # An external OpenAI-compatible engine (vLLM, llama-server, Ollama) generates instead of this process:
         # prompts are still compacted and rendered here, and the policy still decides here.
         self.backend = RemoteSlm(backend, backend_sites or {}, backend_timeout_s) if backend else None
+        # With an engine elsewhere, the gate's embedding (CPU, here) runs while the engine generates.
+        self._overlap = None
+        if self.backend is not None and gate_overlap:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._overlap = ThreadPoolExecutor(max_workers=64, thread_name_prefix="slm-backend")
         if self.backend is None:
             self._load_models()
         else:
@@ -175,10 +181,6 @@ class SlmEngine:
         return True
 
     def answer(self, messages: list[dict], tools: list[dict] | None) -> Decision:
-        from slmconvert.chat import special_tokens, supports_native_tools
-        from slmconvert.compaction import compact, compact_tools
-        from slmconvert.finetune.data import fit_prompt
-
         t0 = time.perf_counter()
         text_agent = bool(self.text_rules) and not tools
         if text_agent:  # read as collect read the log: the built-in shapes the log used, the declared rules
@@ -193,24 +195,21 @@ class SlmEngine:
         if not self.servable(site):
             d.reason = f"no kind of answer at call site {site} passed the routing policy"
             return d
+        if self._overlap is not None:
+            return self._answer_overlapped(d, site, adapter, messages, tools, text_agent, t0)
         d.similarity = self.familiarity_of(site, messages)
         refused = self.policy.admit(site, d.similarity)
         if refused is not None:
             d.reason = refused.reason
             return d
-        model, tok = self._models[adapter["model_key"]]
-        recipe = adapter["recipe"]
-        msgs, tls = compact(messages, recipe), compact_tools(tools, recipe)
-        native = supports_native_tools(tok)
-        budget = prompt_budget(self.config.finetune.max_length, self.max_new_tokens, self.config.evaluate.max_prompt_tokens)  # as evaluate fits
-        fitted = fit_prompt(msgs, tls, tok, budget, native)
-        if fitted is None:
-            d.reason = "the request does not fit the SLM's context after compaction"
+        prompt_or_reason = self._prompt(d, adapter, messages, tools)
+        if prompt_or_reason is None:
             return d
-        prompt, d.prompt_tokens = fitted
+        prompt, budget = prompt_or_reason
+        tok = self._models[adapter["model_key"]][1]
         if self.backend is not None:
             try:
-                g = self.backend.generate(site, prompt, self.max_new_tokens, special_tokens(tok))
+                g = self.backend.generate(site, prompt, self.max_new_tokens, self._stops(tok))
             except BackendError as e:
                 d.reason = str(e)
                 d.seconds = time.perf_counter() - t0
@@ -224,6 +223,52 @@ class SlmEngine:
                 batcher = self._batchers.setdefault(adapter["model_key"], MicroBatcher(
                     lambda items, key=adapter["model_key"]: self._generate_batch(key, items), self.batch_size, self.batch_wait_s))
         g = batcher.submit(adapter["name"] if adapter["kind"] == "adapter" else None, (prompt, constraint, budget)).result()
+        return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
+
+    @staticmethod
+    def _stops(tok) -> list[str]:
+        from slmconvert.chat import special_tokens
+
+        return special_tokens(tok)
+
+    def _prompt(self, d: "Decision", adapter: dict, messages: list[dict], tools) -> tuple[str, int] | None:
+        """The compacted prompt rendered with the adapter's template, fitted as evaluate fitted it (None: reason set)."""
+        from slmconvert.chat import supports_native_tools
+        from slmconvert.compaction import compact, compact_tools
+        from slmconvert.finetune.data import fit_prompt
+
+        tok = self._models[adapter["model_key"]][1]
+        recipe = adapter["recipe"]
+        msgs, tls = compact(messages, recipe), compact_tools(tools, recipe)
+        budget = prompt_budget(self.config.finetune.max_length, self.max_new_tokens, self.config.evaluate.max_prompt_tokens)  # as evaluate fits
+        fitted = fit_prompt(msgs, tls, tok, budget, supports_native_tools(tok))
+        if fitted is None:
+            d.reason = "the request does not fit the SLM's context after compaction"
+            return None
+        prompt, d.prompt_tokens = fitted
+        return prompt, budget
+
+    def _answer_overlapped(self, d: "Decision", site: str, adapter: dict, messages: list[dict], tools, text_agent: bool,
+                           t0: float) -> "Decision":
+        """The engine generates while the gate embeds the request; the gate's verdict still comes first."""
+        prompt_or_reason = self._prompt(d, adapter, messages, tools)
+        if prompt_or_reason is None:
+            return d
+        tok = self._models[adapter["model_key"]][1]
+        future = self._overlap.submit(self.backend.generate, site, prompt_or_reason[0], self.max_new_tokens, self._stops(tok))
+        d.similarity = self.familiarity_of(site, messages)
+        refused = self.policy.admit(site, d.similarity)
+        if refused is not None:
+            future.cancel()  # not started yet: never sent; started: its answer is dropped
+            d.reason = refused.reason
+            d.extra["engine_generated_for_refused_request"] = not future.cancelled()
+            return d
+        try:
+            g = future.result()
+        except BackendError as e:
+            d.reason = str(e)
+            d.seconds = time.perf_counter() - t0
+            return d
         return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
 
     def _generate_batch(self, model_key: str, items: list[tuple[str | None, tuple]]) -> list:

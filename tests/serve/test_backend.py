@@ -79,3 +79,19 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
     engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend="http://127.0.0.1:9/v1", backend_timeout_s=2)
     d = engine.answer(ours.request.messages, None)
     assert not d.use_slm and "unreachable" in d.reason
+
+    # The request gate refuses: the LLM answers either way. With gate_overlap (the default) the engine was
+    # asked while the gate embedded the request and its answer is dropped; without it, never asked.
+    policy["requests"][slm_site]["min_similarity"] = 1.01
+    (ws / "eval" / "policy.json").write_text(json.dumps(policy))
+    for overlap in (True, False):
+        asked: list = []
+        with Uvicorn(fake_backend(asked)) as backend:
+            engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1", gate_overlap=overlap)
+            d = engine.answer(ours.request.messages, None)
+        assert not d.use_slm and d.reason.startswith(f"request unlike site {slm_site}'s training calls"), d.reason
+        assert d.response is None or d.response.content != "Ticket filed."
+        if overlap:  # said in the decision: whether the engine did work for a refused request
+            assert "engine_generated_for_refused_request" in d.extra
+        else:
+            assert asked == [] and "engine_generated_for_refused_request" not in d.extra
