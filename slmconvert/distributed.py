@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -214,9 +215,11 @@ def _parse_task(task: dict[str, Any], config_json: str, n_parts: int, known_ref:
 
 
 class ScrubWorker:
-    """A Ray actor: a partition's calls in, deduplicated and scrubbed calls out (Presidio, spaCy loaded once)."""
+    """A Ray actor: a partition's calls in; deduplicated, scrubbed and written as the partition's shard (Presidio
+    and spaCy loaded once per worker). Only a summary goes back to the driver."""
 
-    def __init__(self, config_json: str, key_hex: str | None, template_values: list[str]):
+    def __init__(self, config_json: str, key_hex: str | None, template_values: list[str], stage_dir: str, first_shard: int,
+                 mids_ref: list):
         from slmconvert.collect.partitions import scrubber_factory
         from slmconvert.config import PipelineConfig
 
@@ -224,24 +227,30 @@ class ScrubWorker:
         self.templates = template_values
         # one process per worker: the pool is the parallelism, not spaCy's own processes
         self.make_scrubber = scrubber_factory(self.config.scrub, bytes.fromhex(key_hex) if key_hex else None, 1)
+        self.stage_dir, self.first_shard, self.mids_ref = Path(stage_dir), first_shard, mids_ref
+        self.known_mids: frozenset[str] | None = None
 
     def __call__(self, table):
         import pyarrow as pa
+        import ray
 
-        from slmconvert.collect.partitions import process_partition
+        from slmconvert.collect.partitions import process_partition, write_partition
         from slmconvert.invocation import Invocation
 
+        if self.known_mids is None:
+            self.known_mids = ray.get(self.mids_ref[0]) if self.mids_ref else frozenset()
         p = table.column("p")[0].as_py()
         seqs, data = table.column("seq").to_pylist(), table.column("data").to_pylist()
         order = sorted(range(len(seqs)), key=seqs.__getitem__)
         calls = [Invocation.from_dict(json.loads(data[i])) for i in order]
+        del data, table
         r = process_partition(p, calls, frozenset(), self.config.scrub, self.make_scrubber, self.templates)
-        out = [json.dumps({"call": inv.to_dict(), "toolset": r.toolsets.get(inv.id)}, ensure_ascii=False) for inv in r.calls]
-        out.append(json.dumps({"report": r.report, "duplicates": r.duplicates, "scrub_dropped": r.scrub_dropped,
-                               "seconds": r.seconds}, ensure_ascii=False))
-        n = len(out)
-        return pa.table({"p": pa.array([p] * n, pa.int64()), "seq": pa.array(range(n), pa.int64()),
-                         "data": pa.array(out, pa.large_string())})
+        t = time.perf_counter()
+        files = write_partition(self.stage_dir, r, self.known_mids, self.first_shard, bool(self.config.collect.tools_file))
+        seconds = {**r.seconds, "write_s": time.perf_counter() - t}
+        summary = {"files": files, "written": len(r.calls), "report": r.report, "duplicates": r.duplicates,
+                   "scrub_dropped": r.scrub_dropped, "seconds": seconds}
+        return pa.table({"p": pa.array([p], pa.int64()), "data": pa.array([json.dumps(summary, ensure_ascii=False)], pa.large_string())})
 
 
 # --------------------------------------------------------------------------- collect: the driver
@@ -264,7 +273,7 @@ class RayCollect:
 
 
 def collect_on_ray(config, workspace, todo: list[dict[str, Any]], n_parts: int, known_ids: set[str],
-                   template_values: list[str], progress) -> RayCollect:
+                   template_values: list[str], progress, *, known_mids: set[str], first_shard: int) -> RayCollect:
     from slmconvert.collect.stage import _Collector
 
     cpus = ensure_ray(config)
@@ -304,7 +313,9 @@ def collect_on_ray(config, workspace, todo: list[dict[str, Any]], n_parts: int, 
     progress.stop()
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=_workers(config, cpus))
     scrubbed = _actor_pool(parsed.filter(expr=~_p_below(0)).groupby("p").map_groups, ScrubWorker, batch_format="pyarrow",
-                           compute=pool, num_cpus=1, fn_constructor_args=(config_json, key_hex, list(template_values)))
+                           compute=pool, num_cpus=1,
+                           fn_constructor_args=(config_json, key_hex, list(template_values), str(workspace.stage_dir("collect")),
+                                                first_shard, [ray.put(frozenset(known_mids))] if known_mids else []))
     return RayCollect(collector, inputs, _partitions(scrubbed.iter_batches(batch_format="pyarrow", batch_size=None), known_dups),
                       known_dups)
 
@@ -323,27 +334,15 @@ def _locator_key(locator: str) -> tuple:
 
 
 def _partitions(batches, known_dups: int) -> Iterator[Any]:
-    """PartitionResults as Ray finishes them (the writer does not depend on the order)."""
+    """The partitions' summaries as Ray finishes them (the workers wrote the shards; order does not matter)."""
     from slmconvert.collect.partitions import PartitionResult
-    from slmconvert.invocation import Invocation
 
-    groups: dict[int, tuple[list, dict]] = {}
     for b in batches:
         for p, data in zip(b.column("p").to_pylist(), b.column("data").to_pylist()):
-            obj = json.loads(data)
-            calls, toolsets = groups.setdefault(p, ([], {}))
-            if "call" in obj:
-                inv = Invocation.from_dict(obj["call"])
-                calls.append(inv)
-                if obj["toolset"] is not None:
-                    toolsets[inv.id] = obj["toolset"]
-                continue
-            del groups[p]  # a partition's summary row is its last
-            yield PartitionResult(p, calls, toolsets, obj["report"], obj["duplicates"] + known_dups, obj["scrub_dropped"],
-                                  obj["seconds"])
+            s = json.loads(data)
+            yield PartitionResult(p, [], {}, s["report"], s["duplicates"] + known_dups, s["scrub_dropped"], s["seconds"],
+                                  written=s["files"], n_written=s["written"])
             known_dups = 0
-    if groups:
-        raise StageError(f"ray: partition(s) {sorted(groups)} came back without their summary; please report it")
     if known_dups:
         yield PartitionResult(-1, [], {}, None, known_dups, 0, {})
 

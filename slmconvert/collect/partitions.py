@@ -54,6 +54,22 @@ class PartitionResult:
     duplicates: int = 0
     scrub_dropped: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    written: list[str] | None = None  # shards a Ray worker already wrote (then `calls` is empty)
+    n_written: int = 0
+
+
+def write_partition(stage_dir: Path, result: PartitionResult, known_mids: set[str] | frozenset[str], first_shard: int,
+                    tools_from_file: bool) -> list[str]:
+    """Partition p as shard `first_shard + p`, its messages deduplicated against earlier runs only: the same
+    files whichever process writes them, in whichever order."""
+    from slmconvert.store import write_shards
+
+    for inv in result.calls:
+        if inv.id in result.toolsets:
+            inv.request.tools_source = "file" if tools_from_file else "inferred"
+    if not result.calls:
+        return []
+    return write_shards(stage_dir, result.calls, result.toolsets, known_mids, first_shard + result.index, remember=False)
 
 
 def scrubber_factory(scrub_config, key: bytes | None, n_process: int) -> Callable[[], Any] | None:

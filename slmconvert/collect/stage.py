@@ -15,7 +15,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from slmconvert.collect.partitions import PartitionResult, Spill, n_partitions, process_partition, scrubber_factory
+from slmconvert.collect.partitions import (
+    PartitionResult, Spill, n_partitions, process_partition, scrubber_factory, write_partition,
+)
 from slmconvert.collect.formats import ParseContext, detect_format, expand_document, format_names, get_format, log_formats
 from slmconvert.collect.records import MAX_DEPTH, RawError, UnreadableFile, find_log_files, read_records
 from slmconvert.collect.textactions import load_rules
@@ -25,7 +27,7 @@ from slmconvert.errors import FormatError, StageError
 from slmconvert.invocation import Invocation, RecordError
 from slmconvert.io import read_json, read_jsonl, sha256_file, sha256_obj, write_json_atomic, write_jsonl_atomic
 from slmconvert.progress import NULL_PROGRESS, Progress
-from slmconvert.store import SHARD_PATTERNS, TOOLS_FILE, next_shard_no, write_shards
+from slmconvert.store import SHARD_PATTERNS, TOOLS_FILE, next_shard_no
 from slmconvert.workspace import Manifest, Timer, Workspace, utcnow
 
 STAGE = "collect"
@@ -113,13 +115,12 @@ class _Writer:
         self.scrub_dropped += result.scrub_dropped
         if result.report is not None:
             self.reports[result.index] = result.report
-        for inv in result.calls:
-            if inv.id in result.toolsets:
-                inv.request.tools_source = "file" if self.tools_from_file else "inferred"
-        if result.calls:
-            with self.timer.step("write_s"):
-                self.written += write_shards(self.stage_dir, result.calls, result.toolsets, self.known_mids,
-                                             self.first_shard + result.index, remember=False)
+        if result.written is not None:  # a Ray worker wrote it
+            self.written += result.written
+            self.fresh += result.n_written
+            return
+        with self.timer.step("write_s"):
+            self.written += write_partition(self.stage_dir, result, self.known_mids, self.first_shard, self.tools_from_file)
         self.fresh += len(result.calls)
 
     @property
@@ -369,7 +370,8 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         if config.engine == "ray":
             from slmconvert.distributed import collect_on_ray
 
-            parsed = collect_on_ray(config, workspace, todo, n_parts, known_ids, old_templates, progress)
+            parsed = collect_on_ray(config, workspace, todo, n_parts, known_ids, old_templates, progress,
+                                    known_mids=known_mids, first_shard=writer.first_shard)
             collector = parsed.collector
         else:
             spill = Spill(n_parts)

@@ -95,6 +95,21 @@ def test_ray_writes_the_workspace_local_writes(tmp_path, local_ray):
     # an unchanged re-run on Ray is a no-op, like on local
     again, _, _ = _run("ray", ws_ray, log)
     assert again.status == "skipped"
+    # a new log file: both engines add the same shards after the ones they have (messages already stored
+    # are not written again), and the same calls and tools
+    more = tmp_path / "more.jsonl"
+    generate(more, sessions=30, seed=7, fmt="request-response")
+    grown = {}
+    for engine, ws in (("local", ws_local), ("ray", ws_ray)):
+        from slmconvert.collect.stage import run as collect
+
+        cfg = load_config(str(REPO / "pipelines" / "quickstart.yaml"), [f"workspace={json.dumps(str(ws))}", f"engine={engine}",
+                                                                         f"collect.paths={json.dumps([str(log), str(more)])}", *SMALL])
+        grown[engine] = collect(cfg, Workspace(ws))
+    assert grown["ray"].counts == grown["local"].counts and grown["ray"].files == grown["local"].files
+    assert grown["local"].extra["last_run"]["new_invocations"] > 50 and grown["local"].status == "updated"
+    assert _files(rayws, "collect") == _files(local, "collect")
+    assert read_json(rayws.stage_dir("collect") / "tools.json") == read_json(local.stage_dir("collect") / "tools.json")
 
 
 def test_engine_ray_without_ray_says_how_to_install(tmp_path, monkeypatch, collect_config):
