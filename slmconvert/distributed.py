@@ -264,7 +264,6 @@ class RayCollect:
     collector: Any
     inputs: dict[str, dict[str, Any]]
     results: Iterator[Any]
-    known_duplicates: int = 0
 
     def close(self) -> None:
         close = getattr(self.results, "close", None)
@@ -316,8 +315,7 @@ def collect_on_ray(config, workspace, todo: list[dict[str, Any]], n_parts: int, 
                            compute=pool, num_cpus=1,
                            fn_constructor_args=(config_json, key_hex, list(template_values), str(workspace.stage_dir("collect")),
                                                 first_shard, [ray.put(frozenset(known_mids))] if known_mids else []))
-    return RayCollect(collector, inputs, _partitions(scrubbed.iter_batches(batch_format="pyarrow", batch_size=None), known_dups),
-                      known_dups)
+    return RayCollect(collector, inputs, _partitions(scrubbed.iter_batches(batch_format="pyarrow", batch_size=None), known_dups))
 
 
 def _p_below(n: int):
