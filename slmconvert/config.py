@@ -229,6 +229,7 @@ class ServeConfig(StrictModel):
     slm_backend_sites: str | None = Field(None, description="The export's sites.json (site -> model name, llama.cpp adapter id); "
                                           "null: each site is asked for as slm-<site>.")
     slm_backend_timeout_s: float = Field(60.0, gt=0, description="An SLM backend slower than this: the request goes to the LLM.")
+    slm_backend_grammar: Literal["auto", "structural_tag", "none"] = Field("auto", description="How the slm_backend is told the tool-call grammar the policy was verified with: structural_tag sends xgrammar's structural tag as `structured_outputs` (vLLM >= 0.12); none sends nothing (the engine decodes freely; invalid calls still go to the LLM, but agreement may fall below what was verified); auto: what the export's sites.json says per site (vllm: structural_tag), else none.")
     gate_overlap: bool = Field(True, description="With slm_backend: the engine starts generating while the request gate embeds the request, so the gate adds no latency when generation takes longer than the embedding (~15 ms on CPU); a request the gate then refuses has cost the engine one generation. false: the gate first, then the engine.")
 
 

@@ -103,6 +103,32 @@ def structural_tag(tools: list[tuple[str, dict]]) -> dict[str, Any]:
                                                    "at_least_one": False, "stop_after_first": False}}
 
 
+def loosened(specs: list[tuple[str, dict]], compile_tag, loose: set[str]) -> tuple[list[tuple[str, dict]], Any]:
+    """`specs` with each tool whose schema xgrammar rejects (`compile_tag` raises on its structural tag)
+    given any JSON object as arguments, its name kept (those names are added to `loose`), and what
+    `compile_tag` made of the structural tag of the specs returned."""
+    try:
+        return specs, compile_tag(structural_tag(specs))
+    except Exception:  # noqa: BLE001 - a schema xgrammar rejects: loosen that tool's arguments, keep its name
+        good = []
+        for name, schema in specs:
+            try:
+                compile_tag(structural_tag([(name, schema)]))
+                good.append((name, schema))
+            except Exception:  # noqa: BLE001
+                loose.add(name)
+                good.append((name, {"type": "object"}))
+        return good, compile_tag(structural_tag(good))
+
+
+def bounded_specs(tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None) -> list[tuple[str, dict]]:
+    """The offered tools as (name, schema), their arguments capped by `bounds` (None: schemas as given)."""
+    specs = _tool_specs(tools)
+    if bounds is not None:
+        specs = [(name, bound_schema(schema, bounds.get(name))) for name, schema in specs]
+    return specs
+
+
 class ToolGrammars:
     """Compiled grammars for one tokenizer, per offered tool set (None: nothing to constrain)."""
 
@@ -119,11 +145,9 @@ class ToolGrammars:
     def for_tools(self, tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None = None):
         """The compiled grammar for these offered tools, their arguments capped by `bounds`
         (argument_bounds of the site; None: schemas as given)."""
-        specs = _tool_specs(tools)
+        specs = bounded_specs(tools, bounds)
         if not specs:
             return None
-        if bounds is not None:
-            specs = [(name, bound_schema(schema, bounds.get(name))) for name, schema in specs]
         key = sha256_obj(specs)
         with self._lock:
             if key not in self._cache:
@@ -131,18 +155,7 @@ class ToolGrammars:
             return self._cache[key]
 
     def _compile(self, specs: list[tuple[str, dict]]):
-        try:
-            return self.compiler.compile_structural_tag(json.dumps(structural_tag(specs)))
-        except Exception:  # noqa: BLE001 - a schema xgrammar rejects: loosen that tool's arguments, keep its name
-            good = []
-            for name, schema in specs:
-                try:
-                    self.compiler.compile_structural_tag(json.dumps(structural_tag([(name, schema)])))
-                    good.append((name, schema))
-                except Exception:  # noqa: BLE001
-                    self.loose.add(name)
-                    good.append((name, {"type": "object"}))
-            return self.compiler.compile_structural_tag(json.dumps(structural_tag(good)))
+        return loosened(specs, lambda tag: self.compiler.compile_structural_tag(json.dumps(tag)), self.loose)[1]
 
     def free(self):
         """A grammar that allows any text: for the requests of a batch that offer no tools."""
@@ -170,3 +183,36 @@ def tool_grammars(tokenizer, vocab_size: int | None = None, problems: list[str] 
             problems.append(f"schema-constrained decoding is off: xgrammar could not be used ({type(e).__name__}: {e}); "
                             "tool calls are decoded freely and checked against the schemas afterwards")
         return None
+
+
+ENGINE_GRAMMARS = ("structural_tag", "none")
+
+
+class EngineGrammar:
+    """What an external engine (`serve --slm-backend`) is sent so that it decodes tool calls under the grammar
+    evaluate verified the policy with: the same xgrammar structural tag, capped by the same argument bounds,
+    as vLLM's `structured_outputs.structural_tag` (vLLM compiles it with xgrammar, as evaluate did). Cached per
+    tool set; a tool whose schema xgrammar rejects is loosened here exactly as in-process."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self.loose: set[str] = set()
+
+    def fields(self, kind: str, tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
+        """Extra request-body fields for an engine of grammar `kind` (ENGINE_GRAMMARS); {} when nothing is constrained."""
+        if kind == "none":
+            return {}
+        if kind != "structural_tag":
+            raise ValueError(f"unknown engine grammar {kind!r} (known: {', '.join(ENGINE_GRAMMARS)})")
+        specs = bounded_specs(tools, bounds)
+        if not specs:
+            return {}
+        key = sha256_obj(specs)
+        with self._lock:
+            if key not in self._cache:
+                import xgrammar as xgr
+
+                specs, _ = loosened(specs, lambda tag: xgr.Grammar.from_structural_tag(json.dumps(tag)), self.loose)
+                self._cache[key] = {"structured_outputs": {"structural_tag": json.dumps(structural_tag(specs))}}
+            return self._cache[key]

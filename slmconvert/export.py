@@ -192,7 +192,8 @@ def _write_vllm(models: list[SiteModel], out: Path) -> dict[str, Any]:
             write_json_atomic(dest / "adapter_config.json", {**cfg, "base_model_name_or_path": base})
             modules.append(f"{m.name}=adapters/{m.name}")
             sites[m.site] = {"model": m.name, "base": base, "port": port, "url": f"http://localhost:{port}/v1",
-                             "adapter": f"adapters/{m.name}", "lora_rank": int(cfg.get("r", 0))}
+                             "adapter": f"adapters/{m.name}", "lora_rank": int(cfg.get("r", 0)),
+                             "grammar": "structural_tag"}
         first = members[0][0]
         parser = _tool_parser(first)
         template = f"adapters/{first.name}/chat_template.jinja" if (first.weights / "chat_template.jinja").exists() else None
@@ -214,7 +215,9 @@ def _write_vllm(models: list[SiteModel], out: Path) -> dict[str, Any]:
         *[f"- `{s}` → `{v['model']}` on {v['url']}" for s, v in sorted(sites.items())], "",
         "Keep slmconvert's routing in front of it (prompt compaction, the request gate and the routing policy "
         "in `policy.json` decide which answers may stay with the SLM; the rest go to your LLM):", "",
-        f"    slmconvert serve -w WORKSPACE --slm-backend {urls[0]} --upstream https://api.openai.com/v1", "",
+        f"    slmconvert serve -w WORKSPACE --slm-backend {urls[0]} --slm-backend-sites sites.json --upstream https://api.openai.com/v1", "",
+        "With `sites.json`, serve sends each request the tool-call grammar the policy was verified with, as "
+        "`structured_outputs.structural_tag` (xgrammar, vLLM >= 0.12), so vLLM decodes as `evaluate` did.", "",
     ]
     return {"sites": sites, "readme": readme}
 
@@ -288,7 +291,8 @@ def _write_llamacpp(models: list[SiteModel], out: Path, config) -> dict[str, Any
         scripts.append(f"llama-server -m {base} --port {port} --lora-init-without-apply {loras}")
         for i, m in enumerate(members):
             sites[m.site] = {"model": m.name, "lora_id": i, "lora": f"gguf/{m.name}.gguf", "port": port,
-                             "url": f"http://localhost:{port}/v1", "base_gguf": base}
+                             "url": f"http://localhost:{port}/v1", "base_gguf": base,
+                             "grammar": "none"}
         if gguf_base is None:
             readme += [f"The base model {model} has no GGUF on this machine: convert it once with llama.cpp "
                        f"(`python convert_hf_to_gguf.py {base_reference(members[0])} --outfile {base}`).", ""]
@@ -297,8 +301,14 @@ def _write_llamacpp(models: list[SiteModel], out: Path, config) -> dict[str, Any
     (out / "serve.sh").chmod(0o755)
     readme = ["Start llama-server with every site's adapter loaded and none applied:", "", "    bash serve.sh", "", *readme,
               "Pick a site's adapter per request (llama-server's `lora` field, ids below):", "",
-              *[f"- `{s}` → `\"lora\": [{{\"id\": {v['lora_id']}, \"scale\": 1.0}}]` on {v['url']}" for s, v in sorted(sites.items())], ""]
+              *[f"- `{s}` → `\"lora\": [{{\"id\": {v['lora_id']}, \"scale\": 1.0}}]` on {v['url']}" for s, v in sorted(sites.items())], "",
+              UNCONSTRAINED_NOTE, ""]
     return {"sites": sites, "readme": readme}
+
+
+UNCONSTRAINED_NOTE = ("This engine is not sent the tool-call grammar the routing policy was verified with (slmconvert does not "
+                      "write it in the engine's grammar language yet): it decodes tool calls freely. `serve` still sends invalid "
+                      "calls to the LLM, but the SLM may agree with it less often than `evaluate` verified; vLLM takes the grammar.")
 
 
 CHATML_TEMPLATE = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
@@ -336,11 +346,12 @@ def _write_ollama(models: list[SiteModel], out: Path, config) -> dict[str, Any]:
         write_text_atomic(d / "Modelfile", "\n".join(lines) + "\n")
         commands.append(f"ollama create {m.name} -f ollama/{m.name}/Modelfile")
         sites[m.site] = {"model": m.name, "modelfile": f"ollama/{m.name}/Modelfile", "url": "http://localhost:11434/v1",
-                         "template": "chatml" if template else "from the base GGUF"}
+                         "template": "chatml" if template else "from the base GGUF", "grammar": "none"}
     write_text_atomic(out / "create.sh", "#!/usr/bin/env bash\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n" + "\n".join(commands) + "\n")
     (out / "create.sh").chmod(0o755)
     readme = ["Create one Ollama model per call site:", "", "    bash create.sh", "",
-              *[f"- `{s}` → `ollama run {v['model']}` (template: {v['template']})" for s, v in sorted(sites.items())], ""]
+              *[f"- `{s}` → `ollama run {v['model']}` (template: {v['template']})" for s, v in sorted(sites.items())], "",
+              UNCONSTRAINED_NOTE, ""]
     return {"sites": sites, "readme": readme}
 
 

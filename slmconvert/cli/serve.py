@@ -84,7 +84,14 @@ def serve(
             sites = read_json(sc.slm_backend_sites)
         engine = SlmEngine(cfg, ws, device=sc.device, max_new_tokens=sc.max_new_tokens or cfg.evaluate.max_new_tokens,
                            backend=sc.slm_backend, backend_sites=sites, backend_timeout_s=sc.slm_backend_timeout_s,
-                           batch_size=sc.batch_size, batch_wait_ms=sc.batch_wait_ms, gate_overlap=sc.gate_overlap)
+                           batch_size=sc.batch_size, batch_wait_ms=sc.batch_wait_ms, gate_overlap=sc.gate_overlap,
+                           backend_grammar=sc.slm_backend_grammar)
+        free = engine.unconstrained_backend_sites()
+        if free:
+            err_console.print(f"[yellow]warning:[/] the SLM backend decodes {', '.join(free)} without the tool-call grammar the "
+                              "routing policy was verified with: invalid calls still go to the LLM, but the SLM may agree with it "
+                              "less often than verified. A vLLM engine takes it: --set serve.slm_backend_grammar=structural_tag "
+                              "(or the export's sites.json: --slm-backend-sites)", highlight=False)
         if not sc.upstream:
             err_console.print("[yellow]warning:[/] no --upstream: requests the SLM may not answer get HTTP 502")
     logger = CallLogger(ws, cfg) if sc.log_calls else None

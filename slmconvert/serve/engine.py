@@ -45,7 +45,7 @@ class Decision:
 class SlmEngine:
     def __init__(self, config, workspace: Workspace, *, device: str | None = None, max_new_tokens: int | None = None,
                  backend: str | None = None, backend_sites: dict[str, dict] | None = None, backend_timeout_s: float = 60.0,
-                 batch_size: int = 8, batch_wait_ms: float = 5.0, gate_overlap: bool = True):
+                 batch_size: int = 8, batch_wait_ms: float = 5.0, gate_overlap: bool = True, backend_grammar: str = "auto"):
         from slmconvert.cluster.router import load_router
         from slmconvert.compaction import CompactionRecipe
         from slmconvert.evaluate.stage import FAMILIARITY, POLICY, load_summary
@@ -117,6 +117,24 @@ class SlmEngine:
 
             for key, (model, tok) in self._models.items():
                 self._grammars[key] = tool_grammars(tok, getattr(model.config, "vocab_size", None))
+        # What the external engine is told of the tool-call grammar, per site (ENGINE_GRAMMARS).
+        self.backend_grammar: dict[str, str] = {}
+        if self.backend is not None:
+            from slmconvert.constrained import ENGINE_GRAMMARS, EngineGrammar
+
+            self._engine_grammar = EngineGrammar()
+            for site in self.adapters:
+                kind = backend_grammar if backend_grammar != "auto" else (backend_sites or {}).get(site, {}).get("grammar", "none")
+                if kind not in ENGINE_GRAMMARS:
+                    raise StageError(f"the SLM backend's sites file gives site {site} the grammar {kind!r}; known: "
+                                     f"{', '.join(ENGINE_GRAMMARS)}")
+                self.backend_grammar[site] = kind if self.policy.doc.get("constrained_decoding") else "none"
+
+    def unconstrained_backend_sites(self) -> list[str]:
+        """Sites whose policy was verified with the tool-call grammar but whose external engine decodes freely."""
+        if self.backend is None or not self.policy.doc.get("constrained_decoding"):
+            return []
+        return sorted(s for s, kind in self.backend_grammar.items() if kind == "none" and self.servable(s))
 
     # ------------------------------------------------------------------ loading
     def _load_models(self) -> None:
@@ -209,7 +227,7 @@ class SlmEngine:
         tok = self._models[adapter["model_key"]][1]
         if self.backend is not None:
             try:
-                g = self.backend.generate(site, prompt, self.max_new_tokens, self._stops(tok))
+                g = self.backend.generate(site, prompt, self.max_new_tokens, self._stops(tok), self._grammar_fields(site, tools))
             except BackendError as e:
                 d.reason = str(e)
                 d.seconds = time.perf_counter() - t0
@@ -224,6 +242,10 @@ class SlmEngine:
                     lambda items, key=adapter["model_key"]: self._generate_batch(key, items), self.batch_size, self.batch_wait_s))
         g = batcher.submit(adapter["name"] if adapter["kind"] == "adapter" else None, (prompt, constraint, budget)).result()
         return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
+
+    def _grammar_fields(self, site: str, tools) -> dict[str, Any]:
+        """The request-body fields that make the external engine decode under the verified grammar ({}: none)."""
+        return self._engine_grammar.fields(self.backend_grammar.get(site, "none"), tools, self.argument_bounds.get(site))
 
     @staticmethod
     def _stops(tok) -> list[str]:
@@ -255,7 +277,8 @@ class SlmEngine:
         if prompt_or_reason is None:
             return d
         tok = self._models[adapter["model_key"]][1]
-        future = self._overlap.submit(self.backend.generate, site, prompt_or_reason[0], self.max_new_tokens, self._stops(tok))
+        future = self._overlap.submit(self.backend.generate, site, prompt_or_reason[0], self.max_new_tokens, self._stops(tok),
+                                      self._grammar_fields(site, tools))
         d.similarity = self.familiarity_of(site, messages)
         refused = self.policy.admit(site, d.similarity)
         if refused is not None:
@@ -363,7 +386,8 @@ class RemoteSlm:
     with the adapter's chat template goes to `/completions` as text (the engine applies no template of
     its own), greedy, with token log-probabilities for the policy's confidence signal. The site's model
     is `slm-<site>` (the export's names) or what the export's sites.json says; a llama.cpp adapter id
-    there is sent as llama-server's per-request `lora`."""
+    there is sent as llama-server's per-request `lora`. Where the policy was verified with the tool-call grammar,
+    the engine is sent it too (`grammar`: slmconvert.constrained.EngineGrammar)."""
 
     def __init__(self, url: str, sites: dict[str, dict], timeout_s: float):
         import httpx
@@ -373,7 +397,8 @@ class RemoteSlm:
         self.client = httpx.Client(timeout=timeout_s)
         self.timeout_s = timeout_s
 
-    def generate(self, site: str, prompt: str, max_new_tokens: int, stops: list[str] | tuple[str, ...] = ()):
+    def generate(self, site: str, prompt: str, max_new_tokens: int, stops: list[str] | tuple[str, ...] = (),
+                 grammar: dict[str, Any] | None = None):
         import httpx
 
         from slmconvert.export import served_name
@@ -386,6 +411,7 @@ class RemoteSlm:
             body["stop"] = [s for s in stops if s][:4]
         if info.get("lora_id") is not None:
             body["lora"] = [{"id": info["lora_id"], "scale": 1.0}]
+        body.update(grammar or {})
         t = time.perf_counter()
         try:
             r = self.client.post(self.url + "/completions", json=body)

@@ -95,3 +95,60 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
             assert "engine_generated_for_refused_request" in d.extra
         else:
             assert asked == [] and "engine_generated_for_refused_request" not in d.extra
+
+
+def test_the_engine_is_sent_the_grammar_the_policy_was_verified_with(tuned_ws, tmp_path):
+    """With a vLLM export's sites.json, the engine gets the structural tag evaluate decoded under: only the
+    request's tools, arguments capped by the policy's bounds. Without it the engine decodes freely, and serve
+    says which sites that leaves unlike what was verified."""
+    import pyarrow.parquet as pq
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from slmconvert.chat import answer_text
+    from slmconvert.invocation import Response, ToolCall
+    from slmconvert.evaluate.stage import run as evaluate
+    from slmconvert.serve.engine import SlmEngine
+    from slmconvert.store import load_invocations
+    from tests.evaluate.conftest import copy_ws
+
+    ws, cfg = copy_ws(tuned_ws, tmp_path)
+    evaluate(cfg, Workspace(ws))
+    policy = json.loads((ws / "eval" / "policy.json").read_text())
+    assert policy["constrained_decoding"]
+    assignments = pq.read_table(ws / "clusters" / "assignments.parquet").to_pylist()
+    by_id = {i.id: i for i in load_invocations(Workspace(ws), "collect")}
+    ours = next(by_id[a["invocation_id"]] for a in assignments
+                if a["split"] == "test" and by_id[a["invocation_id"]].request.tools and by_id[a["invocation_id"]].response.tool_calls)
+    site = next(a["site"] for a in assignments if a["invocation_id"] == ours.id)
+    policy["rules"][site] = {"text": {"action": "slm", "min_confidence": None, "reason": "set by hand"}}
+    policy["requests"][site]["min_similarity"] = None
+    (ws / "eval" / "policy.json").write_text(json.dumps(policy))
+    seen: list = []
+    with Uvicorn(fake_backend(seen)) as backend:
+        vllm = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1", gate_overlap=False,
+                         backend_sites={site: {"model": "slm-x", "grammar": "structural_tag"}})
+        assert vllm.unconstrained_backend_sites() == []
+        vllm.answer(ours.request.messages, ours.request.tools)
+        free = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1", gate_overlap=False)
+        assert site in free.unconstrained_backend_sites()
+        free.answer(ours.request.messages, ours.request.tools)
+    constrained, unconstrained = seen
+    assert "structured_outputs" not in unconstrained
+    tag = constrained["structured_outputs"]["structural_tag"]
+    offered = sorted(t["function"]["name"] for t in ours.request.tools)
+    assert sorted(json.loads(t["begin"][len("<tool_call>"):] + "0}")["name"] for t in json.loads(tag)["format"]["tags"]) == offered
+    # what vLLM compiles from it (xgrammar, as evaluate did) accepts the LLM's own call and refuses a tool not offered
+    tok = AutoTokenizer.from_pretrained(next(iter(vllm.adapters.values()))["weights"])
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok)).compile_structural_tag(tag)
+    assert xgr.GrammarMatcher(compiled).accept_string(answer_text(ours.response))
+    invented = Response(content=None, tool_calls=[ToolCall(name="invented_tool", arguments=ours.response.tool_calls[0].arguments)])
+    assert not xgr.GrammarMatcher(compiled).accept_string(answer_text(invented))
+    assert xgr.GrammarMatcher(compiled).accept_string("Sure, one moment.")  # text replies stay free
+    # a sites file that names a grammar serve cannot send is refused when serve starts, not per request
+    import pytest
+
+    from slmconvert.errors import StageError
+
+    with pytest.raises(StageError, match="grammar 'gbnf'"):
+        SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend="http://127.0.0.1:9/v1", backend_sites={site: {"grammar": "gbnf"}})
