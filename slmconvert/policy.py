@@ -278,6 +278,18 @@ class Decision:
     use_slm: bool
     reason: str
     key: str | None = None
+    why: str = "answered"  # the kind of reason, for counts (verify's not_answered_because); `reason` is for people
+
+
+def _invalid_kind(invalid: str) -> str:
+    """The kind of an invalid_reason (its own fixed openings; tool names are never read)."""
+    if invalid.startswith("the SLM's tool call is not valid JSON"):
+        return "broken tool call"
+    if invalid.startswith("the SLM called "):
+        return "tool not offered"
+    if invalid.startswith("the arguments of "):
+        return "arguments fail the tool's schema"
+    return "invalid answer"
 
 
 class Policy:
@@ -290,7 +302,8 @@ class Policy:
         gate = self.doc.get("requests", {}).get(site) or {}
         t = gate.get("min_similarity")
         if t is not None and similarity is not None and similarity < t:
-            return Decision(False, f"request unlike site {site}'s training calls (similarity {similarity:.3f} < {t:.3f})")
+            return Decision(False, f"request unlike site {site}'s training calls (similarity {similarity:.3f} < {t:.3f})",
+                            why="unfamiliar request")
         return None
 
     def decide(self, site: str, key: str | None, confidence: float | None, invalid: str | None,
@@ -299,18 +312,19 @@ class Policy:
         if refused is not None:
             return refused
         if invalid is not None:
-            return Decision(False, invalid, key)
+            return Decision(False, invalid, key, _invalid_kind(invalid))
         if key is None:
-            return Decision(False, "the SLM's answer matches no task of the site", key)
+            return Decision(False, "the SLM's answer matches no task of the site", key, "answer of no known task")
         rule = self.rules.get(site, {}).get(key)
         if rule is None:
-            return Decision(False, f"no rule for {key} answers at site {site}", key)
+            return Decision(False, f"no rule for {key} answers at site {site}", key, "no calibration evidence for this answer")
         if rule["action"] != "slm":
-            return Decision(False, f"{key}: {rule['reason']}", key)
+            why = "too little evidence" if str(rule.get("reason", "")).startswith("too little evidence") else "agreement too low"
+            return Decision(False, f"{key}: {rule['reason']}", key, why)
         t = rule["min_confidence"]
         if t is not None and (confidence is None or confidence < t):
             shown = "n/a" if confidence is None else f"{confidence:.3f}"
-            return Decision(False, f"{key}: confidence {shown} below {t:.3f}", key)
+            return Decision(False, f"{key}: confidence {shown} below {t:.3f}", key, "confidence below threshold")
         return Decision(True, f"{key}: confidence >= {t:.3f}" if t is not None else f"{key}: rule slm", key)
 
     def servable(self, site: str) -> bool:
@@ -417,7 +431,7 @@ def verify(policy: Policy, rows: Sequence[dict[str, Any]], verification: set[str
             continue
         d = policy.decide(r["site"], r["key"], r["confidence"], r["invalid"], r.get("similarity"))
         if not d.use_slm:
-            reasons[_reason_kind(d.reason)] += 1
+            reasons[d.why] += 1
         per_site[r["site"]].append((d.use_slm, bool(r["agrees"]), r))
     for site, pts in [("all", [p for v in per_site.values() for p in v]), *sorted(per_site.items())]:
         n = len(pts)
@@ -444,17 +458,6 @@ def verify(policy: Policy, rows: Sequence[dict[str, Any]], verification: set[str
                      "agreement_weighted": w_agree if k else None, "agreement_weighted_interval": w_agree_iv if k else None}
     out["all"]["not_answered_because"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
     return out
-
-
-def _reason_kind(reason: str) -> str:
-    for cue, kind in (("request unlike", "unfamiliar request"), ("does not offer", "tool not offered"),
-                      ("schema", "arguments fail the tool's schema"), ("not valid JSON", "broken tool call"),
-                      ("matches no task", "answer of no known task"), ("confidence", "confidence below threshold"),
-                      ("too little evidence", "too little evidence"), ("no confidence threshold", "agreement too low"),
-                      ("no rule", "no calibration evidence for this answer")):
-        if cue in reason:
-            return kind
-    return "other"
 
 
 def load_policy(path) -> Policy | None:

@@ -62,6 +62,23 @@ def test_too_little_evidence_goes_to_the_llm_and_says_so():
     assert rule["action"] == "llm" and "too little evidence" in rule["reason"] and "59" in rule["reason"]
 
 
+def test_why_calls_stay_with_the_llm_is_counted_by_kind_whatever_the_tools_are_called():
+    """not_answered_because counts kinds of reasons; a tool named like a reason ("confidence", "schema") must not
+    be counted as one (the counts were once read off the reason text)."""
+    key = "tool:update_confidence_schema"
+    doc = {"rules": {"a": {key: {"action": "llm", "min_confidence": None, "reason": "too little evidence: 3 calibration answer(s)"},
+                           "text": {"action": "slm", "min_confidence": -0.2, "reason": "x"}}}}
+    rows = [{"site": "a", "session": "s1", "key": key, "confidence": -0.1, "agrees": True, "invalid": None},
+            {"site": "a", "session": "s1", "key": "text", "confidence": -0.5, "agrees": True, "invalid": None},
+            {"site": "a", "session": "s1", "key": "text", "confidence": -0.1, "agrees": True,
+             "invalid": invalid_reason(Response(None, [ToolCall("confidence_schema", {})]), TOOLS)},
+            {"site": "a", "session": "s1", "key": None, "confidence": -0.1, "agrees": False, "invalid": None},
+            {"site": "a", "session": "s1", "key": "tool:no_rule_confidence", "confidence": -0.1, "agrees": False, "invalid": None}]
+    why = verify(Policy(doc), rows, {"s1"}, 0.95)["all"]["not_answered_because"]
+    assert why == {"too little evidence": 1, "confidence below threshold": 1, "tool not offered": 1,
+                   "answer of no known task": 1, "no calibration evidence for this answer": 1}
+
+
 def test_invalid_answers_never_reach_the_agent():
     ok = Response(None, [ToolCall("get_user", {"user_id": "u1"})])
     assert invalid_reason(ok, TOOLS) is None
