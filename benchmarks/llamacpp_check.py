@@ -38,6 +38,8 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from slmconvert.config import load_config
+    from slmconvert.constrained import TRIGGER
+    from slmconvert.policy import invalid_reason
     from slmconvert.export import export
     from slmconvert.generation import Generation
     from slmconvert.serve.engine import SlmEngine
@@ -53,25 +55,42 @@ def main() -> None:
 
     local = SlmEngine(cfg, ws, max_new_tokens=args.max_new_tokens)
     free = SlmEngine(cfg, ws, max_new_tokens=args.max_new_tokens)
-    free._grammars = {}  # decoded without the tool-call grammar, as llama.cpp decodes here
-    remote = SlmEngine(cfg, ws, max_new_tokens=args.max_new_tokens, backend="http://unused")
+    free._grammars = {}  # decoded without the tool-call grammar, as llama.cpp decodes without serve's GBNF
+    remote = SlmEngine(cfg, ws, max_new_tokens=args.max_new_tokens, backend="http://unused", backend_grammar="none")
+    # what serve sends llama-server with the export's sites.json: the lazy GBNF of the request's tools
+    remote_g = SlmEngine(cfg, ws, max_new_tokens=args.max_new_tokens, backend="http://unused", backend_sites=manifest["sites"])
     engines: dict[str, object] = {}
+    grammar_used = 0
 
-    def llama_generate(site, prompt, max_new_tokens, stops=()):
+    def complete(site, prompt, max_new_tokens, stops, grammar=None):
         info = manifest["sites"][site]
         if site not in engines:
             engines[site] = Llama(model_path=info["base_gguf"], lora_path=str(out / info["lora"]), n_ctx=4096, verbose=False,
                                   logits_all=True)
         r = engines[site].create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0, logprobs=1,
-                                            stop=[s for s in stops if s] or None)
+                                            stop=[s for s in stops if s] or None, grammar=grammar)
         choice = r["choices"][0]
         lp = (choice.get("logprobs") or {}).get("token_logprobs") or []
-        vals = [v for v in lp if isinstance(v, (int, float))]
-        return Generation(text=choice["text"], new_tokens=r["usage"]["completion_tokens"],
-                          mean_logprob=sum(vals) / len(vals) if vals else None, seconds=0.0, logprobs=vals or None)
+        return choice["text"], r["usage"]["completion_tokens"], [v for v in lp if isinstance(v, (int, float))]
 
-    remote.backend.generate = llama_generate
-    for e in (local, free, remote):  # generate for every request: this compares answers, whatever the policy would return
+    def llama_generate(site, prompt, max_new_tokens, stops=(), grammar=None):
+        """llama-server's lazy grammar, emulated on the bindings (greedy): free until the trigger, then the GBNF."""
+        nonlocal grammar_used
+        text, n, vals = complete(site, prompt, max_new_tokens, stops)
+        if grammar and grammar.get("grammar") and TRIGGER in text:
+            from llama_cpp import LlamaGrammar
+
+            grammar_used += 1
+            head = text[:text.index(TRIGGER)]
+            n_head = len(engines[site].tokenize(head.encode(), add_bos=False)) if head else 0
+            tail, n_tail, vals_tail = complete(site, prompt + head, max_new_tokens - n_head, stops,
+                                               LlamaGrammar.from_string(grammar["grammar"], verbose=False))
+            text, n, vals = head + tail, n_head + n_tail, vals[:n_head] + vals_tail
+        return Generation(text=text, new_tokens=n, mean_logprob=sum(vals) / len(vals) if vals else None, seconds=0.0,
+                          logprobs=vals or None)
+
+    remote.backend.generate = remote_g.backend.generate = llama_generate
+    for e in (local, free, remote, remote_g):  # generate for every request: this compares answers, whatever the policy would return
         e.policy.servable = lambda site: True
         e.policy.admit = lambda site, similarity: None
     by_id = {i.id: i for i in load_invocations(ws, ws.invocation_stage())}
@@ -82,14 +101,19 @@ def main() -> None:
             return None
         return [(c.name, c.arguments) for c in d.response.tool_calls] or ("text", (d.response.content or "")[:60])
 
-    agree = agree_free = 0
+    agree = agree_free = agree_g = invalid_free = invalid_g = 0
     for inv in test:
-        a, f, b = (e.answer(inv.request.messages, inv.request.tools) for e in (local, free, remote))
-        ka, kf, kb = key(a), key(f), key(b)
+        a, f, b, g = (e.answer(inv.request.messages, inv.request.tools) for e in (local, free, remote, remote_g))
+        ka, kf, kb, kg = key(a), key(f), key(b), key(g)
         agree += ka == kb
         agree_free += kf == kb
+        agree_g += ka == kg
+        bad = [invalid_reason(d.response, inv.request.tools) if d.response is not None else None for d in (b, g)]
+        invalid_free += bad[0] is not None
+        invalid_g += bad[1] is not None
         print(f"  {inv.id[:10]} {a.site}: llama.cpp {kb}\n      transformers, grammar: {'same' if ka == kb else ka}"
-              f"\n      transformers, free:    {'same' if kf == kb else kf}")
+              f"\n      transformers, free:    {'same' if kf == kb else kf}"
+              f"\n      llama.cpp with serve's GBNF: {'same as transformers, grammar' if ka == kg else kg}")
     # The adapter's own effect, apart from quantisation: its change to the next-token logits of one prompt
     # in transformers (dequantised base) and in llama.cpp (the quantised GGUF base).
     import numpy as np
@@ -122,6 +146,9 @@ def main() -> None:
     print(f"of {len(test)} held-out requests, the llama.cpp export (no grammar) answers as the workspace adapter does: "
           f"{agree_free} decoded the same way (no grammar), {agree} against serve's grammar-constrained decoding "
           "(same kind, tool name and arguments; text compared on its first 60 characters)")
+    print(f"with the GBNF serve sends llama-server (lazy, from `<tool_call>`; used on {grammar_used} answers): {agree_g} of "
+          f"{len(test)} answer as the workspace adapter under its grammar; invalid calls (unknown tool, schema, JSON): "
+          f"{invalid_g} with the GBNF, {invalid_free} without")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ bounds are part of the routing policy, so `serve` decodes under the grammar eval
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Any
 
@@ -185,14 +186,138 @@ def tool_grammars(tokenizer, vocab_size: int | None = None, problems: list[str] 
         return None
 
 
-ENGINE_GRAMMARS = ("structural_tag", "none")
+ENGINE_GRAMMARS = ("structural_tag", "gbnf", "none")
+GBNF_TRIGGER_WORD = 1  # llama.cpp's COMMON_GRAMMAR_TRIGGER_TYPE_WORD
+_GBNF_ESCAPES = set('trn\\"[]xuU')
+
+
+def _gbnf_escapes(body: str) -> str:
+    """A literal's or character class's escapes as GBNF reads them (it knows \\t \\r \\n \\\\ \\" \\[ \\] \\x \\u \\U)."""
+    out, i = [], 0
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body):
+            n = body[i + 1]
+            out.append(body[i:i + 2] if n in _GBNF_ESCAPES else "\\x00" if n == "0" else "\\x%02X" % ord(n))
+            i += 2
+        else:
+            out.append(body[i])
+            i += 1
+    return "".join(out)
+
+
+def _ebnf_tokens(line: str):
+    """(kind, text) of one rule line of xgrammar's printed EBNF: str, cls, id, rep ({m, n}), look ((=), op."""
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if c in '"[':
+            close = '"' if c == '"' else "]"
+            j = i + 1
+            while line[j] != close:
+                j += 2 if line[j] == "\\" else 1
+            yield ("str" if c == '"' else "cls"), line[i:j + 1]
+            i = j + 1
+        elif c.isalnum() or c == "_":
+            j = i
+            while j < len(line) and (line[j].isalnum() or line[j] in "_-"):
+                j += 1
+            yield "id", line[i:j]
+            i = j
+        elif c == "{":
+            j = line.index("}", i)
+            yield "rep", line[i + 1:j]
+            i = j + 1
+        elif line.startswith("::=", i):
+            yield "op", "::="
+            i += 3
+        elif line.startswith("(=", i):
+            yield "look", "(="
+            i += 2
+        else:
+            yield "op", c
+            i += 1
+
+
+_REGEX_RULE = re.compile(r'^(\w+) ::= Regex\("((?:[^"\\]|\\.)*)"(?:, json_string=(?:true|false))?\)$')
+_PLAIN_STRING_CONTENT = r'[^"\\\x00-\x1f]*'
+
+
+def _expand_regex_rules(lines: list[str]) -> list[str]:
+    """xgrammar prints a `pattern` as `name ::= Regex("...")`, which GBNF lacks: written out as grammar rules
+    (xgrammar's own regex converter), or, where it cannot, as any string content (looser than in-process;
+    serve's schema check still refuses what the pattern forbids)."""
+    out = []
+    for line in lines:
+        m = _REGEX_RULE.match(line)
+        if m is None:
+            out.append(line)
+            continue
+        name, pattern = m.group(1), json.loads('"' + m.group(2) + '"')
+        try:
+            from xgrammar.testing import _regex_to_ebnf  # xgrammar's regex -> EBNF (not yet public API)
+
+            sub = [r for r in _regex_to_ebnf(pattern).strip().splitlines() if r.strip()]
+            if not sub or not all(" ::= " in r for r in sub) or any("Regex(" in r for r in sub):
+                raise ValueError(pattern)
+        except Exception:  # noqa: BLE001 - a pattern written as any string content
+            sub = [f"root ::= {_PLAIN_STRING_CONTENT}"]
+        for r in sub:
+            head, body = r.split(" ::= ", 1)
+            body = re.sub(r"\b(root\w*)\b(?=(?:[^\"]|\"(?:[^\"\\]|\\.)*\")*$)", lambda k: name + "_re" + k.group(1)[4:], body)
+            out.append(f"{name if head == 'root' else name + '_re' + head[4:]} ::= {body}")
+    return out
+
+
+def ebnf_to_gbnf(ebnf: str, prefix: str) -> list[str]:
+    """xgrammar's printed EBNF of a JSON schema as llama.cpp GBNF rules: names prefixed and with hyphens (GBNF
+    names have no underscores), lookahead assertions dropped (they only speed xgrammar up; the language is the
+    same), repetition ranges as {m,n} / {m,}, escapes GBNF does not know written as \\xHH."""
+    rules = []
+    for line in _expand_regex_rules(ebnf.strip().splitlines()):
+        parts: list[str] = []
+        skipping = 0
+        for kind, text in _ebnf_tokens(line):
+            if skipping:
+                skipping += 1 if (kind == "look" or text == "(") else -1 if text == ")" else 0
+                continue
+            if kind == "look":
+                skipping = 1
+            elif kind == "id":
+                parts.append(prefix + text.replace("_", "-"))
+            elif kind in ("str", "cls"):
+                parts.append(text[0] + _gbnf_escapes(text[1:-1]) + text[-1])
+            elif kind == "rep":
+                lo, sep, hi = (x.strip() for x in text.partition(","))
+                parts.append("{%s,%s}" % (lo, "" if hi == "-1" else hi) if sep else "{%s}" % lo)
+            elif text.strip():
+                parts.append(text)
+        rules.append(" ".join(parts))
+    return rules
+
+
+def gbnf(tools: list[tuple[str, dict]]) -> str:
+    """llama.cpp GBNF for the text from the trigger on (a lazy grammar, triggered by `<tool_call>`): one or more
+    calls of the offered tools, each `<tool_call>{"name": "<tool>", "arguments": <schema-valid JSON>}</tool_call>`,
+    newline-separated as the adapters were trained; each schema converted by xgrammar, as in-process."""
+    import xgrammar as xgr
+
+    alts, body = [], []
+    for i, (name, schema) in enumerate(tools):
+        ebnf = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=True, max_whitespace_cnt=MAX_WHITESPACE))
+        body += ebnf_to_gbnf(ebnf, f"t{i}-")
+        head = json.dumps({"name": name})[:-1] + ', "arguments": '
+        alts.append(json.dumps(head) + f" t{i}-root")
+    return "\n".join(["root ::= call (\"\\n\" call)*",
+                      f'call ::= "{TRIGGER}" ( {" | ".join(f"( {a} )" for a in alts)} ) "}}</tool_call>"', *body]) + "\n"
 
 
 class EngineGrammar:
     """What an external engine (`serve --slm-backend`) is sent so that it decodes tool calls under the grammar
-    evaluate verified the policy with: the same xgrammar structural tag, capped by the same argument bounds,
-    as vLLM's `structured_outputs.structural_tag` (vLLM compiles it with xgrammar, as evaluate did). Cached per
-    tool set; a tool whose schema xgrammar rejects is loosened here exactly as in-process."""
+    evaluate verified the policy with, capped by the same argument bounds. structural_tag: the same xgrammar
+    structural tag, as vLLM's `structured_outputs.structural_tag` (vLLM compiles it with xgrammar, as evaluate
+    did). gbnf: llama-server's lazy `grammar` from the `<tool_call>` trigger on, each schema converted by
+    xgrammar and written in GBNF (`gbnf`). Cached per tool set; a tool whose schema xgrammar rejects is loosened
+    here exactly as in-process."""
 
     def __init__(self) -> None:
         self._cache: dict[str, dict[str, Any]] = {}
@@ -203,7 +328,7 @@ class EngineGrammar:
         """Extra request-body fields for an engine of grammar `kind` (ENGINE_GRAMMARS); {} when nothing is constrained."""
         if kind == "none":
             return {}
-        if kind != "structural_tag":
+        if kind not in ENGINE_GRAMMARS:
             raise ValueError(f"unknown engine grammar {kind!r} (known: {', '.join(ENGINE_GRAMMARS)})")
         specs = bounded_specs(tools, bounds)
         if not specs:
@@ -214,5 +339,9 @@ class EngineGrammar:
                 import xgrammar as xgr
 
                 specs, _ = loosened(specs, lambda tag: xgr.Grammar.from_structural_tag(json.dumps(tag)), self.loose)
-                self._cache[key] = {"structured_outputs": {"structural_tag": json.dumps(structural_tag(specs))}}
+                if kind == "structural_tag":
+                    self._cache[key] = {"structured_outputs": {"structural_tag": json.dumps(structural_tag(specs))}}
+                else:  # llama-server: free text until the trigger, the calls' grammar from there on
+                    self._cache[key] = {"grammar": gbnf(specs), "grammar_lazy": True,
+                                        "grammar_triggers": [{"type": GBNF_TRIGGER_WORD, "value": TRIGGER}]}
             return self._cache[key]

@@ -292,7 +292,7 @@ def _write_llamacpp(models: list[SiteModel], out: Path, config) -> dict[str, Any
         for i, m in enumerate(members):
             sites[m.site] = {"model": m.name, "lora_id": i, "lora": f"gguf/{m.name}.gguf", "port": port,
                              "url": f"http://localhost:{port}/v1", "base_gguf": base,
-                             "grammar": "none"}
+                             "grammar": "gbnf"}
         if gguf_base is None:
             readme += [f"The base model {model} has no GGUF on this machine: convert it once with llama.cpp "
                        f"(`python convert_hf_to_gguf.py {base_reference(members[0])} --outfile {base}`).", ""]
@@ -302,13 +302,17 @@ def _write_llamacpp(models: list[SiteModel], out: Path, config) -> dict[str, Any
     readme = ["Start llama-server with every site's adapter loaded and none applied:", "", "    bash serve.sh", "", *readme,
               "Pick a site's adapter per request (llama-server's `lora` field, ids below):", "",
               *[f"- `{s}` → `\"lora\": [{{\"id\": {v['lora_id']}, \"scale\": 1.0}}]` on {v['url']}" for s, v in sorted(sites.items())], "",
-              UNCONSTRAINED_NOTE, ""]
+              "Keep slmconvert's routing in front of it; with `sites.json` it also sends each request the tool-call grammar the "
+              "policy was verified with, as llama-server's lazy `grammar` (GBNF, triggered by `<tool_call>`; llama.cpp builds "
+              "with `grammar_triggers`, 2025 on):", "",
+              f"    slmconvert serve -w WORKSPACE --slm-backend {sorted(v['url'] for v in sites.values())[0]} --slm-backend-sites sites.json "
+              "--upstream https://api.openai.com/v1", ""]
     return {"sites": sites, "readme": readme}
 
 
-UNCONSTRAINED_NOTE = ("This engine is not sent the tool-call grammar the routing policy was verified with (slmconvert does not "
-                      "write it in the engine's grammar language yet): it decodes tool calls freely. `serve` still sends invalid "
-                      "calls to the LLM, but the SLM may agree with it less often than `evaluate` verified; vLLM takes the grammar.")
+UNCONSTRAINED_NOTE = ("Ollama's API takes no grammar, so this engine is not sent the tool-call grammar the routing policy was "
+                      "verified with: it decodes tool calls freely. `serve` still sends invalid calls to the LLM, but the SLM may "
+                      "agree with it less often than `evaluate` verified; the vllm and llamacpp exports take the grammar.")
 
 
 CHATML_TEMPLATE = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'

@@ -90,8 +90,8 @@ def serve(
         if free:
             err_console.print(f"[yellow]warning:[/] the SLM backend decodes {', '.join(free)} without the tool-call grammar the "
                               "routing policy was verified with: invalid calls still go to the LLM, but the SLM may agree with it "
-                              "less often than verified. A vLLM engine takes it: --set serve.slm_backend_grammar=structural_tag "
-                              "(or the export's sites.json: --slm-backend-sites)", highlight=False)
+                              "less often than verified. vLLM takes it as --set serve.slm_backend_grammar=structural_tag, llama-server as gbnf "
+                              "(or pass the export's sites.json: --slm-backend-sites)", highlight=False)
         if not sc.upstream:
             err_console.print("[yellow]warning:[/] no --upstream: requests the SLM may not answer get HTTP 502")
     logger = CallLogger(ws, cfg) if sc.log_calls else None

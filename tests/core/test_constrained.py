@@ -87,6 +87,39 @@ def test_the_grammar_accepts_exactly_the_calls_the_schema_allows(text, allowed):
     assert (ok and invalid_reason(resp, TOOLS) is None) is allowed  # the grammar and the policy's check agree
 
 
+@pytest.mark.parametrize("text,allowed", [
+    ('<tool_call>{"name": "get_user", "arguments": {"user_id": "mia_1"}}</tool_call>', True),
+    ('<tool_call>{"name": "get_user", "arguments": {"user_id": 42}}</tool_call>', False),
+    ('<tool_call>{"name": "get_user", "arguments": {"user_id": "Mia"}}</tool_call>', False),
+    ('<tool_call>{"name": "get_user", "arguments": {}}</tool_call>', False),
+    ('<tool_call>{"name": "get_users", "arguments": {"user_id": "mia_1"}}</tool_call>', False),
+    ('<tool_call>{"name": "cancel", "arguments": {"reason": "change_of_plan"}}</tool_call>\n'
+     '<tool_call>{"name": "get_user", "arguments": {"user_id": "mia_1", "verbose": false}}</tool_call>', True),
+    ('<tool_call>{"name": "cancel", "arguments": {"reason": "bored"}}</tool_call>', False),
+])
+def test_the_gbnf_llama_server_is_sent_allows_the_same_calls(text, allowed):
+    """llama-server's lazy grammar starts at the trigger: from there, the GBNF serve sends allows exactly the calls
+    the in-process grammar allows. Its language is checked with xgrammar (which reads GBNF); its dialect (names
+    without underscores, no lookaheads, only the escapes llama.cpp knows) is checked here, as llama.cpp parses it."""
+    import re
+
+    import xgrammar as xgr
+
+    from slmconvert.constrained import EngineGrammar
+
+    fields = EngineGrammar().fields("gbnf", TOOLS)
+    assert fields["grammar_lazy"] is True and fields["grammar_triggers"] == [{"type": 1, "value": "<tool_call>"}]
+    grammar = fields["grammar"]
+    assert all(re.fullmatch(r"[a-z0-9-]+", line.split(" ::= ")[0]) for line in grammar.splitlines())
+    escapes = re.findall(r"\\(.)", grammar)  # each backslash with the character it escapes, left to right
+    assert "(=" not in grammar and "Regex(" not in grammar and set(escapes) <= set('trn"\\[]xuU'), set(escapes)
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo(["a"])).compile_grammar(xgr.Grammar.from_ebnf(grammar))
+    matcher = xgr.GrammarMatcher(compiled)
+    assert matcher.accept_string(text) is allowed
+    assert not allowed or matcher.is_completed()  # a whole answer: the grammar may end right there
+    assert EngineGrammar().fields("gbnf", None) == {} and EngineGrammar().fields("none", TOOLS) == {}
+
+
 def test_text_replies_stay_free_and_no_tools_means_no_constraint():
     text = _generate("Sure, one moment.", constrained=True)
     assert text.startswith("Sure, one moment.")
