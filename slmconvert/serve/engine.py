@@ -382,12 +382,16 @@ class BackendError(Exception):
 
 
 class RemoteSlm:
-    """An OpenAI-compatible server that runs the exported SLMs. The prompt serve compacted and rendered
-    with the adapter's chat template goes to `/completions` as text (the engine applies no template of
-    its own), greedy, with token log-probabilities for the policy's confidence signal. The site's model
-    is `slm-<site>` (the export's names) or what the export's sites.json says; a llama.cpp adapter id
-    there is sent as llama-server's per-request `lora`. Where the policy was verified with the tool-call grammar,
-    the engine is sent it too (`grammar`: slmconvert.constrained.EngineGrammar)."""
+    """A server that runs the exported SLMs. The prompt serve compacted and rendered with the adapter's chat
+    template goes to the engine as text, greedy, with token log-probabilities for the policy's confidence
+    signal; the engine must apply no template of its own:
+    - OpenAI-compatible engines (vLLM, llama-server): `POST URL/completions`.
+    - Ollama: its `/v1/completions` wraps the prompt in the model's TEMPLATE (a second chat template), so
+      serve calls Ollama's own `POST /api/generate` with `raw: true` instead. Ollama is recognised by the
+      export's sites.json (`api: ollama`) or, without one, by its `/api/version` answering at start.
+    The site's model is `slm-<site>` (the export's names) or what the export's sites.json says; a llama.cpp
+    adapter id there is sent as llama-server's per-request `lora`. Where the policy was verified with the
+    tool-call grammar, the engine is sent it too (`grammar`: slmconvert.constrained.EngineGrammar)."""
 
     def __init__(self, url: str, sites: dict[str, dict], timeout_s: float):
         import httpx
@@ -396,6 +400,20 @@ class RemoteSlm:
         self.sites = sites
         self.client = httpx.Client(timeout=timeout_s)
         self.timeout_s = timeout_s
+        self.root = self.url[:-3] if self.url.endswith("/v1") else self.url  # Ollama's native API is beside /v1
+        apis = {info.get("api") for info in sites.values() if isinstance(info, dict)}
+        self.api = "ollama" if "ollama" in apis else "openai" if apis - {None} else self._probe()
+
+    def _probe(self) -> str:
+        """ollama when the server answers Ollama's `/api/version`, else openai (the default; nothing is sent on failure)."""
+        import httpx
+
+        try:
+            r = self.client.get(self.root + "/api/version", timeout=min(self.timeout_s, 3.0))
+            body = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return "openai"
+        return "ollama" if isinstance(body, dict) and isinstance(body.get("version"), str) else "openai"
 
     def generate(self, site: str, prompt: str, max_new_tokens: int, stops: list[str] | tuple[str, ...] = (),
                  grammar: dict[str, Any] | None = None):
@@ -405,16 +423,23 @@ class RemoteSlm:
         from slmconvert.generation import Generation
 
         info = self.sites.get(site, {})
-        body: dict[str, Any] = {"model": info.get("model") or served_name(site), "prompt": prompt, "max_tokens": max_new_tokens,
-                                "temperature": 0, "logprobs": 1, "stream": False}
-        if [s for s in stops if s]:
-            body["stop"] = [s for s in stops if s][:4]
-        if info.get("lora_id") is not None:
-            body["lora"] = [{"id": info["lora_id"], "scale": 1.0}]
-        body.update(grammar or {})
+        model = info.get("model") or served_name(site)
+        stops = [s for s in stops if s]
+        if self.api == "ollama":
+            url = self.root + "/api/generate"
+            body: dict[str, Any] = {"model": model, "prompt": prompt, "raw": True, "stream": False, "logprobs": True,
+                                    "options": {"temperature": 0, "num_predict": max_new_tokens, **({"stop": stops} if stops else {})}}
+        else:
+            url = self.url + "/completions"
+            body = {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0, "logprobs": 1, "stream": False}
+            if stops:
+                body["stop"] = stops[:4]
+            if info.get("lora_id") is not None:
+                body["lora"] = [{"id": info["lora_id"], "scale": 1.0}]
+            body.update(grammar or {})
         t = time.perf_counter()
         try:
-            r = self.client.post(self.url + "/completions", json=body)
+            r = self.client.post(url, json=body)
         except httpx.TimeoutException:
             raise BackendError(f"the SLM backend at {self.url} did not answer within {self.timeout_s:g} s") from None
         except httpx.HTTPError as e:
@@ -424,16 +449,43 @@ class RemoteSlm:
         except ValueError:
             payload = None
         if r.status_code != 200 or not isinstance(payload, dict):
-            msg = (payload.get("error") or {}).get("message") if isinstance(payload, dict) and isinstance(payload.get("error"), dict) else None
+            err = payload.get("error") if isinstance(payload, dict) else None
+            msg = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
             raise BackendError(f"the SLM backend at {self.url} answered HTTP {r.status_code}" + (f": {str(msg)[:160]}" if msg else ""))
-        choices = payload.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("text"), str):
-            raise BackendError(f"the SLM backend at {self.url} answered without choices[0].text")
-        lp = choices[0].get("logprobs") if isinstance(choices[0].get("logprobs"), dict) else {}
-        values = lp.get("token_logprobs") if isinstance(lp.get("token_logprobs"), list) else None
-        tokens = lp.get("tokens") if isinstance(lp.get("tokens"), list) else None
-        values = [float(v) for v in values if isinstance(v, (int, float))] if values else None
-        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
-        n = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else len(values or [])
-        return Generation(text=choices[0]["text"], new_tokens=n, mean_logprob=sum(values) / len(values) if values else None,
-                          seconds=time.perf_counter() - t, logprobs=values, tokens=tokens if tokens and values and len(tokens) == len(values) else None)
+        text, n, values, tokens = (_ollama_answer if self.api == "ollama" else _openai_answer)(payload)
+        if text is None:
+            raise BackendError(f"the SLM backend at {self.url} answered without "
+                               + ("`response`" if self.api == "ollama" else "choices[0].text"))
+        return Generation(text=text, new_tokens=n, mean_logprob=sum(values) / len(values) if values else None,
+                          seconds=time.perf_counter() - t, logprobs=values,
+                          tokens=tokens if tokens and values and len(tokens) == len(values) else None)
+
+
+def _numbers(values) -> list[float] | None:
+    if not isinstance(values, list):
+        return None
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)] or None
+
+
+def _openai_answer(payload: dict) -> tuple[str | None, int, list[float] | None, list | None]:
+    """(text, completion tokens, token log-probabilities, tokens) of an OpenAI `/completions` answer."""
+    choices = payload.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("text"), str):
+        return None, 0, None, None
+    lp = choices[0].get("logprobs") if isinstance(choices[0].get("logprobs"), dict) else {}
+    values = _numbers(lp.get("token_logprobs"))
+    tokens = lp.get("tokens") if isinstance(lp.get("tokens"), list) else None
+    usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+    n = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else len(values or [])
+    return choices[0]["text"], n, values, tokens
+
+
+def _ollama_answer(payload: dict) -> tuple[str | None, int, list[float] | None, list | None]:
+    """The same of an Ollama `/api/generate` answer (`response`, `eval_count`, `logprobs: [{token, logprob}]`)."""
+    if not isinstance(payload.get("response"), str):
+        return None, 0, None, None
+    entries = [e for e in payload.get("logprobs") or [] if isinstance(e, dict)] if isinstance(payload.get("logprobs"), list) else []
+    values = _numbers([e.get("logprob") for e in entries])
+    tokens = [e.get("token") for e in entries] if values and len(values) == len(entries) else None
+    n = payload.get("eval_count") if isinstance(payload.get("eval_count"), int) else len(values or [])
+    return payload["response"], n, values, tokens

@@ -32,6 +32,30 @@ def fake_backend(seen: list, status: int = 200):
     return app
 
 
+def fake_ollama(seen: list):
+    """Ollama's native API; its /v1/completions answers what a twice-templated prompt would give."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/api/version")
+    async def version():
+        return {"version": "0.13.1"}
+
+    @app.post("/api/generate")
+    async def generate(body: dict):
+        seen.append(("/api/generate", body))
+        return {"model": body["model"], "response": "Ticket filed.", "done": True, "eval_count": 3,
+                "logprobs": [{"token": "Ticket", "logprob": -0.05}, {"token": " filed", "logprob": -0.1}, {"token": ".", "logprob": -0.01}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: dict):
+        seen.append(("/v1/completions", body))
+        return {"choices": [{"index": 0, "text": "<|im_start|>user", "finish_reason": "stop"}]}
+
+    return app
+
+
 def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_path, upstream):
     import pyarrow.parquet as pq
 
@@ -67,6 +91,18 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
     assert body["model"] == served_name(slm_site) and body["temperature"] == 0 and body["max_tokens"] == 8 and body["logprobs"] == 1
     assert body["prompt"].endswith("<|im_start|>assistant\n")  # rendered here with the adapter's chat template
     assert ours.request.messages[-1]["content"][:30] in body["prompt"]
+
+    # Ollama: its /v1/completions would wrap the rendered prompt in the Modelfile's template again, so serve
+    # recognises it (/api/version) and sends the prompt raw to /api/generate
+    native: list = []
+    with Uvicorn(fake_ollama(native)) as backend:
+        engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1")
+        d = engine.answer(ours.request.messages, None)
+    assert engine.backend.api == "ollama" and d.use_slm and d.response.content == "Ticket filed.", d.reason
+    [(path, sent)] = native
+    assert path == "/api/generate" and sent["raw"] is True and sent["prompt"] == body["prompt"]
+    assert sent["options"]["temperature"] == 0 and sent["options"]["num_predict"] == 8 and d.completion_tokens == 3
+    assert d.confidence is not None  # Ollama's logprobs feed the policy's confidence signal
 
     # a backend that fails: the LLM answers, and the reason says why
     down: list = []
@@ -150,5 +186,5 @@ def test_the_engine_is_sent_the_grammar_the_policy_was_verified_with(tuned_ws, t
 
     from slmconvert.errors import StageError
 
-    with pytest.raises(StageError, match="grammar 'gbnf'"):
-        SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend="http://127.0.0.1:9/v1", backend_sites={site: {"grammar": "gbnf"}})
+    with pytest.raises(StageError, match="grammar 'regex'"):
+        SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend="http://127.0.0.1:9/v1", backend_sites={site: {"grammar": "regex"}})
