@@ -27,13 +27,15 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from slmconvert.errors import StageError
+
+if TYPE_CHECKING:
+    from slmconvert.collect.partitions import ParsedCalls
 
 INSTALL = "engine: ray needs Ray Data, which is not installed: pip install 'slmconvert[ray]' (or: pip install 'ray[data]>=2.40')"
 SEQ_BITS = 32  # seq = chunk index << 32 | call index within the chunk: read order across all chunks
@@ -256,23 +258,9 @@ class ScrubWorker:
 # --------------------------------------------------------------------------- collect: the driver
 
 
-@dataclass
-class RayCollect:
-    """What `collect_on_ray` hands the collect stage: the parse summary (before any partition is
-    scrubbed, so `--strict` can refuse before anything is written), the file records, the partitions."""
-
-    collector: Any
-    inputs: dict[str, dict[str, Any]]
-    results: Iterator[Any]
-
-    def close(self) -> None:
-        close = getattr(self.results, "close", None)
-        if close is not None:
-            close()
-
-
 def collect_on_ray(config, workspace, todo: list[dict[str, Any]], n_parts: int, known_ids: set[str],
-                   template_values: list[str], progress, *, known_mids: set[str], first_shard: int) -> RayCollect:
+                   template_values: list[str], progress, *, known_mids: set[str], first_shard: int) -> ParsedCalls:
+    from slmconvert.collect.partitions import ParsedCalls
     from slmconvert.collect.stage import _Collector
 
     cpus = ensure_ray(config)
@@ -315,7 +303,7 @@ def collect_on_ray(config, workspace, todo: list[dict[str, Any]], n_parts: int, 
                            compute=pool, num_cpus=1,
                            fn_constructor_args=(config_json, key_hex, list(template_values), str(workspace.stage_dir("collect")),
                                                 first_shard, [ray.put(frozenset(known_mids))] if known_mids else []))
-    return RayCollect(collector, inputs, _partitions(scrubbed.iter_batches(batch_format="pyarrow", batch_size=None), known_dups))
+    return ParsedCalls(collector, inputs, _partitions(scrubbed.iter_batches(batch_format="pyarrow", batch_size=None), known_dups))
 
 
 def _p_below(n: int):

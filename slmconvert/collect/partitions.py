@@ -156,3 +156,23 @@ class Spill:
                 h.close()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class ParsedCalls:
+    """What an engine's parsing hands the collect stage: the parse summary (`collector`: quarantine and counts,
+    complete before any partition is scrubbed, so `--strict` can refuse before anything is written), the file
+    records, and the partitions to deduplicate, scrub and write, in any order. `close()` releases what parsing
+    holds (the local spill files, Ray's pipeline), whether or not the partitions were used."""
+
+    collector: Any
+    inputs: dict[str, dict[str, Any]]
+    results: Iterator[PartitionResult]
+    release: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        close = getattr(self.results, "close", None)
+        if close is not None:
+            close()
+        if self.release is not None:
+            self.release()

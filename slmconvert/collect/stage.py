@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from slmconvert.collect.partitions import (
-    PartitionResult, Spill, n_partitions, process_partition, scrubber_factory, write_partition,
+    ParsedCalls, PartitionResult, Spill, n_partitions, process_partition, scrubber_factory, write_partition,
 )
 from slmconvert.collect.formats import ParseContext, detect_format, expand_document, format_names, get_format, log_formats
 from slmconvert.collect.records import MAX_DEPTH, RawError, UnreadableFile, find_log_files, read_records
@@ -273,6 +273,23 @@ class _Collector:
         return {"format": fmt_name}
 
 
+def _collect_locally(config: PipelineConfig, workspace: Workspace, todo: list[dict[str, Any]], n_parts: int, known_ids: set[str],
+                     template_values: list[str], progress: Progress, **_: Any) -> ParsedCalls:
+    """The local engine: files read in this process, parsed calls spilled by partition (a private temporary folder
+    when there is more than one), partitions scrubbed one at a time as they are asked for."""
+    spill = Spill(n_parts)
+    try:
+        collector = _Collector(config, progress, spill.add)
+        inputs = {entry["key"]: collector.read_file(entry) for entry in todo}
+        collector.finish()
+        collector.flush()
+    except BaseException:
+        spill.close()
+        raise
+    return ParsedCalls(collector, inputs, _local_partitions(config, workspace, spill, known_ids, template_values, progress),
+                       release=spill.close)
+
+
 def _local_partitions(config: PipelineConfig, workspace: Workspace, spill: Spill, known_ids: set[str], template_values: list[str],
                       progress: Progress) -> Iterator[PartitionResult]:
     from slmconvert.scrub.engine import scrub_key
@@ -368,24 +385,14 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         inputs = dict(base.inputs) if base else {}
         t_read = time.perf_counter()
         if config.engine == "ray":
-            from slmconvert.distributed import collect_on_ray
-
-            parsed = collect_on_ray(config, workspace, todo, n_parts, known_ids, old_templates, progress,
-                                    known_mids=known_mids, first_shard=writer.first_shard)
-            collector = parsed.collector
+            from slmconvert.distributed import collect_on_ray as parse
         else:
-            spill = Spill(n_parts)
-            collector = _Collector(config, progress, spill.add)
+            parse = _collect_locally
+        parsed = parse(config, workspace, todo, n_parts, known_ids, old_templates, progress,
+                       known_mids=known_mids, first_shard=writer.first_shard)
+        collector = parsed.collector
         try:
-            if config.engine == "ray":
-                inputs.update(parsed.inputs)
-                results = parsed.results
-            else:
-                for entry in todo:
-                    inputs[entry["key"]] = collector.read_file(entry)
-                collector.finish()
-                collector.flush()
-                results = _local_partitions(config, workspace, spill, known_ids, old_templates, progress)
+            inputs.update(parsed.inputs)
             timer.timings["parse_s"] = round(time.perf_counter() - t_read, 4)
             new_quarantine = collector.quarantine
             if cc.strict and new_quarantine:  # nothing of this run has been written yet
@@ -397,17 +404,14 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                 )
             if n_parts > 1:
                 progress.start("collect: deduplicate, scrub, write partitions", n_parts)
-            for result in results:
+            for result in parsed.results:
                 writer(result)
                 if n_parts > 1:
                     progress.advance()
             if n_parts > 1:
                 progress.stop()
         finally:
-            if config.engine == "ray":
-                parsed.close()
-            else:
-                spill.close()
+            parsed.close()
         duplicates = writer.duplicates
         collector.dropped["duplicate"] += duplicates
         if writer.report is not None:  # scrubbed something this run (as before batching: no key when scrubbing is off)
