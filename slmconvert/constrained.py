@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from slmconvert.io import sha256_obj
@@ -130,6 +131,22 @@ def bounded_specs(tools: list[dict] | None, bounds: dict[str, dict[str, int]] | 
     return specs
 
 
+class BuiltOnce:
+    """Values built once per key (a JSON-able object: the offered tool specs, and whatever else decides the value),
+    shared by threads."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        digest = sha256_obj(key)
+        with self._lock:
+            if digest not in self._items:
+                self._items[digest] = build()
+            return self._items[digest]
+
+
 class ToolGrammars:
     """Compiled grammars for one tokenizer, per offered tool set (None: nothing to constrain)."""
 
@@ -138,9 +155,7 @@ class ToolGrammars:
 
         size = max(vocab_size or 0, len(tokenizer))
         self.compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=size))
-        self._cache: dict[str, Any] = {}
-        self._free = None
-        self._lock = threading.Lock()
+        self._cache = BuiltOnce()
         self.loose: set[str] = set()  # tools whose schema could not be compiled: any JSON object as arguments
 
     def for_tools(self, tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None = None):
@@ -149,21 +164,14 @@ class ToolGrammars:
         specs = bounded_specs(tools, bounds)
         if not specs:
             return None
-        key = sha256_obj(specs)
-        with self._lock:
-            if key not in self._cache:
-                self._cache[key] = self._compile(specs)
-            return self._cache[key]
+        return self._cache.get(specs, lambda: self._compile(specs))
 
     def _compile(self, specs: list[tuple[str, dict]]):
         return loosened(specs, lambda tag: self.compiler.compile_structural_tag(json.dumps(tag)), self.loose)[1]
 
     def free(self):
         """A grammar that allows any text: for the requests of a batch that offer no tools."""
-        with self._lock:
-            if self._free is None:
-                self._free = self.compiler.compile_grammar(r'root ::= [^]*')
-            return self._free
+        return self._cache.get("free text", lambda: self.compiler.compile_grammar(r'root ::= [^]*'))
 
 
 def logits_processor(grammars: ToolGrammars, compiled: list):
@@ -320,8 +328,7 @@ class EngineGrammar:
     here exactly as in-process."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
+        self._cache = BuiltOnce()
         self.loose: set[str] = set()
 
     def fields(self, kind: str, tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
@@ -333,15 +340,13 @@ class EngineGrammar:
         specs = bounded_specs(tools, bounds)
         if not specs:
             return {}
-        key = sha256_obj(specs)
-        with self._lock:
-            if key not in self._cache:
-                import xgrammar as xgr
+        return self._cache.get([kind, specs], lambda: self._build(kind, specs))
 
-                specs, _ = loosened(specs, lambda tag: xgr.Grammar.from_structural_tag(json.dumps(tag)), self.loose)
-                if kind == "structural_tag":
-                    self._cache[key] = {"structured_outputs": {"structural_tag": json.dumps(structural_tag(specs))}}
-                else:  # llama-server: free text until the trigger, the calls' grammar from there on
-                    self._cache[key] = {"grammar": gbnf(specs), "grammar_lazy": True,
-                                        "grammar_triggers": [{"type": GBNF_TRIGGER_WORD, "value": TRIGGER}]}
-            return self._cache[key]
+    def _build(self, kind: str, specs: list[tuple[str, dict]]) -> dict[str, Any]:
+        import xgrammar as xgr
+
+        specs, _ = loosened(specs, lambda tag: xgr.Grammar.from_structural_tag(json.dumps(tag)), self.loose)
+        if kind == "structural_tag":
+            return {"structured_outputs": {"structural_tag": json.dumps(structural_tag(specs))}}
+        # llama-server: free text until the trigger, the calls' grammar from there on
+        return {"grammar": gbnf(specs), "grammar_lazy": True, "grammar_triggers": [{"type": GBNF_TRIGGER_WORD, "value": TRIGGER}]}

@@ -243,13 +243,24 @@ def answer_key(response, site_tasks: Sequence[str], messages: list[dict] | None 
     return known_tool_task(*key, list(site_tasks)) if key is not None else None
 
 
-def invalid_reason(response, tools: list[dict] | None, well_formed: bool = True) -> str | None:
+class Invalid(str):
+    """Why an answer cannot be returned: the text (for people) and its kind (for counts), set where it is made."""
+
+    kind: str
+
+    def __new__(cls, text: str, kind: str) -> "Invalid":
+        out = super().__new__(cls, text)
+        out.kind = kind
+        return out
+
+
+def invalid_reason(response, tools: list[dict] | None, well_formed: bool = True) -> Invalid | None:
     """Why the SLM's answer cannot be returned as it is: broken JSON, a tool the request does not offer,
     arguments the tool's JSON schema rejects. None when it is valid."""
     import jsonschema
 
     if not well_formed:
-        return "the SLM's tool call is not valid JSON"
+        return Invalid("the SLM's tool call is not valid JSON", "broken tool call")
     if not response.tool_calls or not tools:
         return None
     schemas = {}
@@ -259,12 +270,13 @@ def invalid_reason(response, tools: list[dict] | None, well_formed: bool = True)
             schemas[fn["name"]] = fn.get("parameters") or {"type": "object"}
     for call in response.tool_calls:
         if call.name not in schemas:
-            return f"the SLM called {call.name!r}, a tool the request does not offer"
+            return Invalid(f"the SLM called {call.name!r}, a tool the request does not offer", "tool not offered")
         try:
             jsonschema.validate(call.arguments, schemas[call.name])
         except jsonschema.ValidationError as e:
             where = "/".join(str(p) for p in e.absolute_path) or "arguments"
-            return f"the arguments of {call.name} do not match its schema ({where}: {e.message[:120]})"
+            return Invalid(f"the arguments of {call.name} do not match its schema ({where}: {e.message[:120]})",
+                           "arguments fail the tool's schema")
         except jsonschema.SchemaError:
             continue  # a broken schema in the log is not the SLM's fault
     return None
@@ -279,17 +291,6 @@ class Decision:
     reason: str
     key: str | None = None
     why: str = "answered"  # the kind of reason, for counts (verify's not_answered_because); `reason` is for people
-
-
-def _invalid_kind(invalid: str) -> str:
-    """The kind of an invalid_reason (its own fixed openings; tool names are never read)."""
-    if invalid.startswith("the SLM's tool call is not valid JSON"):
-        return "broken tool call"
-    if invalid.startswith("the SLM called "):
-        return "tool not offered"
-    if invalid.startswith("the arguments of "):
-        return "arguments fail the tool's schema"
-    return "invalid answer"
 
 
 class Policy:
@@ -312,15 +313,14 @@ class Policy:
         if refused is not None:
             return refused
         if invalid is not None:
-            return Decision(False, invalid, key, _invalid_kind(invalid))
+            return Decision(False, invalid, key, getattr(invalid, "kind", "invalid answer"))
         if key is None:
             return Decision(False, "the SLM's answer matches no task of the site", key, "answer of no known task")
         rule = self.rules.get(site, {}).get(key)
         if rule is None:
             return Decision(False, f"no rule for {key} answers at site {site}", key, "no calibration evidence for this answer")
         if rule["action"] != "slm":
-            why = "too little evidence" if str(rule.get("reason", "")).startswith("too little evidence") else "agreement too low"
-            return Decision(False, f"{key}: {rule['reason']}", key, why)
+            return Decision(False, f"{key}: {rule['reason']}", key, rule.get("why") or _legacy_why(rule))
         t = rule["min_confidence"]
         if t is not None and (confidence is None or confidence < t):
             shown = "n/a" if confidence is None else f"{confidence:.3f}"
@@ -329,6 +329,11 @@ class Policy:
 
     def servable(self, site: str) -> bool:
         return any(r["action"] == "slm" for r in self.rules.get(site, {}).values())
+
+
+def _legacy_why(rule: dict[str, Any]) -> str:
+    """The kind of an llm rule's reason in a policy written before rules carried it."""
+    return "too little evidence" if str(rule.get("reason", "")).startswith("too little evidence") else "agreement too low"
 
 
 def split_sessions(sessions: Iterable[str], seed: int) -> tuple[set[str], set[str]]:
@@ -359,11 +364,13 @@ def fit_rule(points: Sequence[tuple[float | None, bool]], target: float, level: 
     evidence = {"answered": n, "agree": agree, "agreement": round(agree / n, 4) if n else None}
     if best is None:
         need = _needed(target, level)
+        little = agree < need
         why = (f"too little evidence: {n} calibration answer(s), at least {need} agreeing ones are needed for a "
-               f"{level:.0%} lower bound of {target:.0%}" if agree < need else
+               f"{level:.0%} lower bound of {target:.0%}" if little else
                f"no confidence threshold gives a {level:.0%} lower bound of agreement >= {target:.0%} "
                f"({agree}/{n} agree overall)")
-        return {"action": "llm", "min_confidence": None, "reason": why, "calibration": evidence}
+        return {"action": "llm", "min_confidence": None, "reason": why,
+                "why": "too little evidence" if little else "agreement too low", "calibration": evidence}
     k, c, good, lb = best
     return {"action": "slm", "min_confidence": round(c, 6) if c != float("-inf") else None,
             "reason": f"{good}/{k} calibration answers at confidence >= threshold agree; lower bound {lb:.3f} >= {target:.2f}",

@@ -120,6 +120,15 @@ def test_the_gbnf_llama_server_is_sent_allows_the_same_calls(text, allowed):
     assert EngineGrammar().fields("gbnf", None) == {} and EngineGrammar().fields("none", TOOLS) == {}
 
 
+def test_one_serve_sends_each_engine_its_own_grammar_for_the_same_tools():
+    """Sites of one serve may use different engines: the grammar built for one kind is never handed to another."""
+    from slmconvert.constrained import EngineGrammar
+
+    g = EngineGrammar()
+    assert set(g.fields("structural_tag", TOOLS)) == {"structured_outputs"}
+    assert "grammar" in g.fields("gbnf", TOOLS) and set(g.fields("structural_tag", TOOLS)) == {"structured_outputs"}
+
+
 def test_text_replies_stay_free_and_no_tools_means_no_constraint():
     text = _generate("Sure, one moment.", constrained=True)
     assert text.startswith("Sure, one moment.")

@@ -60,6 +60,13 @@ def test_too_little_evidence_goes_to_the_llm_and_says_so():
     cal, _ = split_sessions((r["session"] for r in rows), seed=0)
     rule = fit_policy(rows, cal, target=0.95, level=0.95, seed=0, sites=["a"])["rules"]["a"]["text"]
     assert rule["action"] == "llm" and "too little evidence" in rule["reason"] and "59" in rule["reason"]
+    assert rule["why"] == "too little evidence"
+    # enough answers, too many of them wrong: a different kind of reason, counted apart by verify
+    rows = [{**r, "session": f"t{i}", "agrees": i % 5 != 0} for i, r in enumerate(rows * 10)]
+    cal, ver = split_sessions((r["session"] for r in rows), seed=0)
+    doc = fit_policy(rows, cal, target=0.95, level=0.95, seed=0, sites=["a"])
+    assert doc["rules"]["a"]["text"]["why"] == "agreement too low"
+    assert verify(Policy(doc), rows, ver, 0.95)["all"]["not_answered_because"] == {"agreement too low": len(ver)}
 
 
 def test_why_calls_stay_with_the_llm_is_counted_by_kind_whatever_the_tools_are_called():
