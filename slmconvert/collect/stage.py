@@ -274,7 +274,7 @@ class _Collector:
 
 
 def _collect_locally(config: PipelineConfig, workspace: Workspace, todo: list[dict[str, Any]], n_parts: int, known_ids: set[str],
-                     template_values: list[str], progress: Progress, **_: Any) -> ParsedCalls:
+                     template_values: list[str], progress: Progress) -> ParsedCalls:
     """The local engine: files read in this process, parsed calls spilled by partition (a private temporary folder
     when there is more than one), partitions scrubbed one at a time as they are asked for."""
     spill = Spill(n_parts)
@@ -384,12 +384,13 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         n_parts = n_partitions(sum(e["size"] - e["offset"] for e in todo), cc.partition_mb)
         inputs = dict(base.inputs) if base else {}
         t_read = time.perf_counter()
-        if config.engine == "ray":
-            from slmconvert.distributed import collect_on_ray as parse
-        else:
-            parse = _collect_locally
-        parsed = parse(config, workspace, todo, n_parts, known_ids, old_templates, progress,
-                       known_mids=known_mids, first_shard=writer.first_shard)
+        if config.engine == "ray":  # workers write message shards themselves: they need what is stored and the shard numbers
+            from slmconvert.distributed import collect_on_ray
+
+            parsed = collect_on_ray(config, workspace, todo, n_parts, known_ids, old_templates, progress,
+                                    known_mids=known_mids, first_shard=writer.first_shard)
+        else:  # the writer below stores messages and skips the known ones
+            parsed = _collect_locally(config, workspace, todo, n_parts, known_ids, old_templates, progress)
         collector = parsed.collector
         try:
             inputs.update(parsed.inputs)
