@@ -53,10 +53,6 @@ def main() -> None:
                     help="evaluate.max_new_tokens: τ-bench's longest gpt-4o call (book_reservation) is 515 SmolLM2 tokens; "
                          "at 160 every book_reservation answer was cut off and counted as broken JSON")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--also-targets", type=float, nargs="*", default=[0.8],
-                    help="also fit and verify the routing policy at these evaluate.target_agreement values (from the same "
-                         "answers, on a copy of the workspace): at the default 0.95 a kind of answer needs >= 59 agreeing "
-                         "calibration answers, more than a CPU-sized test split holds")
     args = ap.parse_args()
 
     from slmconvert.cluster.stage import run as cluster
@@ -122,36 +118,13 @@ def main() -> None:
     for p in s.get("problems") or []:
         print(f"problem: {p}")
     print(Text.from_markup(headline_text(s)).plain)
-    for target in args.also_targets:
-        alt = _at_target(pipeline, target)
-        print(f"at target {target:.0%}: " + Text.from_markup(headline_text(alt)).plain)
+    from slmconvert.cli.evaluate import targets_text
+
+    print(Text.from_markup(targets_text(s)).plain)  # evaluate.compare_targets: at 95% a kind needs >= 59 agreeing answers
     print(f"config for benchmarks/serve_replay.py: {pipeline}")
     print(json.dumps({"overall": o, "headline": h, "copying": s.get("copying"), "invented_tools": s.get("invented_tools"),
-                      "policy": {k: s["policy"][k] for k in ("split", "verification", "requests", "rules", "confidence_signal")}},
+                      "policy": {k: s["policy"].get(k) for k in ("split", "verification", "requests", "rules", "confidence_signal", "at_targets")}},
                      default=str))
-
-
-def _at_target(pipeline: Path, target: float) -> dict:
-    """evaluate's summary with the policy fitted at another target agreement: on a copy of the workspace (earlier
-    stages hard-linked, evaluate's folder copied, so its generation cache answers every call and nothing is generated)."""
-    import os
-    import shutil
-
-    from slmconvert.config import load_config
-    from slmconvert.evaluate.stage import load_summary, run as evaluate
-    from slmconvert.workspace import Workspace
-
-    src = Workspace(load_config(pipeline, []).workspace)
-    own = src.stage_dir("evaluate").name
-    alt = Path(tempfile.mkdtemp(prefix="target-")) / src.root.name
-    shutil.copytree(src.root, alt, copy_function=os.link, ignore=shutil.ignore_patterns(own, ".lock"))
-    shutil.copytree(src.stage_dir("evaluate"), alt / own)
-    cfg = load_config(pipeline, [f"workspace={json.dumps(str(alt))}", f"evaluate.target_agreement={target}"])
-    try:
-        evaluate(cfg, Workspace(alt))
-        return load_summary(Workspace(alt))
-    finally:
-        shutil.rmtree(alt.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

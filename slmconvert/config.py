@@ -186,6 +186,15 @@ class EvaluateConfig(StrictModel):
     confidence_level: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of that bound and of the intervals reported on verification sessions.")
     confidence_signal: str = Field("auto", description="How an answer's confidence is read (slmconvert.policy.confidence_signals: mean_logprob, min_logprob, first_token, tool_name, argument_values); auto: the one with the best AUROC (agreeing vs not) on calibration sessions. The policy's thresholds are on this signal.")
     constrained_decoding: bool = Field(True, description="Tool calls follow the request's tool schemas (xgrammar): only an offered tool, with schema-valid arguments, or a text reply. serve decodes as evaluate did.")
+    compare_targets: list[float] = Field([0.8, 0.9, 0.95, 0.99], description="Also fit the routing policy at these target agreements (on the same calibration sessions) and verify each on the verification sessions: what would move, and how well it would agree, at another target. A what-if for choosing `target_agreement`; serve applies only the policy at `target_agreement`.")
+    @field_validator("compare_targets")
+    @classmethod
+    def _targets_in_range(cls, v: list[float]) -> list[float]:
+        bad = [t for t in v if not 0 < t < 1]
+        if bad:
+            raise ValueError(f"target agreements are shares between 0 and 1 (exclusive), got {bad}")
+        return sorted(set(v))
+
     novelty_alpha: float = Field(0.02, gt=0, lt=1, description="Request gate: a request less similar to the site's training requests than all but this share of calibration requests goes to the LLM (a conformal bound on how many familiar requests it turns away).")
     @field_validator("confidence_signal")
     @classmethod

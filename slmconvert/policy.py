@@ -363,7 +363,7 @@ def fit_rule(points: Sequence[tuple[float | None, bool]], target: float, level: 
             best = (k, c, good, lb)
     evidence = {"answered": n, "agree": agree, "agreement": round(agree / n, 4) if n else None}
     if best is None:
-        need = _needed(target, level)
+        need = agreeing_needed(target, level)
         little = agree < need
         why = (f"too little evidence: {n} calibration answer(s), at least {need} agreeing ones are needed for a "
                f"{level:.0%} lower bound of {target:.0%}" if little else
@@ -377,7 +377,7 @@ def fit_rule(points: Sequence[tuple[float | None, bool]], target: float, level: 
             "calibration": {**evidence, "kept": k, "kept_agree": good, "lower_bound": round(lb, 4)}}
 
 
-def _needed(target: float, level: float) -> int:
+def agreeing_needed(target: float, level: float) -> int:
     """Fewest answers, all agreeing, whose lower bound reaches the target: (1-level)^(1/n) >= target."""
     import math
 

@@ -52,6 +52,7 @@ def evaluate(
         print_json({"status": m.status, "counts": m.counts, "headline": summary["headline"], "cost": summary["cost"],
                     "tasks": [{k: t[k] for k in ("site", "task", "label", "verdict", "reason", "quality", "coverage", "threshold")}
                               for t in summary["tasks"]],
+                    "at_targets": summary["policy"].get("at_targets", []),
                     "problems": summary["problems"], "report": str(ws.stage_dir("evaluate") / "report.html")})
         return
     print_verdicts(summary, f"evaluate: {m.status}")
@@ -78,6 +79,20 @@ def headline_text(summary: dict) -> str:
             f"{h['paper_estimate']}[/]")
 
 
+def targets_text(summary: dict) -> str:
+    """The trade-off the target sets, each target's policy fitted on calibration and verified on the same calls."""
+    from slmconvert.evaluate.report import pct
+
+    rows = [r for r in (summary.get("policy") or {}).get("at_targets", []) if not r["applied"]]
+    if not rows:
+        return ""
+    parts = [f"{pct(r['target'])}: {pct(r['share_calls'])} {_iv(r['share_calls_interval'])}"
+             + (f", agreeing {pct(r['agreement'])} {_iv(r['agreement_interval'])}" if r["answered"] else "")
+             + f" [dim](a kind needs >= {r['agreeing_needed_per_kind']} agreeing calibration answers)[/]" for r in rows]
+    return ("[bold]At other targets[/] (each policy fitted on the calibration sessions and verified on the same calls; "
+            "serve applies only the one above): " + "; ".join(parts))
+
+
 def print_verdicts(summary: dict, title: str) -> None:
     from rich.table import Table
 
@@ -95,6 +110,9 @@ def print_verdicts(summary: dict, title: str) -> None:
         console.print(f"[bold]Per-task verdicts[/] (by the LLM's task; [dim]a diagnosis, not what serve gates on[/]): "
                       f"{pct(view['share_calls'])} of calls", highlight=False)
     console.print(headline_text(summary), highlight=False)
+    other = targets_text(summary)
+    if other:
+        console.print(other, highlight=False)
     sig = (summary.get("policy") or {}).get("confidence_signal") or {}
     if sig.get("auroc_on_calibration"):
         aur = {k: v.get("all") for k, v in sig["auroc_on_calibration"].items() if v.get("all") is not None}

@@ -19,7 +19,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#
 table{border-collapse:collapse;margin:1rem 0;font-size:.85rem}th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:top}
 th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
 pre{white-space:pre-wrap;margin:0;font-size:.78rem;max-width:380px;max-height:16rem;overflow:auto}.muted{color:#777}
-.v-replace,.r-slm{background:#e3f6e3}.v-hybrid{background:#fff6d6}.v-keep-llm,.r-llm{background:#fbe7e7}
+.v-replace,.r-slm{background:#e3f6e3}.applied{font-weight:bold}.v-hybrid{background:#fff6d6}.v-keep-llm,.r-llm{background:#fbe7e7}
 .headline{display:flex;gap:2rem;margin:1rem 0}.headline div{border:1px solid #ddd;border-radius:6px;padding:.6rem 1rem}
 .headline b{font-size:1.6rem;display:block}img{max-width:100%}
 """
@@ -148,6 +148,19 @@ def policy_sections(summary: dict[str, Any]) -> list[str]:
                    f"<td class='n'>{pct(v['share_calls'])} {_iv(v['share_calls_interval'])}</td>"
                    f"<td class='n'>{num(gate.get('min_similarity'))}</td></tr>")
     out.append("</table>")
+    if pol.get("at_targets"):
+        out.append("<p>What another target would move (each policy fitted on the calibration sessions, verified on the same "
+                   "verification calls; serve applies only the target marked). Choosing the target by this table uses the "
+                   "verification sessions, so the interval of the target picked is somewhat optimistic.</p>"
+                   "<table id='at-targets'><tr><th>target agreement</th><th>share of traffic moved</th><th>agreement of what moves</th>"
+                   "<th>kinds of answer to the SLM</th><th>agreeing calibration answers a kind needs</th></tr>")
+        for r in pol["at_targets"]:
+            mark = (" class='applied'", " (applied)") if r["applied"] else ("", "")
+            out.append(f"<tr{mark[0]}><td class='n'>{pct(r['target'])}{mark[1]}</td>"
+                       f"<td class='n'>{pct(r['share_calls'])} {_iv(r['share_calls_interval'])}</td>"
+                       f"<td class='n'>{pct(r['agreement']) if r['answered'] else 'n/a'} {_iv(r['agreement_interval']) if r['answered'] else ''}</td>"
+                       f"<td class='n'>{r['kinds_to_slm']}</td><td class='n'>{r['agreeing_needed_per_kind']}</td></tr>")
+        out.append("</table>")
     sig = pol.get("confidence_signal") or {}
     if sig.get("auroc_on_calibration"):
         aur = sig["auroc_on_calibration"]

@@ -107,16 +107,35 @@ def fit_routing_policy(config, tasks_doc, prows, familiar_refs: int) -> tuple[di
     doc["constrained_decoding"] = ec.constrained_decoding
     policy = Policy(doc)
     ver_rows = [r for r in prows if r["session"] in ver]
+    at_targets = [{**at_target(prows, cal, ver, target=t, level=ec.confidence_level, seed=ec.seed, sites=site_tasks,
+                                novelty_alpha=ec.novelty_alpha), "applied": t == ec.target_agreement}
+                  for t in sorted({*ec.compare_targets, ec.target_agreement})]
     check = {"split": {"calibration_sessions": len(cal), "verification_sessions": len(ver),
                        "calibration_calls": sum(r["session"] in cal for r in prows), "verification_calls": len(ver_rows)},
              "verification": verify(policy, prows, ver, ec.confidence_level),
              "routed_elsewhere": sum(r.get("routed_to") not in (None, r["site"]) for r in ver_rows),
              "familiarity_references": familiar_refs,
              "confidence_signal": {"chosen": signal, "auroc_on_calibration": auroc},
+             "at_targets": at_targets,
              "confusion": confusion(prows),
              "risk_coverage": {site: risk_coverage([r for r in ver_rows if r["site"] == site])
                                for site in sorted({r["site"] for r in ver_rows})}}
     return doc, check
+
+
+def at_target(prows, cal: set[str], ver: set[str], *, target: float, level: float, seed: int, sites, novelty_alpha: float
+              ) -> dict[str, Any]:
+    """The policy fitted at `target` on the calibration sessions, verified on the verification sessions: the share of
+    traffic it moves and the agreement of what it moves, with intervals, and the kinds of answer it lets the SLM give."""
+    from slmconvert.policy import Policy, agreeing_needed, fit_policy, verify
+
+    doc = fit_policy(prows, cal, target=target, level=level, seed=seed, sites=sites, novelty_alpha=novelty_alpha)
+    v = verify(Policy(doc), prows, ver, level)["all"]
+    return {"target": target, "share_calls": v["share_calls"], "share_calls_interval": v["share_calls_interval"],
+            "agreement": v["agreement_weighted"], "agreement_interval": v["agreement_weighted_interval"],
+            "answered": v["answered"], "agree": v["agree"], "calls": v["calls"],
+            "kinds_to_slm": sum(r["action"] == "slm" for rules in doc["rules"].values() for r in rules.values()),
+            "agreeing_needed_per_kind": agreeing_needed(target, level)}
 
 
 def confusion(prows) -> dict[str, dict[str, int]]:

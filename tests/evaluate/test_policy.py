@@ -69,6 +69,21 @@ def test_too_little_evidence_goes_to_the_llm_and_says_so():
     assert verify(Policy(doc), rows, ver, 0.95)["all"]["not_answered_because"] == {"agreement too low": len(ver)}
 
 
+def test_a_lower_target_moves_more_and_says_how_well_what_it_moves_agrees():
+    """evaluate's what-if over targets: each fitted on calibration, verified on the verification sessions."""
+    from slmconvert.evaluate.routing import at_target
+
+    rows = [{"site": "a", "task": "t", "session": f"s{i}", "key": "text", "confidence": -0.1, "agrees": i % 10 != 0,
+             "invalid": None} for i in range(400)]
+    cal, ver = split_sessions((r["session"] for r in rows), seed=0)
+    at = {t: at_target(rows, cal, ver, target=t, level=0.95, seed=0, sites=["a"], novelty_alpha=0.02) for t in (0.8, 0.95)}
+    assert at[0.95]["share_calls"] == 0.0 and at[0.95]["kinds_to_slm"] == 0 and at[0.95]["agreeing_needed_per_kind"] == 59
+    low = at[0.8]
+    assert low["kinds_to_slm"] == 1 and low["share_calls"] == 1.0 and low["calls"] == len(ver) and low["answered"] == len(ver)
+    assert low["agreement_interval"][0] <= low["agreement"] <= low["agreement_interval"][1]
+    assert abs(low["agreement"] - 0.9) < 0.05  # what the moved calls really do: about 90% agree, not the 80% asked for
+
+
 def test_why_calls_stay_with_the_llm_is_counted_by_kind_whatever_the_tools_are_called():
     """not_answered_because counts kinds of reasons; a tool named like a reason ("confidence", "schema") must not
     be counted as one (the counts were once read off the reason text)."""

@@ -39,6 +39,12 @@ def test_evaluate_writes_results_summary_and_report_that_agree(tuned_ws, tmp_pat
     from slmconvert.evaluate.report import pct
 
     assert f"<b id='share-calls'>{pct(h['share_calls'])}</b>" in page
+    # the what-if over targets: the one applied is the headline, the others were fitted and verified the same way
+    at = summary["policy"]["at_targets"]
+    assert [r["target"] for r in at] == sorted({*cfg.evaluate.compare_targets, cfg.evaluate.target_agreement})
+    [applied] = [r for r in at if r["applied"]]
+    assert applied["share_calls"] == h["share_calls"] and applied["answered"] == h["answered"] and applied["calls"] == h["calls"]
+    assert "id='at-targets'" in page and page.count("(applied)") == 1
     assert f"<b id='share-tokens'>{pct(h['share_tokens'])}</b>" in page
     assert "id='tasks'" in page and page.count("data:image/png;base64,") >= 2
     assert page.count("<tr class='v-") == n_tasks
