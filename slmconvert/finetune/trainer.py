@@ -136,6 +136,22 @@ def progress_callback(progress: Progress, log: list[dict[str, Any]]):
     return _Report()
 
 
+def _tokens_seen(checkpoint: str | None) -> int:
+    """Input tokens the run had seen when `checkpoint` was saved (0: a fresh run)."""
+    if checkpoint is None:
+        return 0
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return int(state.get("num_input_tokens_seen") or 0)
+
+
+def _earlier_log(history: list[dict[str, Any]], first_step: int) -> list[dict[str, Any]]:
+    """The loss entries logged before this process took over (a resumed run: restored from the checkpoint's
+    trainer_state.json), in the training log's shape; their throughput was measured by the process that logged them."""
+    return [{"step": e["step"], "epoch": round(e.get("epoch") or 0, 3), "loss": round(float(e["loss"]), 4),
+             "learning_rate": e.get("learning_rate"), "tokens_seen": e.get("num_input_tokens_seen"), "tokens_per_s": None}
+            for e in history if "loss" in e and "step" in e and e["step"] < first_step]
+
+
 def train_adapter(model, tokenizer, rows: list[dict[str, Any]], output_dir: Path, fc, *, device: str,
                   target_modules: list[str] | None, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
     """Train on `rows` (prompt/completion); checkpoints in output_dir/checkpoints. Returns the trained model and stats."""
@@ -162,13 +178,16 @@ def train_adapter(model, tokenizer, rows: list[dict[str, Any]], output_dir: Path
     for cb in (PrinterCallback, ProgressCallback):  # our own progress display is the only one
         trainer.remove_callback(cb)
     resume = last_checkpoint(ckpt_dir)
+    tokens_before = _tokens_seen(resume)
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t
+    log[:0] = _earlier_log(trainer.state.log_history, log[0]["step"] if log else trainer.state.global_step + 1)
     losses = [e["loss"] for e in log]
     tokens = trainer.state.num_input_tokens_seen or 0
+    tokens_here = tokens - tokens_before  # throughput is this process's: a resumed run counts from its checkpoint
     return {
         "trainer": trainer,
         "model": trainer.model,
@@ -180,7 +199,7 @@ def train_adapter(model, tokenizer, rows: list[dict[str, Any]], output_dir: Path
         "last_loss": losses[-1] if losses else None,
         "seconds": round(seconds, 2),
         "tokens_seen": int(tokens),
-        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+        "tokens_per_s": round(tokens_here / seconds, 1) if seconds > 0 else None,
         "examples_per_s": round(result.metrics.get("train_samples_per_second", 0.0), 3),
         "packing": packed,
         "bf16": bool(args.bf16),

@@ -89,6 +89,14 @@ def test_interrupted_run_resumes_then_finished_work_is_skipped(tiny_ws):
     m = run(cfg, Workspace(ws))
     resumed = [a for a in m.extra["adapters"] if a["resumed_from"]]
     assert len(resumed) == 1 and resumed[0]["resumed_from"] == "checkpoint-3"
+    # the resumed adapter's record covers the whole run: losses from step 1, throughput of this process's steps only
+    d = ws / resumed[0]["path"]
+    steps = [json.loads(line) for line in (d / "training_log.jsonl").read_text().splitlines()]
+    stats = json.loads((d / "train_stats.json").read_text())
+    assert [e["step"] for e in steps] == list(range(1, 7)) and stats["first_loss"] == steps[0]["loss"]
+    resumed_tokens = stats["tokens_seen"] - next(e["tokens_seen"] for e in steps if e["step"] == 3)
+    assert 0 < resumed_tokens < stats["tokens_seen"]
+    assert abs(stats["tokens_per_s"] - resumed_tokens / stats["seconds"]) <= 0.1 + 0.01 * stats["tokens_per_s"]
     assert all(a["status"] == "ran" for a in m.extra["adapters"]) and m.counts["adapters"] == 3
     for a in m.extra["adapters"]:
         d = ws / a["path"]
