@@ -186,6 +186,7 @@ class EvaluateConfig(StrictModel):
     confidence_level: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of that bound and of the intervals reported on verification sessions.")
     confidence_signal: str = Field("auto", description="How an answer's confidence is read (slmconvert.policy.confidence_signals: mean_logprob, min_logprob, first_token, tool_name, argument_values); auto: the one with the best AUROC (agreeing vs not) on calibration sessions. The policy's thresholds are on this signal.")
     constrained_decoding: bool = Field(True, description="Tool calls follow the request's tool schemas (xgrammar): only an offered tool, with schema-valid arguments, or a text reply. serve decodes as evaluate did.")
+    copy_arguments: float | None = Field(0.95, gt=0, le=1, description="With constrained decoding: a string argument the LLM copied from the request (one of its word-like tokens) in at least this share of a site's training calls (10 values at least) can only be such a token of the request in hand, of the shape the LLM's copies had (ids, dates, codes are copied, not re-generated). null: off.")
     compare_targets: list[float] = Field([0.8, 0.9, 0.95, 0.99], description="Also fit the routing policy at these target agreements (on the same calibration sessions) and verify each on the verification sessions: what would move, and how well it would agree, at another target. A what-if for choosing `target_agreement`; serve applies only the policy at `target_agreement`.")
     @field_validator("compare_targets")
     @classmethod

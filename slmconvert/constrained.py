@@ -14,6 +14,13 @@ A schema bounds a value's type, rarely its length, and a small model caught in a
 LLM ever wrote for each argument; `bound_schema` caps free strings and lists at a margin above that
 (`maxLength`, `maxItems`; the schema's own limits win), so every call the grammar allows can end. The
 bounds are part of the routing policy, so `serve` decodes under the grammar evaluate verified.
+
+Ids, dates and codes are copied, not re-generated: where the LLM's value of a string argument was one
+of the request's own strings (a word-like token of its messages) in at least `copy_share` of the site's
+training calls (at least COPY_MIN_VALUES of them), the grammar lets the SLM write only such a token of
+the request in hand that has the shape the LLM's copied values had (their length range, the character
+classes all of them had, none they never had). A 135M model that gets the tool right still garbles a
+six-character reservation id; under this it can only pick one of the request's.
 """
 
 from __future__ import annotations
@@ -31,26 +38,93 @@ MAX_WHITESPACE = 1  # inside a call: JSON as json.dumps writes it; a model canno
 UNSEEN_STRING_CHARS = 256  # cap on a free string the LLM never wrote for this argument
 
 
-def _walk(value: Any, path: str, out: dict[str, int]) -> None:
+COPY_MIN_VALUES = 10  # training values of an argument before its copying is trusted
+_TOKEN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_\-.:@/+]*[A-Za-z0-9])?")
+_CLASSES = [(1, str.isupper), (2, str.islower), (4, str.isdigit)] + [(8 << i, c.__eq__) for i, c in enumerate("_-.:@/+")]
+
+
+def request_tokens(messages: list[dict] | None) -> set[str]:
+    """The word-like strings of a request's messages (ids, dates, codes, names): what an argument can copy."""
+    parts: list[str] = []
+    for m in messages or []:
+        if not isinstance(m, dict):
+            continue
+        content = m.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts += [c["text"] for c in content if isinstance(c, dict) and isinstance(c.get("text"), str)]
+        for call in m.get("tool_calls") or []:
+            fn = call.get("function") if isinstance(call, dict) else None
+            args = fn.get("arguments") if isinstance(fn, dict) else None
+            if isinstance(args, str):  # as the API sends them
+                parts.append(args)
+            elif isinstance(args, (dict, list)):  # as a workspace stores them
+                parts.append(json.dumps(args, ensure_ascii=False))
+    return set(_TOKEN.findall("\n".join(parts)))
+
+
+def _classes(value: str) -> int:
+    bits = 0
+    for ch in value:
+        for bit, test in _CLASSES:
+            if test(ch):
+                bits |= bit
+                break
+    return bits
+
+
+def _walk(value: Any, path: str, out: dict[str, int], tokens: set[str]) -> None:
     if isinstance(value, str):
         out[path + "#chars"] = max(out.get(path + "#chars", 0), len(value))
+        out[path + "#strings"] = out.get(path + "#strings", 0) + 1
+        if value in tokens:  # copied: its shape is what a copy may look like
+            out[path + "#copied"] = out.get(path + "#copied", 0) + 1
+            out[path + "#copy_min"] = min(out.get(path + "#copy_min", len(value)), len(value))
+            out[path + "#copy_max"] = max(out.get(path + "#copy_max", 0), len(value))
+            bits = _classes(value)
+            out[path + "#copy_need"] = out.get(path + "#copy_need", bits) & bits
+            out[path + "#copy_allow"] = out.get(path + "#copy_allow", 0) | bits
     elif isinstance(value, list):
         out[path + "#items"] = max(out.get(path + "#items", 0), len(value))
         for v in value:
-            _walk(v, path + "/*", out)
+            _walk(v, path + "/*", out, tokens)
     elif isinstance(value, dict):
         for k, v in value.items():
-            _walk(v, f"{path}/{k}", out)
+            _walk(v, f"{path}/{k}", out, tokens)
 
 
-def argument_bounds(invocations) -> dict[str, dict[str, int]]:
+def _mark_copied(bounds: dict[str, int], copy_share: float | None) -> None:
+    """`#copy` = 1 on the string paths whose values are decoded as copies (see the module's docstring)."""
+    for key in [k for k in bounds if k.endswith("#strings")]:
+        path, n = key[: -len("#strings")], bounds[key]
+        if copy_share is not None and n >= COPY_MIN_VALUES and bounds.get(path + "#copied", 0) >= copy_share * n:
+            bounds[path + "#copy"] = 1
+
+
+def copy_candidates(tokens: set[str], bounds: dict[str, int], path: str, schema: dict[str, Any]) -> list[str]:
+    """The request's tokens an argument marked `#copy` may take: the shape of the LLM's copies, the schema's
+    own length limits."""
+    lo, hi = bounds[path + "#copy_min"], bounds[path + "#copy_max"]
+    lo, hi = max(1, lo - lo // 4), hi + max(1, hi // 4)  # a little room: ids of one kind vary in length
+    lo = max(lo, schema.get("minLength") if isinstance(schema.get("minLength"), int) else 0)
+    hi = min(hi, schema.get("maxLength") if isinstance(schema.get("maxLength"), int) else hi)
+    need, allow = bounds[path + "#copy_need"], bounds[path + "#copy_allow"]
+    return sorted(t for t in tokens if lo <= len(t) <= hi and (c := _classes(t)) & need == need and not c & ~allow)
+
+
+def argument_bounds(invocations, copy_share: float | None = None) -> dict[str, dict[str, int]]:
     """Per tool, per argument path ("/flights/*/date#chars", "/flights#items"): the longest string / list
-    the LLM wrote in these invocations' tool calls."""
+    the LLM wrote in these invocations' tool calls; for strings, how many it wrote and copied from the
+    request, the shape of the copies, and `#copy` where copies are enforced (copy_share; None: nowhere)."""
     out: dict[str, dict[str, int]] = {}
     for inv in invocations:
-        for call in inv.response.tool_calls or []:
-            if isinstance(call.arguments, dict) and "_raw" not in call.arguments:
-                _walk(call.arguments, "", out.setdefault(call.name, {}))
+        calls = [c for c in inv.response.tool_calls or [] if isinstance(c.arguments, dict) and "_raw" not in c.arguments]
+        tokens = request_tokens(inv.request.messages) if calls else set()
+        for call in calls:
+            _walk(call.arguments, "", out.setdefault(call.name, {}), tokens)
+    for b in out.values():
+        _mark_copied(b, copy_share)
     return {tool: dict(sorted(b.items())) for tool, b in sorted(out.items())}
 
 
@@ -58,17 +132,24 @@ def _margin(n: int) -> int:
     return n + max(8, n // 2)  # room above the longest string seen: 1.5x, at least 8 more characters
 
 
-def bound_schema(schema: Any, bounds: dict[str, int] | None, path: str = "") -> Any:
+def bound_schema(schema: Any, bounds: dict[str, int] | None, path: str = "", tokens: set[str] | None = None) -> Any:
     """`schema` with free strings and lists capped (a copy): at a margin above the longest the LLM wrote at
     that path, a free string it never wrote at UNSEEN_STRING_CHARS. Enums, consts, patterns, formats and the
-    schema's own maxLength / maxItems are left as they are."""
+    schema's own maxLength / maxItems are left as they are. With the request's `tokens`, a free string marked
+    `#copy` becomes an enum of the tokens it may copy (when there are some)."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     bounds = bounds or {}
     types = out.get("type")
     types = set(types) if isinstance(types, list) else {types} if isinstance(types, str) else set()
-    if "string" in types and not ({"enum", "const", "pattern", "format", "maxLength"} & out.keys()):
+    free = "string" in types and not ({"enum", "const", "pattern", "format"} & out.keys())
+    if free and types == {"string"} and tokens is not None and bounds.get(path + "#copy"):
+        candidates = copy_candidates(tokens, bounds, path, out)
+        if candidates:
+            out["enum"] = candidates
+            return out
+    if free and "maxLength" not in out:
         seen = bounds.get(path + "#chars")
         cap = _margin(seen) if seen is not None else UNSEEN_STRING_CHARS
         out["maxLength"] = max(cap, out.get("minLength") if isinstance(out.get("minLength"), int) else 0)
@@ -76,12 +157,12 @@ def bound_schema(schema: Any, bounds: dict[str, int] | None, path: str = "") -> 
         n = bounds[path + "#items"]
         out["maxItems"] = max(n + max(1, n // 2), out.get("minItems") if isinstance(out.get("minItems"), int) else 0)  # 1.5x, at least one more
     if isinstance(out.get("properties"), dict):
-        out["properties"] = {k: bound_schema(v, bounds, f"{path}/{k}") for k, v in out["properties"].items()}
+        out["properties"] = {k: bound_schema(v, bounds, f"{path}/{k}", tokens) for k, v in out["properties"].items()}
     if isinstance(out.get("items"), dict):
-        out["items"] = bound_schema(out["items"], bounds, path + "/*")
+        out["items"] = bound_schema(out["items"], bounds, path + "/*", tokens)
     for key in ("anyOf", "oneOf", "allOf"):
         if isinstance(out.get(key), list):
-            out[key] = [bound_schema(v, bounds, path) for v in out[key]]
+            out[key] = [bound_schema(v, bounds, path, tokens) for v in out[key]]
     return out
 
 
@@ -123,28 +204,39 @@ def loosened(specs: list[tuple[str, dict]], compile_tag, loose: set[str]) -> tup
         return good, compile_tag(structural_tag(good))
 
 
-def bounded_specs(tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None) -> list[tuple[str, dict]]:
-    """The offered tools as (name, schema), their arguments capped by `bounds` (None: schemas as given)."""
+def bounded_specs(tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None,
+                  messages: list[dict] | None = None) -> list[tuple[str, dict]]:
+    """The offered tools as (name, schema), their arguments capped by `bounds` (None: schemas as given), the
+    arguments it marks `#copy` limited to copies of these request `messages`' tokens."""
     specs = _tool_specs(tools)
     if bounds is not None:
-        specs = [(name, bound_schema(schema, bounds.get(name))) for name, schema in specs]
+        tokens = request_tokens(messages) if messages is not None and any(
+            k.endswith("#copy") for b in bounds.values() for k in b) else None
+        specs = [(name, bound_schema(schema, bounds.get(name), "", tokens)) for name, schema in specs]
     return specs
 
 
 class BuiltOnce:
     """Values built once per key (a JSON-able object: the offered tool specs, and whatever else decides the value),
-    shared by threads."""
+    shared by threads; the least recently used go beyond `size` (copied arguments make grammars per request)."""
 
-    def __init__(self) -> None:
-        self._items: dict[str, Any] = {}
+    def __init__(self, size: int = 256) -> None:
+        from collections import OrderedDict
+
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._size = size
         self._lock = threading.Lock()
 
     def get(self, key: Any, build: Callable[[], Any]) -> Any:
         digest = sha256_obj(key)
         with self._lock:
-            if digest not in self._items:
-                self._items[digest] = build()
-            return self._items[digest]
+            if digest in self._items:
+                self._items.move_to_end(digest)
+                return self._items[digest]
+            value = self._items[digest] = build()
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+            return value
 
 
 class ToolGrammars:
@@ -158,10 +250,11 @@ class ToolGrammars:
         self._cache = BuiltOnce()
         self.loose: set[str] = set()  # tools whose schema could not be compiled: any JSON object as arguments
 
-    def for_tools(self, tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None = None):
+    def for_tools(self, tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None = None,
+                  messages: list[dict] | None = None):
         """The compiled grammar for these offered tools, their arguments capped by `bounds`
-        (argument_bounds of the site; None: schemas as given)."""
-        specs = bounded_specs(tools, bounds)
+        (argument_bounds of the site; None: schemas as given), copies taken from the request's `messages`."""
+        specs = bounded_specs(tools, bounds, messages)
         if not specs:
             return None
         return self._cache.get(specs, lambda: self._compile(specs))
@@ -331,13 +424,14 @@ class EngineGrammar:
         self._cache = BuiltOnce()
         self.loose: set[str] = set()
 
-    def fields(self, kind: str, tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
+    def fields(self, kind: str, tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None = None,
+               messages: list[dict] | None = None) -> dict[str, Any]:
         """Extra request-body fields for an engine of grammar `kind` (ENGINE_GRAMMARS); {} when nothing is constrained."""
         if kind == "none":
             return {}
         if kind not in ENGINE_GRAMMARS:
             raise ValueError(f"unknown engine grammar {kind!r} (known: {', '.join(ENGINE_GRAMMARS)})")
-        specs = bounded_specs(tools, bounds)
+        specs = bounded_specs(tools, bounds, messages)
         if not specs:
             return {}
         return self._cache.get([kind, specs], lambda: self._build(kind, specs))

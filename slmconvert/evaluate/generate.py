@@ -195,7 +195,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
         prompts, lengths = [], []
         check_budget(tok, site, sample)
         # the grammar follows the request's own tools, not the compacted prompt's (compaction may drop their docs)
-        constraints = ([grammars.for_tools(s.inv.request.tools, bounds.get(site)) for s in sample]
+        constraints = ([grammars.for_tools(s.inv.request.tools, bounds.get(site), s.inv.request.messages) for s in sample]
                        if grammars is not None else None)
         variant_key = sha256_obj({"variant": variant_key, "bounds": bounds.get(site)}) if grammars is not None else variant_key
         for s in sample:

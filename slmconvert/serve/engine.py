@@ -227,14 +227,14 @@ class SlmEngine:
         tok = self._models[adapter["model_key"]][1]
         if self.backend is not None:
             try:
-                g = self.backend.generate(site, prompt, self.max_new_tokens, self._stops(tok), self._grammar_fields(site, tools))
+                g = self.backend.generate(site, prompt, self.max_new_tokens, self._stops(tok), self._grammar_fields(site, tools, messages))
             except BackendError as e:
                 d.reason = str(e)
                 d.seconds = time.perf_counter() - t0
                 return d
             return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
         grammars = self._grammars.get(adapter["model_key"])
-        constraint = grammars.for_tools(tools, self.argument_bounds.get(site)) if grammars is not None else None
+        constraint = grammars.for_tools(tools, self.argument_bounds.get(site), messages) if grammars is not None else None
         batcher = self._batchers.get(adapter["model_key"])
         if batcher is None:
             with _BATCHERS_LOCK:
@@ -243,9 +243,9 @@ class SlmEngine:
         g = batcher.submit(adapter["name"] if adapter["kind"] == "adapter" else None, (prompt, constraint, budget)).result()
         return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
 
-    def _grammar_fields(self, site: str, tools) -> dict[str, Any]:
+    def _grammar_fields(self, site: str, tools, messages: list[dict]) -> dict[str, Any]:
         """The request-body fields that make the external engine decode under the verified grammar ({}: none)."""
-        return self._engine_grammar.fields(self.backend_grammar.get(site, "none"), tools, self.argument_bounds.get(site))
+        return self._engine_grammar.fields(self.backend_grammar.get(site, "none"), tools, self.argument_bounds.get(site), messages)
 
     @staticmethod
     def _stops(tok) -> list[str]:
@@ -278,7 +278,7 @@ class SlmEngine:
             return d
         tok = self._models[adapter["model_key"]][1]
         future = self._overlap.submit(self.backend.generate, site, prompt_or_reason[0], self.max_new_tokens, self._stops(tok),
-                                      self._grammar_fields(site, tools))
+                                      self._grammar_fields(site, tools, messages))
         d.similarity = self.familiarity_of(site, messages)
         refused = self.policy.admit(site, d.similarity)
         if refused is not None:

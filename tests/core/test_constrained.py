@@ -148,11 +148,11 @@ CALC = [{"type": "function", "function": {"name": "calc", "parameters": {
     "required": ["expression"], "additionalProperties": False}}}]
 
 
-def _inv(arguments):
+def _inv(arguments, said: str = "?", tools=CALC, name: str = "calc"):
     from slmconvert.invocation import Invocation, Request, ToolCall
 
-    return Invocation(id="x", session_id="s", source="log.jsonl", step=0, request=Request(messages=[{"role": "user", "content": "?"}], tools=CALC),
-                      response=Response(None, [ToolCall("calc", arguments)]))
+    return Invocation(id="x", session_id="s", source="log.jsonl", step=0, request=Request(messages=[{"role": "user", "content": said}], tools=tools),
+                      response=Response(None, [ToolCall(name, arguments)]))
 
 
 def test_bounds_cap_free_strings_and_lists_a_margin_above_what_the_llm_wrote():
@@ -162,7 +162,8 @@ def test_bounds_cap_free_strings_and_lists_a_margin_above_what_the_llm_wrote():
 
     bounds = argument_bounds([_inv({"expression": "2 + 3", "terms": [2, 3]}),
                               _inv({"expression": "120 * 0.15 + 40", "unit": "usd", "terms": [120, 0.15, 40]})])
-    assert bounds == {"calc": {"/expression#chars": 15, "/terms#items": 3, "/unit#chars": 3}}
+    assert {k: v for k, v in bounds["calc"].items() if k.endswith(("#chars", "#items"))} == {
+        "/expression#chars": 15, "/terms#items": 3, "/unit#chars": 3}
     schema = bound_schema(CALC[0]["function"]["parameters"], bounds["calc"])
     props = schema["properties"]
     assert props["expression"]["maxLength"] == 15 + 8 and props["terms"]["maxItems"] == 4
@@ -243,3 +244,45 @@ def test_the_repeat_guard_leaves_answers_without_a_loop_alone():
     assert torch.equal(g(torch.tensor([[0, 1, 2, 3]]), scores.clone()), scores)  # the first call marks the prompt
     ids = torch.tensor([[0, 1, 2, 3] + [4, 5, 6] * 2])
     assert torch.equal(g(ids, scores.clone()), scores) and not g.fired
+
+
+LOOKUP = [{"type": "function", "function": {"name": "get_booking", "parameters": {
+    "type": "object", "properties": {"booking_id": {"type": "string"}, "note": {"type": "string"}},
+    "required": ["booking_id"], "additionalProperties": False}}}]
+
+
+def test_ids_the_llm_always_copied_can_only_be_copied_from_the_request():
+    """An argument the LLM copied from the request in (nearly) every training call is decoded as one of the request's
+    own tokens of that shape: a garbled or invented id cannot be written, a copied one can; free text stays free."""
+    import xgrammar as xgr
+
+    from slmconvert.constrained import argument_bounds, bounded_specs
+
+    ids = ["QX7T2B", "M3KD9Z", "AB12CD", "ZZ9Y8X", "K2L3M4", "P0O9I8", "R5T6Y7", "U8I9O0", "W1E2R3", "N4B5V6", "C7X8Z9", "H1J2K3"]
+    train = [_inv({"booking_id": b, "note": f"customer asked twice {i}"}, f"my booking is {b}, thanks", LOOKUP, "get_booking")
+             for i, b in enumerate(ids)]
+    bounds = argument_bounds(train, copy_share=0.95)["get_booking"]
+    assert bounds["/booking_id#copy"] == 1 and "/note#copy" not in bounds  # the note was never one token of the request
+    assert "/booking_id#copy" not in argument_bounds(train, copy_share=None)["get_booking"]  # switched off
+    assert "/booking_id#copy" not in argument_bounds(train[:9], copy_share=0.95)["get_booking"]  # too few values to trust
+
+    request = [{"role": "user", "content": "I have two bookings, 7GH2KQ and JJ81MN (the second is for my wife). Cancel one."},
+               {"role": "tool", "content": json.dumps({"reservations": ["7GH2KQ", "JJ81MN"], "name": "Dana"})}]
+    [(_, schema)] = bounded_specs(LOOKUP, {"get_booking": bounds}, request)
+    assert schema["properties"]["booking_id"]["enum"] == ["7GH2KQ", "JJ81MN"]  # not "Cancel", "bookings", "Dana", "second"
+    assert "enum" not in schema["properties"]["note"]
+    [(_, unmarked)] = bounded_specs(LOOKUP, {"get_booking": bounds})  # no request at hand: only the length caps
+    assert "enum" not in unmarked["properties"]["booking_id"]
+
+    model, tok = tiny_llama()
+    grammar = ToolGrammars(tok, model.config.vocab_size).for_tools(LOOKUP, {"get_booking": bounds}, request)
+
+    def allowed(args):
+        return xgr.GrammarMatcher(grammar).accept_string(
+            '<tool_call>{"name": "get_booking", "arguments": ' + json.dumps(args) + "}</tool_call>")
+
+    assert allowed({"booking_id": "JJ81MN"}) and allowed({"booking_id": "7GH2KQ", "note": "the wife's one"})
+    assert not allowed({"booking_id": "JJ81NM"}) and not allowed({"booking_id": "QX7T2B"})  # garbled; another request's
+    # a request without a token of that shape: the argument is only length-capped, never impossible to write
+    [(_, none_fit)] = bounded_specs(LOOKUP, {"get_booking": bounds}, [{"role": "user", "content": "cancel my booking"}])
+    assert "enum" not in none_fit["properties"]["booking_id"] and none_fit["properties"]["booking_id"]["maxLength"] >= 6
