@@ -286,3 +286,23 @@ def test_ids_the_llm_always_copied_can_only_be_copied_from_the_request():
     # a request without a token of that shape: the argument is only length-capped, never impossible to write
     [(_, none_fit)] = bounded_specs(LOOKUP, {"get_booking": bounds}, [{"role": "user", "content": "cancel my booking"}])
     assert "enum" not in none_fit["properties"]["booking_id"] and none_fit["properties"]["booking_id"]["maxLength"] >= 6
+
+
+def test_external_engines_are_sent_the_same_copy_constraint():
+    """vLLM's structural tag and llama-server's GBNF carry the request's copyable tokens as the in-process grammar does."""
+    import xgrammar as xgr
+
+    from slmconvert.constrained import EngineGrammar, argument_bounds
+
+    train = [_inv({"booking_id": b}, f"booking {b} please", LOOKUP, "get_booking")
+             for b in ["QX7T2B", "M3KD9Z", "AB12CD", "ZZ9Y8X", "K2L3M4", "P0O9I8", "R5T6Y7", "U8I9O0", "W1E2R3", "N4B5V6"]]
+    bounds = {"get_booking": argument_bounds(train, copy_share=0.95)["get_booking"]}
+    request = [{"role": "user", "content": "Is 7GH2KQ confirmed?"}]
+    tag = json.loads(EngineGrammar().fields("structural_tag", LOOKUP, bounds, request)["structured_outputs"]["structural_tag"])
+    assert tag["format"]["tags"][0]["content"]["json_schema"]["properties"]["booking_id"]["enum"] == ["7GH2KQ"]
+    gbnf = EngineGrammar().fields("gbnf", LOOKUP, bounds, request)["grammar"]
+    matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(xgr.TokenizerInfo(["a"])).compile_grammar(xgr.Grammar.from_ebnf(gbnf)))
+    call = '<tool_call>{"name": "get_booking", "arguments": {"booking_id": "%s"}}</tool_call>'
+    assert matcher.accept_string(call % "7GH2KQ")
+    matcher.reset()
+    assert not matcher.accept_string(call % "7GH2KR")
