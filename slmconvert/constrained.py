@@ -102,6 +102,19 @@ def _mark_copied(bounds: dict[str, int], copy_share: float | None) -> None:
             bounds[path + "#copy"] = 1
 
 
+def grammar_bounds(bounds: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]] | None:
+    """The part of argument bounds the grammar reads (caps; copy shapes where copies are enforced): what a
+    cached generation depends on. Counts are evidence only."""
+    if bounds is None:
+        return None
+    out = {}
+    for tool, b in bounds.items():
+        copied = {k[: -len("#copy")] for k in b if k.endswith("#copy")}
+        out[tool] = {k: v for k, v in b.items() if k.endswith(("#chars", "#items"))
+                     or (k.rsplit("#", 1)[0] in copied and "#copy" in k)}
+    return out
+
+
 def copy_candidates(tokens: set[str], bounds: dict[str, int], path: str, schema: dict[str, Any]) -> list[str]:
     """The request's tokens an argument marked `#copy` may take: the shape of the LLM's copies, the schema's
     own length limits."""

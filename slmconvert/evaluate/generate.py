@@ -157,7 +157,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
     constrained grammar (slmconvert.constrained.argument_bounds)."""
     from slmconvert.chat import answer_text, render_prompt, special_tokens, supports_native_tools
     from slmconvert.compaction import CompactionRecipe
-    from slmconvert.constrained import tool_grammars
+    from slmconvert.constrained import grammar_bounds, tool_grammars
     from slmconvert.generation import RepeatGuard
     from slmconvert.finetune.data import fit_prompt
     from slmconvert.finetune.stage import COMPLETE, load_artefact
@@ -197,7 +197,8 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
         # the grammar follows the request's own tools, not the compacted prompt's (compaction may drop their docs)
         constraints = ([grammars.for_tools(s.inv.request.tools, bounds.get(site), s.inv.request.messages) for s in sample]
                        if grammars is not None else None)
-        variant_key = sha256_obj({"variant": variant_key, "bounds": bounds.get(site)}) if grammars is not None else variant_key
+        variant_key = (sha256_obj({"variant": variant_key, "bounds": grammar_bounds(bounds.get(site))})
+                       if grammars is not None else variant_key)
         for s in sample:
             msgs, tools = make_messages(s.inv)
             fitted = fit_prompt(msgs, tools, tok, budget, native)

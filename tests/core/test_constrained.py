@@ -265,6 +265,14 @@ def test_ids_the_llm_always_copied_can_only_be_copied_from_the_request():
     assert bounds["/booking_id#copy"] == 1 and "/note#copy" not in bounds  # the note was never one token of the request
     assert "/booking_id#copy" not in argument_bounds(train, copy_share=None)["get_booking"]  # switched off
     assert "/booking_id#copy" not in argument_bounds(train[:9], copy_share=0.95)["get_booking"]  # too few values to trust
+    from slmconvert.constrained import grammar_bounds
+
+    # what a cached generation depends on: the caps and the enforced copies' shapes, not the counts
+    off = argument_bounds(train, copy_share=None)
+    assert grammar_bounds(off) == {"get_booking": {"/booking_id#chars": 6, "/note#chars": 23}}
+    assert set(grammar_bounds({"get_booking": bounds})["get_booking"]) == {
+        "/booking_id#chars", "/note#chars", "/booking_id#copy", "/booking_id#copy_min", "/booking_id#copy_max",
+        "/booking_id#copy_need", "/booking_id#copy_allow"}
 
     request = [{"role": "user", "content": "I have two bookings, 7GH2KQ and JJ81MN (the second is for my wife). Cancel one."},
                {"role": "tool", "content": json.dumps({"reservations": ["7GH2KQ", "JJ81MN"], "name": "Dana"})}]
