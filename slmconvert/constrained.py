@@ -5,8 +5,8 @@ Built on xgrammar's structural tags (the grammar engine vLLM and SGLang use; a t
 processor on CPU and GPU): text is free until the trigger `<tool_call>`, after which one of the
 offered tools' tags must follow, `<tool_call>{"name": "<tool>", "arguments": <schema-valid JSON>}</tool_call>`,
 the exact form the adapters were trained on (slmconvert.chat). A tool whose schema xgrammar cannot
-compile keeps its name constrained and its arguments to any JSON object. Compiled grammars are cached
-per tool set; the compiler is built once per tokenizer.
+compile keeps its name constrained and its arguments to any JSON object. Compiled grammars are cached (LRU)
+per tool set (per request where arguments are copied, below); the compiler is built once per tokenizer.
 
 A schema bounds a value's type, rarely its length, and a small model caught in a loop
 (`"expression": "((((((…"`, a `flights` list that never closes) runs out of tokens inside the call.
