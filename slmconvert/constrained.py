@@ -66,7 +66,7 @@ def request_tokens(messages: list[dict] | None) -> set[str]:
 
 def _classes(value: str) -> int:
     bits = 0
-    for ch in value:
+    for ch in set(value):
         for bit, test in _CLASSES:
             if test(ch):
                 bits |= bit
@@ -115,15 +115,15 @@ def grammar_bounds(bounds: dict[str, dict[str, int]] | None) -> dict[str, dict[s
     return out
 
 
-def copy_candidates(tokens: set[str], bounds: dict[str, int], path: str, schema: dict[str, Any]) -> list[str]:
-    """The request's tokens an argument marked `#copy` may take: the shape of the LLM's copies, the schema's
-    own length limits."""
+def copy_candidates(tokens: dict[str, int], bounds: dict[str, int], path: str, schema: dict[str, Any]) -> list[str]:
+    """The request's tokens (each with its character classes) an argument marked `#copy` may take: the shape of
+    the LLM's copies, the schema's own length limits."""
     lo, hi = bounds[path + "#copy_min"], bounds[path + "#copy_max"]
     lo, hi = max(1, lo - lo // 4), hi + max(1, hi // 4)  # a little room: ids of one kind vary in length
     lo = max(lo, schema.get("minLength") if isinstance(schema.get("minLength"), int) else 0)
     hi = min(hi, schema.get("maxLength") if isinstance(schema.get("maxLength"), int) else hi)
     need, allow = bounds[path + "#copy_need"], bounds[path + "#copy_allow"]
-    return sorted(t for t in tokens if lo <= len(t) <= hi and (c := _classes(t)) & need == need and not c & ~allow)
+    return sorted(t for t, c in tokens.items() if lo <= len(t) <= hi and c & need == need and not c & ~allow)
 
 
 def argument_bounds(invocations, copy_share: float | None = None) -> dict[str, dict[str, int]]:
@@ -145,10 +145,11 @@ def _margin(n: int) -> int:
     return n + max(8, n // 2)  # room above the longest string seen: 1.5x, at least 8 more characters
 
 
-def bound_schema(schema: Any, bounds: dict[str, int] | None, path: str = "", tokens: set[str] | None = None) -> Any:
+def bound_schema(schema: Any, bounds: dict[str, int] | None, path: str = "", tokens: dict[str, int] | None = None) -> Any:
     """`schema` with free strings and lists capped (a copy): at a margin above the longest the LLM wrote at
     that path, a free string it never wrote at UNSEEN_STRING_CHARS. Enums, consts, patterns, formats and the
-    schema's own maxLength / maxItems are left as they are. With the request's `tokens`, a free string marked
+    schema's own maxLength / maxItems are left as they are. With the request's `tokens` (token -> its character
+    classes), a free string marked
     `#copy` becomes an enum of the tokens it may copy (when there are some)."""
     if not isinstance(schema, dict):
         return schema
@@ -217,14 +218,18 @@ def loosened(specs: list[tuple[str, dict]], compile_tag, loose: set[str]) -> tup
         return good, compile_tag(structural_tag(good))
 
 
+def copies_enforced(bounds: dict[str, dict[str, int]] | None) -> bool:
+    """Some argument of these tools is decoded as a copy of the request (see the module's docstring)."""
+    return any(k.endswith("#copy") for b in (bounds or {}).values() for k in b)
+
+
 def bounded_specs(tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None,
                   messages: list[dict] | None = None) -> list[tuple[str, dict]]:
     """The offered tools as (name, schema), their arguments capped by `bounds` (None: schemas as given), the
     arguments it marks `#copy` limited to copies of these request `messages`' tokens."""
     specs = _tool_specs(tools)
     if bounds is not None:
-        tokens = request_tokens(messages) if messages is not None and any(
-            k.endswith("#copy") for b in bounds.values() for k in b) else None
+        tokens = {t: _classes(t) for t in request_tokens(messages)} if messages is not None and copies_enforced(bounds) else None
         specs = [(name, bound_schema(schema, bounds.get(name), "", tokens)) for name, schema in specs]
     return specs
 
@@ -238,7 +243,7 @@ class BuiltOnce:
 
         self._items: OrderedDict[str, Any] = OrderedDict()
         self._size = size
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a build may itself get from the same cache
 
     def get(self, key: Any, build: Callable[[], Any]) -> Any:
         digest = sha256_obj(key)
@@ -409,16 +414,22 @@ def ebnf_to_gbnf(ebnf: str, prefix: str) -> list[str]:
     return rules
 
 
-def gbnf(tools: list[tuple[str, dict]]) -> str:
-    """llama.cpp GBNF for the text from the trigger on (a lazy grammar, triggered by `<tool_call>`): one or more
-    calls of the offered tools, each `<tool_call>{"name": "<tool>", "arguments": <schema-valid JSON>}</tool_call>`,
-    newline-separated as the adapters were trained; each schema converted by xgrammar, as in-process."""
+def gbnf_rules(schema: dict, prefix: str) -> list[str]:
+    """One tool's arguments in GBNF (rules named `prefix`...; `prefix`root the start): converted by xgrammar."""
     import xgrammar as xgr
 
+    ebnf = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=True, max_whitespace_cnt=MAX_WHITESPACE))
+    return ebnf_to_gbnf(ebnf, prefix)
+
+
+def gbnf(tools: list[tuple[str, dict]], rules: list[list[str]] | None = None) -> str:
+    """llama.cpp GBNF for the text from the trigger on (a lazy grammar, triggered by `<tool_call>`): one or more
+    calls of the offered tools, each `<tool_call>{"name": "<tool>", "arguments": <schema-valid JSON>}</tool_call>`,
+    newline-separated as the adapters were trained; each schema converted by xgrammar, as in-process (`rules`:
+    those conversions already made, in the tools' order)."""
     alts, body = [], []
     for i, (name, schema) in enumerate(tools):
-        ebnf = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=True, max_whitespace_cnt=MAX_WHITESPACE))
-        body += ebnf_to_gbnf(ebnf, f"t{i}-")
+        body += rules[i] if rules is not None else gbnf_rules(schema, f"t{i}-")
         head = json.dumps({"name": name})[:-1] + ', "arguments": '
         alts.append(json.dumps(head) + f" t{i}-root")
     return "\n".join(["root ::= call (\"\\n\" call)*",
@@ -435,6 +446,7 @@ class EngineGrammar:
 
     def __init__(self) -> None:
         self._cache = BuiltOnce()
+        self._parts = BuiltOnce(1024)  # per tool set: the tools xgrammar rejects; per tool schema: its GBNF rules
         self.loose: set[str] = set()
 
     def fields(self, kind: str, tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None = None,
@@ -447,13 +459,26 @@ class EngineGrammar:
         specs = bounded_specs(tools, bounds, messages)
         if not specs:
             return {}
+        # which tools xgrammar rejects is decided once per tool set (copied arguments' enums never change it), so
+        # a request's own enums cost only the writing, not another validation
+        plain = bounded_specs(tools, bounds) if messages is not None and copies_enforced(bounds) else specs
+        loose = self._parts.get(["loosened", plain], lambda: self._loosened(plain))
+        specs = [(name, {"type": "object"} if name in loose else schema) for name, schema in specs]
         return self._cache.get([kind, specs], lambda: self._build(kind, specs))
 
-    def _build(self, kind: str, specs: list[tuple[str, dict]]) -> dict[str, Any]:
+    def _loosened(self, specs: list[tuple[str, dict]]) -> set[str]:
         import xgrammar as xgr
 
-        specs, _ = loosened(specs, lambda tag: xgr.Grammar.from_structural_tag(json.dumps(tag)), self.loose)
+        found: set[str] = set()
+        loosened(specs, lambda tag: xgr.Grammar.from_structural_tag(json.dumps(tag)), found)
+        self.loose |= found
+        return found
+
+    def _build(self, kind: str, specs: list[tuple[str, dict]]) -> dict[str, Any]:
         if kind == "structural_tag":
             return {"structured_outputs": {"structural_tag": json.dumps(structural_tag(specs))}}
-        # llama-server: free text until the trigger, the calls' grammar from there on
-        return {"grammar": gbnf(specs), "grammar_lazy": True, "grammar_triggers": [{"type": GBNF_TRIGGER_WORD, "value": TRIGGER}]}
+        # llama-server: free text until the trigger, the calls' grammar from there on; each tool's rules once per schema
+        rules = [self._parts.get(["gbnf", i, schema], lambda i=i, schema=schema: gbnf_rules(schema, f"t{i}-"))
+                 for i, (_, schema) in enumerate(specs)]
+        return {"grammar": gbnf(specs, rules), "grammar_lazy": True,
+                "grammar_triggers": [{"type": GBNF_TRIGGER_WORD, "value": TRIGGER}]}
