@@ -461,8 +461,8 @@ class EngineGrammar:
             return {}
         # which tools xgrammar rejects is decided once per tool set (copied arguments' enums never change it), so
         # a request's own enums cost only the writing, not another validation
-        plain = bounded_specs(tools, bounds) if messages is not None and copies_enforced(bounds) else specs
-        loose = self._parts.get(["loosened", plain], lambda: self._loosened(plain))
+        plain = (lambda: bounded_specs(tools, bounds)) if messages is not None and copies_enforced(bounds) else (lambda: specs)
+        loose = self._parts.get(["loosened", tools, bounds], lambda: self._loosened(plain()))
         specs = [(name, {"type": "object"} if name in loose else schema) for name, schema in specs]
         return self._cache.get([kind, specs], lambda: self._build(kind, specs))
 

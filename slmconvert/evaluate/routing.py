@@ -107,12 +107,14 @@ def fit_routing_policy(config, tasks_doc, prows, familiar_refs: int) -> tuple[di
     doc["constrained_decoding"] = ec.constrained_decoding
     policy = Policy(doc)
     ver_rows = [r for r in prows if r["session"] in ver]
-    at_targets = [{**at_target(prows, cal, ver, target=t, level=ec.confidence_level, seed=ec.seed, sites=site_tasks,
-                                novelty_alpha=ec.novelty_alpha), "applied": t == ec.target_agreement}
+    verification = verify(policy, prows, ver, ec.confidence_level)
+    at_targets = [{**(target_row(doc, verification["all"], ec.confidence_level) if t == ec.target_agreement else
+                      at_target(prows, cal, ver, target=t, level=ec.confidence_level, seed=ec.seed, sites=site_tasks,
+                                novelty_alpha=ec.novelty_alpha)), "applied": t == ec.target_agreement}
                   for t in sorted({*ec.compare_targets, ec.target_agreement})]
     check = {"split": {"calibration_sessions": len(cal), "verification_sessions": len(ver),
                        "calibration_calls": sum(r["session"] in cal for r in prows), "verification_calls": len(ver_rows)},
-             "verification": verify(policy, prows, ver, ec.confidence_level),
+             "verification": verification,
              "routed_elsewhere": sum(r.get("routed_to") not in (None, r["site"]) for r in ver_rows),
              "familiarity_references": familiar_refs,
              "confidence_signal": {"chosen": signal, "auroc_on_calibration": auroc},
@@ -127,10 +129,17 @@ def at_target(prows, cal: set[str], ver: set[str], *, target: float, level: floa
               ) -> dict[str, Any]:
     """The policy fitted at `target` on the calibration sessions, verified on the verification sessions: the share of
     traffic it moves and the agreement of what it moves, with intervals, and the kinds of answer it lets the SLM give."""
-    from slmconvert.policy import Policy, agreeing_needed, fit_policy, verify
+    from slmconvert.policy import Policy, fit_policy, verify
 
     doc = fit_policy(prows, cal, target=target, level=level, seed=seed, sites=sites, novelty_alpha=novelty_alpha)
-    v = verify(Policy(doc), prows, ver, level)["all"]
+    return target_row(doc, verify(Policy(doc), prows, ver, level)["all"], level)
+
+
+def target_row(doc: dict[str, Any], v: dict[str, Any], level: float) -> dict[str, Any]:
+    """A fitted policy (`doc`) and its verification over all sites (`v`) as a row of the targets' table."""
+    from slmconvert.policy import agreeing_needed
+
+    target = doc["target_agreement"]
     return {"target": target, "share_calls": v["share_calls"], "share_calls_interval": v["share_calls_interval"],
             "agreement": v["agreement_weighted"], "agreement_interval": v["agreement_weighted_interval"],
             "answered": v["answered"], "agree": v["agree"], "calls": v["calls"],
