@@ -95,6 +95,10 @@ class SlmEngine:
         # Concurrent requests for one adapter are generated as one batch by a worker per model (the model is
         # not re-entrant; batching, not a lock, is how concurrent requests share it).
         self._batchers: dict[str, MicroBatcher] = {}
+        # The request gate's embeddings likewise: one encoder thread; requests that arrive while it embeds are
+        # embedded together next (no waiting window), so concurrent requests neither oversubscribe the cores
+        # with parallel forward passes nor pay one pass each.
+        self._gate: MicroBatcher | None = None
         self.batch_size, self.batch_wait_s = batch_size, batch_wait_ms / 1000.0
         self._grammars: dict[str, Any] = {}  # model ref -> ToolGrammars, when the policy was verified constrained
         # An external OpenAI-compatible engine (vLLM, llama-server, Ollama) generates instead of this process:
@@ -178,8 +182,13 @@ class SlmEngine:
     def familiarity_of(self, site: str, messages: list[dict]) -> float | None:
         if self.familiarity is None:
             return None
-        vec = self.router.embedder.encode([request_text(messages)])
-        return self.familiarity.score(site, vec)[0]
+        if self._gate is None:
+            with _BATCHERS_LOCK:
+                if self._gate is None:
+                    self._gate = MicroBatcher(lambda items: list(self.router.embedder.encode([t for _, t in items])),
+                                              GATE_BATCH, 0.0, GATE_WORKERS)
+        vec = self._gate.submit(None, request_text(messages)).result()
+        return self.familiarity.score(site, vec[None, :])[0]
 
     def _apply_policy(self, d: "Decision", site: str, messages: list[dict], tools, response, ok: bool, text_agent: bool) -> "Decision":
         key = answer_key(response, self.site_tasks.get(site, []), messages)
@@ -320,6 +329,8 @@ class SlmEngine:
 
 
 _BATCHERS_LOCK = threading.Lock()
+GATE_BATCH = 32  # request-gate texts embedded in one forward pass at most
+GATE_WORKERS = 2  # forward passes at once
 
 
 class MicroBatcher:
@@ -328,7 +339,7 @@ class MicroBatcher:
     wait for the next batch, in arrival order. `run(items)` gets [(key, payload)] and returns one
     result per item."""
 
-    def __init__(self, run, max_batch: int, wait_s: float):
+    def __init__(self, run, max_batch: int, wait_s: float, workers: int = 1):
         import queue
         from collections import deque
 
@@ -336,7 +347,8 @@ class MicroBatcher:
         self.queue: queue.Queue = queue.Queue()
         self.held: deque = deque()
         self.batches: list[int] = []  # the size of each batch run (for tests and /health)
-        threading.Thread(target=self._loop, daemon=True, name="slm-batcher").start()
+        for _ in range(workers):
+            threading.Thread(target=self._loop, daemon=True, name="slm-batcher").start()
 
     def submit(self, key, payload):
         from concurrent.futures import Future

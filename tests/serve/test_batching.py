@@ -73,3 +73,21 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers(tuned_ws, t
     assert max(batches) > 1 and sum(batches) == len(requests)  # generated together, every request once
     assert [(g.content, [(c.name, c.arguments) for c in g.tool_calls]) for g in got] == \
         [(w.content, [(c.name, c.arguments) for c in w.tool_calls]) for w in want]
+
+    # The request gate's embeddings are batched too (GATE_WORKERS passes at once, the rest queue and go
+    # together), and each request still gets the familiarity it gets alone.
+    asked = [r.request.messages for r in requests] * 2
+    want_sim = [alone.familiarity_of(site, m) for m in asked]
+    assert all(isinstance(s, float) for s in want_sim)
+    before = len(engine._gate.batches)
+    start = threading.Barrier(len(asked))
+
+    def gate(m):
+        start.wait()
+        return engine.familiarity_of(site, m)
+
+    with ThreadPoolExecutor(len(asked)) as pool:
+        got_sim = list(pool.map(gate, asked))
+    assert got_sim == pytest.approx(want_sim, abs=1e-4)
+    gate_batches = engine._gate.batches[before:]
+    assert sum(gate_batches) == len(asked) and max(gate_batches) > 1
