@@ -19,6 +19,9 @@ name 0.18, arguments 0.00, valid JSON 0.86, 7 invented tools; after (the default
 Today's CPU defaults (300 x 2, 60 test calls): before function name 0.43, arguments 0.14, valid JSON 1.00, 5 invented
 tools; after 0.57, 0.14, 1.00, none; after with copied ids (evaluate.copy_arguments) 0.57, 0.18; 0% moved in all, at
 every target in evaluate.compare_targets (the test sample holds too few calibration answers per kind).
+`--compare-before` trains and evaluates the before recipe too, in a sibling workspace (`WS-before`) that shares this
+run's collect and cluster (and scrub key): same sessions, same split, same test calls, same budget (twice the
+training time); a side-by-side table follows.
 On a GPU: `--device cuda --train-examples 1500 --epochs 3 --max-length 2048 --history-tokens 1536
 --tool-result-chars 2000 --batch-size 8 --test-calls 200` (minutes; not run here: no GPU was lent).
 """
@@ -56,6 +59,9 @@ def main() -> None:
                     help="evaluate.max_new_tokens: τ-bench's longest gpt-4o call (book_reservation) is 515 SmolLM2 tokens; "
                          "at 160 every book_reservation answer was cut off and counted as broken JSON")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--compare-before", action="store_true",
+                    help="also train and evaluate the before-issue-17 recipe (BEFORE) in a sibling workspace that shares this one's "
+                         "collect and cluster: same sessions, same split, same test calls, same budget; prints both side by side")
     args = ap.parse_args()
 
     from slmconvert.cluster.stage import run as cluster
@@ -82,14 +88,72 @@ def main() -> None:
         sets += [f"finetune.device={args.device}", f"evaluate.device={args.device}"]
     cfg = load_config(None, sets)
     ws = Workspace(ws_path)
-    import yaml
-
-    pipeline = Path(ws_path).with_name(Path(ws_path).name + ".yaml")  # for benchmarks/serve_replay.py --config
-    pipeline.parent.mkdir(parents=True, exist_ok=True)
-    pipeline.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_pipeline(cfg, ws_path)
     t0 = time.perf_counter()
     collect(cfg, ws)
     cluster(cfg, ws)
+    summaries = {}
+    if args.compare_before:
+        before_path = ws_path + "-before"
+        shared_stages(Path(ws_path), Path(before_path))
+        before_cfg = load_config(None, [f"workspace={json.dumps(before_path)}", *sets[1:], *(f"{k}={v}" for k, v in BEFORE.items())])
+        write_pipeline(before_cfg, before_path)
+        print(f"before arm ({', '.join(f'{k}={v}' for k, v in BEFORE.items())}): {before_path}")
+        summaries["before"] = arm(before_cfg, Workspace(before_path), finetune, evaluate, load_summary, time.perf_counter())
+    summaries["after" if args.compare_before else "run"] = arm(cfg, ws, finetune, evaluate, load_summary, t0)
+    if args.compare_before:
+        side_by_side(summaries["before"], summaries["after"])
+
+
+# The recipe before issue 17 (what --compare-before trains and evaluates beside today's defaults).
+BEFORE = {"finetune.balance": "none", "evaluate.constrained_decoding": "false", "evaluate.confidence_signal": "mean_logprob",
+          "compaction.carry_values": "0", "evaluate.copy_arguments": "null"}
+
+
+def write_pipeline(cfg, ws_path: str) -> None:
+    """The arm's config beside its workspace, for benchmarks/serve_replay.py --config."""
+    import yaml
+
+    pipeline = Path(ws_path).with_name(Path(ws_path).name + ".yaml")
+    pipeline.parent.mkdir(parents=True, exist_ok=True)
+    pipeline.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def shared_stages(src: Path, dst: Path) -> None:
+    """A second workspace with `src`'s collect and cluster (and its scrub key, so the same surrogates): the
+    arms then train on the same sessions and are measured on the same test calls."""
+    import shutil
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if Path(d) == src and n in ("models", "eval")])
+
+
+def side_by_side(before: dict, after: dict) -> None:
+    rows = [("tool calls", "tool", ("n", "function_name", "arguments", "argument_values", "valid_json", "call_agreement")),
+            ("text replies", "text", ("n", "acceptable", "call_agreement"))]
+    print("\nbefore vs after: same sessions, same split, same test calls, same training budget")
+    for title, kind, keys in rows:
+        b, a = before["overall"].get(f"finetuned_{kind}", {}), after["overall"].get(f"finetuned_{kind}", {})
+        for k in keys:
+            bv, av = b.get(k), a.get(k)
+            fmt = (lambda v: "—" if v is None else str(v)) if k == "n" else (lambda v: "—" if v is None else f"{v:.3f}")
+            print(f"  {title:12s} {k:16s} before {fmt(bv):>6}   after {fmt(av):>6}")
+    print(f"  invented tool names: before {before.get('invented_tools') or 'none'}; after {after.get('invented_tools') or 'none'}")
+    for name, s in (("before", before), ("after", after)):
+        v = s["policy"]["verification"]["all"]
+        split = s["policy"]["split"]
+        print(f"  share moved at {s['policy']['target_agreement']:.0%} ({name}): {v['share_calls']:.1%} "
+              f"[{v['share_calls_interval'][0]:.1%}–{v['share_calls_interval'][1]:.1%}] of {v['calls']} verification calls "
+              f"({split['verification_sessions']} sessions); fitted on {split['calibration_calls']} calls of "
+              f"{split['calibration_sessions']} sessions")
+        rows = s["policy"].get("at_targets") or []
+        if rows:
+            print("    moved at each target: " + ", ".join(f"{t['target']:.0%} → {t['share_calls']:.1%}" for t in rows))
+
+
+def arm(cfg, ws, finetune, evaluate, load_summary, t0: float) -> dict:
+    """Fine-tune and evaluate one recipe in `ws` (collect and cluster done); print its numbers; its summary."""
     m = finetune(cfg, ws)
     [adapter] = m.extra["adapters"]
     train_s = time.perf_counter() - t0
@@ -97,7 +161,7 @@ def main() -> None:
     evaluate(cfg, ws)
     eval_s = time.perf_counter() - t1
     s = load_summary(ws)
-    print(f"workspace: {ws_path}")
+    print(f"workspace: {ws.root}")
     print(f"train: {adapter['examples']} examples, loss {adapter['first_loss']} -> {adapter['last_loss']}, "
           f"{adapter['tokens_per_s']} tokens/s; collect+cluster+finetune {train_s / 60:.1f} min; evaluate {eval_s / 60:.1f} min")
     o = s["overall"]
@@ -124,10 +188,11 @@ def main() -> None:
     from slmconvert.cli.evaluate import targets_text
 
     print(Text.from_markup(targets_text(s)).plain)  # evaluate.compare_targets: at 95% a kind needs >= 59 agreeing answers
-    print(f"config for benchmarks/serve_replay.py: {pipeline}")
+    print(f"config for benchmarks/serve_replay.py: {Path(str(ws.root)).with_name(Path(str(ws.root)).name + '.yaml')}")
     print(json.dumps({"overall": o, "headline": h, "copying": s.get("copying"), "invented_tools": s.get("invented_tools"),
                       "policy": {k: s["policy"].get(k) for k in ("split", "verification", "requests", "rules", "confidence_signal", "at_targets")}},
                      default=str))
+    return s
 
 
 if __name__ == "__main__":
