@@ -123,12 +123,12 @@ def write_pipeline(cfg, ws_path: str) -> None:
 
 def shared_stages(src: Path, dst: Path) -> None:
     """A second workspace with `src`'s collect and cluster (and its scrub key, so the same surrogates): the
-    arms then train on the same sessions and are measured on the same test calls."""
+    arms then train on the same sessions and are measured on the same test calls. A re-run refreshes them and keeps
+    `dst`'s own models and evaluation (their stages then resume or skip)."""
     import shutil
 
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if Path(d) == src and n in ("models", "eval")])
+    shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if Path(d) == src and n in ("models", "eval")],
+                    dirs_exist_ok=True)
 
 
 def side_by_side(before: dict, after: dict) -> None:
