@@ -98,7 +98,7 @@ def main() -> None:
     if args.compare_before:
         before_path = ws_path + "-before"
         shared_stages(Path(ws_path), Path(before_path))
-        before_cfg = load_config(None, [f"workspace={json.dumps(before_path)}", *sets[1:], *(f"{k}={v}" for k, v in BEFORE.items())])
+        before_cfg = load_config(None, [*sets, f"workspace={json.dumps(before_path)}", *(f"{k}={v}" for k, v in BEFORE.items())])
         write_pipeline(before_cfg, before_path)
         print(f"before arm ({', '.join(f'{k}={v}' for k, v in BEFORE.items())}): {before_path}")
         summaries["before"] = arm(before_cfg, Workspace(before_path), finetune, evaluate, load_summary, time.perf_counter())
@@ -116,9 +116,13 @@ def write_pipeline(cfg, ws_path: str) -> None:
     """The arm's config beside its workspace, for benchmarks/serve_replay.py --config."""
     import yaml
 
-    pipeline = Path(ws_path).with_name(Path(ws_path).name + ".yaml")
+    pipeline = pipeline_path(ws_path)
     pipeline.parent.mkdir(parents=True, exist_ok=True)
     pipeline.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def pipeline_path(ws_path) -> Path:
+    return Path(ws_path).with_name(Path(ws_path).name + ".yaml")
 
 
 def shared_stages(src: Path, dst: Path) -> None:
@@ -149,9 +153,9 @@ def side_by_side(before: dict, after: dict) -> None:
               f"[{v['share_calls_interval'][0]:.1%}–{v['share_calls_interval'][1]:.1%}] of {v['calls']} verification calls "
               f"({split['verification_sessions']} sessions); fitted on {split['calibration_calls']} calls of "
               f"{split['calibration_sessions']} sessions")
-        rows = s["policy"].get("at_targets") or []
-        if rows:
-            print("    moved at each target: " + ", ".join(f"{t['target']:.0%} → {t['share_calls']:.1%}" for t in rows))
+        targets = s["policy"].get("at_targets") or []
+        if targets:
+            print("    moved at each target: " + ", ".join(f"{t['target']:.0%} → {t['share_calls']:.1%}" for t in targets))
 
 
 def arm(cfg, ws, finetune, evaluate, load_summary, t0: float) -> dict:
@@ -190,7 +194,7 @@ def arm(cfg, ws, finetune, evaluate, load_summary, t0: float) -> dict:
     from slmconvert.cli.evaluate import targets_text
 
     print(Text.from_markup(targets_text(s)).plain)  # evaluate.compare_targets: at 95% a kind needs >= 59 agreeing answers
-    print(f"config for benchmarks/serve_replay.py: {Path(str(ws.root)).with_name(Path(str(ws.root)).name + '.yaml')}")
+    print(f"config for benchmarks/serve_replay.py: {pipeline_path(ws.root)}")
     print(json.dumps({"overall": o, "headline": h, "copying": s.get("copying"), "invented_tools": s.get("invented_tools"),
                       "policy": {k: s["policy"].get(k) for k in ("split", "verification", "requests", "rules", "confidence_signal", "at_targets")}},
                      default=str))

@@ -98,7 +98,8 @@ class SlmEngine:
         # The request gate's embeddings likewise: GATE_WORKERS encoder threads; requests that arrive while they
         # embed are embedded together next (no waiting window), so concurrent requests neither oversubscribe the
         # cores with one forward pass each nor pay one pass each (at 40 req/s on 2 cores: saturated vs +14 ms).
-        self._gate: MicroBatcher | None = None
+        self._gate = (MicroBatcher(lambda items: list(self.router.embedder.encode([t for _, t in items])), GATE_BATCH, 0.0,
+                                   GATE_WORKERS) if self.familiarity is not None else None)
         self.batch_size, self.batch_wait_s = batch_size, batch_wait_ms / 1000.0
         self._grammars: dict[str, Any] = {}  # model ref -> ToolGrammars, when the policy was verified constrained
         # An external OpenAI-compatible engine (vLLM, llama-server, Ollama) generates instead of this process:
@@ -182,11 +183,6 @@ class SlmEngine:
     def familiarity_of(self, site: str, messages: list[dict]) -> float | None:
         if self.familiarity is None:
             return None
-        if self._gate is None:
-            with _BATCHERS_LOCK:
-                if self._gate is None:
-                    self._gate = MicroBatcher(lambda items: list(self.router.embedder.encode([t for _, t in items])),
-                                              GATE_BATCH, 0.0, GATE_WORKERS)
         vec = self._gate.submit(None, request_text(messages)).result()
         return self.familiarity.score(site, vec[None, :])[0]
 
@@ -337,7 +333,8 @@ class MicroBatcher:
     """A worker thread that runs queued requests in batches: the first request waits up to `wait_s` for
     others with the same key (the same adapter), at most `max_batch` together; requests for another key
     wait for the next batch, in arrival order. `run(items)` gets [(key, payload)] and returns one
-    result per item. `workers` > 1 (batches run at once) is for one key only: held-back items are per worker."""
+    result per item. `workers` > 1 (batches run at once) is for one key only: items held back for another key
+    are shared by the workers, and their order between workers is not kept."""
 
     def __init__(self, run, max_batch: int, wait_s: float, workers: int = 1):
         import queue
