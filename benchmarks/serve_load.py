@@ -13,11 +13,13 @@
    streamed call whole.
 2. With --slm-backend WS: `serve --mode convert --slm-backend` on a converted workspace, in its own
    process, in front of a fake OpenAI-compatible SLM engine (another process, answering at once);
-   the workspace's test-split requests, N concurrent clients. Prints the latency straight to the
+   the workspace's test-split requests that its (opened) policy lets the SLM answer, `--bodies` of them in
+   turn, as logged (the gate embeds each one's real prompting turn), N concurrent clients. Prints the latency straight to the
    engine and through serve (routing, the request gate, compaction and prompt rendering, the policy):
    what serve adds over the engine. `--engine-ms MS` makes the fake engine take MS per answer, as a
    real one does generating; `--no-overlap` runs the request gate before the engine instead of
-   while it generates (serve.gate_overlap).
+   while it generates (serve.gate_overlap); `--gate-runtime torch|onnx` picks what embeds for the gate
+   (serve.gate_runtime; auto: ONNX Runtime when installed).
 3. With --slm WS: convert mode on a converted workspace on CPU; latency per request of the SLM path
    (requests drawn from the workspace's test split, one client at a time).
 """
@@ -102,10 +104,12 @@ class Server:
 TTFB: dict[str, list[float]] = {}
 
 
-async def load(url: str, body: dict, clients: int, total: int, headers: dict, rate: float | None = None) -> tuple[list[float], float, int]:
+async def load(url: str, body: dict | list[dict], clients: int, total: int, headers: dict, rate: float | None = None,
+               tag: bool = True) -> tuple[list[float], float, int]:
     """`clients` concurrent connections send `total` requests; with `rate`, requests start on a fixed
     schedule (open loop, `rate` per second in all), so latency is measured below saturation. Streamed
-    requests: latency to the last byte; the time to the first byte goes to TTFB[url]."""
+    requests: latency to the last byte; the time to the first byte goes to TTFB[url]. A list of bodies is
+    sent in turn; `tag` appends a numbered user turn ("n17") to each request."""
     import httpx
 
     lat: list[float] = []
@@ -126,8 +130,9 @@ async def load(url: str, body: dict, clients: int, total: int, headers: dict, ra
                     if delay > 0:
                         await asyncio.sleep(delay)
                 t = time.perf_counter()
-                payload = {**body, "messages": body["messages"] + [{"role": "user", "content": f"n{i}"}]}
-                if body.get("stream"):
+                one = body[i % len(body)] if isinstance(body, list) else body
+                payload = {**one, "messages": one["messages"] + [{"role": "user", "content": f"n{i}"}]} if tag else one
+                if one.get("stream"):
                     async with client.stream("POST", url, json=payload, headers=headers) as r:
                         first = None
                         async for chunk in r.aiter_raw():
@@ -245,7 +250,7 @@ def fake_backend_app(engine_ms: float = 0.0):
 
 
 def backend_benchmark(workspace: str, clients: int, total: int, rate: float | None, engine_ms: float = 0.0,
-                      overlap: bool = True) -> None:
+                      overlap: bool = True, gate_runtime: str = "auto", bodies: int = 20) -> None:
     """serve (convert mode, external SLM engine) vs the engine alone, separate processes."""
     import os
     import signal
@@ -282,7 +287,7 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
     serve = subprocess.Popen([sys.executable, "-m", "slmconvert", "serve", "-w", workspace, "--mode", "convert", "--no-auth",
                               "--port", str(sv_port), "--upstream", f"http://127.0.0.1:{up_port}/v1",
                               "--slm-backend", f"http://127.0.0.1:{be_port}/v1", "--set", f"serve.max_concurrency={max(64, clients)}",
-                              "--set", f"serve.gate_overlap={str(overlap).lower()}"],
+                              "--set", f"serve.gate_overlap={str(overlap).lower()}", "--set", f"serve.gate_runtime={gate_runtime}"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ), cwd=Path(__file__).resolve().parents[1])
     try:
         for url, proc in ((f"http://127.0.0.1:{be_port}/health", backend), (f"http://127.0.0.1:{up_port}/health", upstream),
@@ -290,23 +295,28 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
             wait_up(url, proc, timeout=300)
         import httpx
 
-        body, answered, probes = None, None, 0
+        # Test-split requests the policy lets the SLM answer (the fake engine says "ok": a text answer), as they
+        # are: the gate embeds each one's real prompting turn, compaction and rendering see real conversations.
+        body, answered, probes = [], set(), 0
         for inv in test:
-            probes += 1  # a request the policy lets the SLM answer (the fake engine says "ok": a text answer)
+            probes += 1
             candidate = {"model": "gpt-4o", "messages": inv.request.messages, "tools": inv.request.tools}
             r = httpx.post(f"http://127.0.0.1:{sv_port}/v1/chat/completions", json=candidate, timeout=60)
             if r.headers.get("x-slmconvert-answered-by") == "slm":
-                body, answered = candidate, r.headers.get("x-slmconvert-site")
-                break
-        if body is None:
+                body.append(candidate)
+                answered.add(r.headers.get("x-slmconvert-site"))
+                if len(body) == bodies:
+                    break
+        gate = httpx.get(f"http://127.0.0.1:{sv_port}/health", timeout=10).json().get("request_gate")
+        if not body:
             raise SystemExit("no test-split request of this workspace is answered by the SLM under its policy "
                              "(the fake engine answers in text): nothing to time on the SLM path")
         direct_body = {"model": "slm", "prompt": "x" * 2000, "max_tokens": 8, "messages": []}
         direct_url = f"http://127.0.0.1:{be_port}/v1/completions"
         serve_url = f"http://127.0.0.1:{sv_port}/v1/chat/completions"
-        asyncio.run(load(serve_url, body, clients, min(100, total), {}))
+        asyncio.run(load(serve_url, body, clients, min(100, total), {}, tag=False))
         direct, d_wall, d_err = asyncio.run(load(direct_url, direct_body, clients, total, {}, rate))
-        via, s_wall, s_err = asyncio.run(load(serve_url, body, clients, total, {}, rate))
+        via, s_wall, s_err = asyncio.run(load(serve_url, body, clients, total, {}, rate, tag=False))
     finally:
         serve.send_signal(signal.SIGINT)
         serve.wait(timeout=120)
@@ -315,15 +325,15 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
             p.wait()
     print(f"{clients} concurrent clients, {total} requests each way{f' at {rate:g} req/s (open loop)' if rate else ''}; "
           f"engine, upstream, serve and load generator in separate processes on {os.cpu_count()} cores; "
-          f"the engine takes {engine_ms:g} ms per answer; serve.gate_overlap={str(overlap).lower()}")
+          f"the engine takes {engine_ms:g} ms per answer; serve.gate_overlap={str(overlap).lower()}; request gate: {gate}")
     print(f"  straight to the SLM engine:   p50 {statistics.median(direct):7.2f} ms  p95 {pct(direct, .95):7.2f} ms  errors {d_err}")
     print(f"  through serve (convert mode): p50 {statistics.median(via):7.2f} ms  p95 {pct(via, .95):7.2f} ms  errors {s_err}")
     records = [json.loads(line) for f in (copy / "serve").glob("calls-*.jsonl") for line in open(f)]
     expected = probes + min(100, total) + total
     print(f"  call log: {len(records)} of {expected} requests logged ({expected - len(records)} lost), "
           f"{sum(r.get('served_by', {}).get('by') == 'slm' for r in records)} answered by the SLM")
-    print(f"  every timed request was answered by the SLM engine (site {answered}; a copy of the workspace whose policy "
-          "lets text answers through, so the SLM path is what is timed)")
+    print(f"  every timed request was answered by the SLM engine ({len(body)} test-split requests in turn, site(s) "
+          f"{', '.join(sorted(answered))}; a copy of the workspace whose policy lets text answers through, so the SLM path is what is timed)")
     print(f"  added by serve: p50 {statistics.median(via) - statistics.median(direct):+.2f} ms  p95 {pct(via, .95) - pct(direct, .95):+.2f} ms "
           "(routing embedding, request gate, compaction and rendering, policy)")
 
@@ -374,6 +384,8 @@ def main() -> None:
     ap.add_argument("--slm-requests", type=int, default=20)
     ap.add_argument("--engine-ms", type=float, default=0.0, help="with --slm-backend: the fake engine's time per answer (generation)")
     ap.add_argument("--no-overlap", action="store_true", help="with --slm-backend: serve.gate_overlap=false (the gate, then the engine)")
+    ap.add_argument("--gate-runtime", choices=["auto", "onnx", "torch"], default="auto", help="with --slm-backend: serve.gate_runtime")
+    ap.add_argument("--bodies", type=int, default=20, help="with --slm-backend: how many different test-split requests are sent in turn")
     ap.add_argument("--role", choices=["bench", "upstream", "backend"], default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -386,7 +398,7 @@ def main() -> None:
 
         uvicorn.run(fake_backend_app(a.engine_ms), host="127.0.0.1", port=a.port, log_level="error")
     elif a.slm_backend:
-        backend_benchmark(a.slm_backend, a.clients, a.requests, a.rate, a.engine_ms, not a.no_overlap)
+        backend_benchmark(a.slm_backend, a.clients, a.requests, a.rate, a.engine_ms, not a.no_overlap, a.gate_runtime, a.bodies)
     elif a.slm:
         slm_benchmark(a.slm, a.slm_requests)
     else:

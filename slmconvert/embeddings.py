@@ -188,3 +188,111 @@ def embed_texts(texts: Sequence[str], embedder: Embedder, cache: EmbeddingCache 
         return np.zeros((0, 0), dtype=np.float32), {"distinct": 0, "cached": 0, "encoded": 0}
     mat = np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
     return mat, {"distinct": len(first), "cached": len(first) - len(missing), "encoded": len(missing)}
+
+
+# Texts that probe an ONNX export against torch before it is used: short, long (past max_seq_length, so
+# truncation is compared), spaces to strip, non-ASCII; embedded together, so padding is compared too.
+_PROBES = ("n12", "  Where is my order? It was due on Monday.  ",
+           "Résumé für Zoë: ünïcödé, emoji 🙂 and numbers 8812-2231 / 4,500.00 USD",
+           " ".join(["a long tool result with many ids ORD-1234 and dates 2024-05-01"] * 40))
+ONNX_TOLERANCE = 1e-4  # largest difference in any vector component accepted between ONNX Runtime and torch
+_ONNX: dict[str, tuple] = {}
+_ONNX_LOCK = threading.Lock()
+
+
+class OnnxEncoder:
+    """`Embedder.encode`'s vectors from ONNX Runtime: the same transformer, exported once with torch.onnx,
+    then mean or CLS pooling and L2 normalisation in numpy. For short texts one at a time (`serve`'s request
+    gate) ONNX Runtime's per-call cost is several times lower than torch's (benchmarks/serve_load.py).
+
+    `build` returns (None, reason) instead of an encoder when onnxruntime or onnx is not installed, the
+    model is not a plain transformer + pooling (+ normalisation) stack, the export fails, or the exported
+    model's vectors differ from torch's on probe texts by more than ONNX_TOLERANCE: the caller keeps torch."""
+
+    def __init__(self, session, model, pooling: str):
+        self.session, self.model, self.pooling = session, model, pooling
+        self.inputs = [i.name for i in session.get_inputs()]
+
+    @classmethod
+    def build(cls, embedder: "Embedder") -> tuple["OnnxEncoder | None", str]:
+        try:
+            import onnx  # noqa: F401  (torch.onnx's exporter needs it)
+            import onnxruntime as ort
+        except ImportError as e:
+            return None, f"{e.name} is not installed (pip install onnxruntime onnx: slmconvert's [onnx] extra)"
+        with _ONNX_LOCK:  # one export per embedding model and process (each engine of a test, every reload)
+            if embedder.key not in _ONNX:
+                _ONNX[embedder.key] = cls._build(embedder, ort)
+            return _ONNX[embedder.key]
+
+    @classmethod
+    def _build(cls, embedder: "Embedder", ort) -> tuple["OnnxEncoder | None", str]:
+        model = embedder.load()
+        modules = [type(m).__name__ for m in model]
+        pooling = getattr(model[1], "pooling_mode", None) if len(model) > 1 else None
+        if modules[:2] != ["Transformer", "Pooling"] or set(modules[2:]) - {"Normalize"} or pooling not in ("mean", "cls"):
+            return None, f"{embedder.name} is {' → '.join(modules)} with {pooling!r} pooling; only transformer → mean or CLS pooling is exported"
+        import tempfile
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="slmconvert-onnx-") as folder:  # the session holds the model; the file goes
+                path = Path(folder) / f"{embedder.key}.onnx"
+                cls._export(model, path)
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = 1  # concurrency comes from the callers' threads; no spinning pool
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 — any exporter or runtime failure means: keep torch
+            return None, f"the ONNX export of {embedder.name} failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        encoder = cls(session, model, pooling)
+        diff = float(np.abs(encoder.encode(list(_PROBES)) - embedder.encode(list(_PROBES))).max())
+        if not diff <= ONNX_TOLERANCE:
+            return None, f"ONNX Runtime's vectors differ from torch's by {diff:.2g} (> {ONNX_TOLERANCE:g})"
+        return encoder, f"ONNX Runtime {ort.__version__} (vectors within {diff:.1g} of torch's)"
+
+    @staticmethod
+    def _export(model, path: Path) -> None:
+        import warnings
+
+        import torch
+
+        class LastHidden(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids, attention_mask):
+                return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+        sample = _features(model, ["an example request"])
+        axes = {"batch": 0, "tokens": 1}
+        dyn = {name: {v: k for k, v in axes.items()} for name in ("input_ids", "attention_mask", "hidden")}
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # the tracer's notes on the model's Python branches: not the user's concern
+            torch.onnx.export(LastHidden(model[0].auto_model.eval()),
+                              (torch.as_tensor(sample["input_ids"]), torch.as_tensor(sample["attention_mask"])), str(path),
+                              input_names=["input_ids", "attention_mask"], output_names=["hidden"], dynamic_axes=dyn,
+                              opset_version=17, dynamo=False)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.session.get_outputs()[0].shape[-1] or 0), dtype=np.float32)
+        feats = _features(self.model, list(texts))
+        mask = feats["attention_mask"]
+        hidden = self.session.run(None, {k: feats[k] for k in self.inputs})[0]
+        if self.pooling == "cls":
+            vecs = hidden[:, 0]
+        else:
+            w = mask[..., None].astype(np.float32)
+            vecs = (hidden * w).sum(axis=1) / np.clip(w.sum(axis=1), 1e-9, None)
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        return (vecs / np.clip(norms, 1e-12, None)).astype(np.float32)
+
+
+def _features(model, texts: list[str]) -> dict[str, np.ndarray]:
+    """Token ids and attention mask exactly as sentence-transformers makes them (stripping, truncation)."""
+    first = model[0]
+    prep = getattr(first, "preprocess", None) or first.tokenize
+    feats = prep(texts)
+    return {k: np.asarray(feats[k].cpu().numpy() if hasattr(feats[k], "cpu") else feats[k], dtype=np.int64)
+            for k in ("input_ids", "attention_mask")}

@@ -85,7 +85,8 @@ def serve(
         engine = SlmEngine(cfg, ws, device=sc.device, max_new_tokens=sc.max_new_tokens or cfg.evaluate.max_new_tokens,
                            backend=sc.slm_backend, backend_sites=sites, backend_timeout_s=sc.slm_backend_timeout_s,
                            batch_size=sc.batch_size, batch_wait_ms=sc.batch_wait_ms, gate_overlap=sc.gate_overlap,
-                           backend_grammar=sc.slm_backend_grammar)
+                           backend_grammar=sc.slm_backend_grammar, max_concurrency=sc.max_concurrency,
+                           gate_runtime=sc.gate_runtime)
         free = engine.unconstrained_backend_sites()
         if free:
             err_console.print(f"[yellow]warning:[/] the SLM backend decodes {', '.join(free)} without the tool-call grammar the "
@@ -103,7 +104,8 @@ def serve(
     import uvicorn
 
     err_console.print(f"slmconvert serve ({sc.mode}) on http://{sc.host}:{sc.port}/v1 — sites: "
-                      f"{', '.join(engine.sites) if engine else 'all forwarded'}; logging to {ws.root / 'serve'}", highlight=False)
+                      f"{', '.join(engine.sites) if engine else 'all forwarded'}; logging to {ws.root / 'serve'}"
+                      + (f"; request gate: {engine.gate_runtime}" if engine is not None and engine.gate_runtime else ""), highlight=False)
     try:
         uvicorn.run(application, host=sc.host, port=sc.port, log_level="warning")
     finally:

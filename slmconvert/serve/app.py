@@ -261,7 +261,8 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
     async def health():
         return {"status": "ok", "mode": settings.mode, "upstream": settings.upstream,
                 "sites": engine.sites if engine is not None else [],
-                "slm_backend_grammar": getattr(engine, "backend_grammar", None) or None, **{k: v for k, v in state.items() if isinstance(v, int)},
+                "slm_backend_grammar": getattr(engine, "backend_grammar", None) or None,
+                "request_gate": getattr(engine, "gate_runtime", None), **{k: v for k, v in state.items() if isinstance(v, int)},
                 "logged": logger.written if logger is not None else None,
                 "log_failures": logger.failed if logger is not None else None,
                 "logged_reduced": logger.reduced if logger is not None else None}

@@ -45,7 +45,8 @@ class Decision:
 class SlmEngine:
     def __init__(self, config, workspace: Workspace, *, device: str | None = None, max_new_tokens: int | None = None,
                  backend: str | None = None, backend_sites: dict[str, dict] | None = None, backend_timeout_s: float = 60.0,
-                 batch_size: int = 8, batch_wait_ms: float = 5.0, gate_overlap: bool = True, backend_grammar: str = "auto"):
+                 batch_size: int = 8, batch_wait_ms: float = 5.0, gate_overlap: bool = True, backend_grammar: str = "auto",
+                 max_concurrency: int = 64, gate_runtime: str = "auto"):
         from slmconvert.cluster.router import load_router
         from slmconvert.compaction import CompactionRecipe
         from slmconvert.evaluate.stage import FAMILIARITY, POLICY, load_summary
@@ -98,19 +99,21 @@ class SlmEngine:
         # The request gate's embeddings likewise: GATE_WORKERS encoder threads; requests that arrive while they
         # embed are embedded together next (no waiting window), so concurrent requests neither oversubscribe the
         # cores with one forward pass each nor pay one pass each (at 40 req/s on 2 cores: saturated vs +14 ms).
-        self._gate = (MicroBatcher(lambda items: list(self.router.embedder.encode([t for _, t in items])), GATE_BATCH, 0.0,
-                                   GATE_WORKERS) if self.familiarity is not None else None)
+        self._gate, self.gate_runtime = None, None
+        if self.familiarity is not None:
+            encode = self._gate_encoder(gate_runtime)
+            self._gate = MicroBatcher(lambda items: list(encode([t for _, t in items])), GATE_BATCH, 0.0, GATE_WORKERS)
         self.batch_size, self.batch_wait_s = batch_size, batch_wait_ms / 1000.0
         self._grammars: dict[str, Any] = {}  # model ref -> ToolGrammars, when the policy was verified constrained
         # An external OpenAI-compatible engine (vLLM, llama-server, Ollama) generates instead of this process:
         # prompts are still compacted and rendered here, and the policy still decides here.
-        self.backend = RemoteSlm(backend, backend_sites or {}, backend_timeout_s) if backend else None
+        self.backend = RemoteSlm(backend, backend_sites or {}, backend_timeout_s, max_concurrency) if backend else None
         # With an engine elsewhere, the gate's embedding (CPU, here) runs while the engine generates.
         self._overlap = None
         if self.backend is not None and gate_overlap:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._overlap = ThreadPoolExecutor(max_workers=64, thread_name_prefix="slm-backend")
+            self._overlap = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="slm-backend")
         if self.backend is None:
             self._load_models()
         else:
@@ -134,6 +137,23 @@ class SlmEngine:
                     raise StageError(f"the SLM backend's sites file gives site {site} the grammar {kind!r}; known: "
                                      f"{', '.join(ENGINE_GRAMMARS)}")
                 self.backend_grammar[site] = kind if self.policy.doc.get("constrained_decoding") else "none"
+
+    def _gate_encoder(self, runtime: str):
+        """The request gate's encoder (serve.gate_runtime); sets self.gate_runtime to what it is, and why."""
+        from slmconvert.embeddings import OnnxEncoder
+
+        embedder = self.router.embedder
+        if runtime != "torch":
+            encoder, why = OnnxEncoder.build(embedder)
+            if encoder is not None:
+                self.gate_runtime = f"onnx: {why}"
+                return encoder.encode
+            if runtime == "onnx":
+                raise StageError(f"serve.gate_runtime is onnx, but {why}; set it to auto or torch to embed with torch")
+            self.gate_runtime = f"torch ({why})"
+        else:
+            self.gate_runtime = "torch (serve.gate_runtime)"
+        return embedder.encode
 
     def unconstrained_backend_sites(self) -> list[str]:
         """Sites whose policy was verified with the tool-call grammar but whose external engine decodes freely."""
@@ -402,12 +422,15 @@ class RemoteSlm:
     adapter id there is sent as llama-server's per-request `lora`. Where the policy was verified with the
     tool-call grammar, the engine is sent it too (`grammar`: slmconvert.constrained.EngineGrammar)."""
 
-    def __init__(self, url: str, sites: dict[str, dict], timeout_s: float):
+    def __init__(self, url: str, sites: dict[str, dict], timeout_s: float, connections: int = 64):
         import httpx
 
         self.url = url.rstrip("/")
         self.sites = sites
-        self.client = httpx.Client(timeout=timeout_s)
+        # One kept-alive connection per request serve lets in at once (httpx keeps 20 by default: past 20 requests
+        # in flight, each would open a new connection to the engine).
+        self.client = httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=connections,
+                                                                          max_keepalive_connections=connections))
         self.timeout_s = timeout_s
         self.root = self.url[:-3] if self.url.endswith("/v1") else self.url  # Ollama's native API is beside /v1
         apis = {info.get("api") for info in sites.values() if isinstance(info, dict)}

@@ -91,3 +91,40 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers(tuned_ws, t
     assert got_sim == pytest.approx(want_sim, abs=1e-4)
     gate_batches = engine._gate.batches[before:]
     assert sum(gate_batches) == len(asked) and max(gate_batches) > 1
+
+
+def test_the_onnx_gate_gives_torch_vectors_and_without_onnxruntime_serve_says_so(tuned_ws, tmp_path, monkeypatch):
+    """serve.gate_runtime: ONNX Runtime embeds the request gate's texts to the vectors torch gives (the
+    familiarity references were made with torch); where onnxruntime is missing, auto falls back to torch
+    and says why, and onnx asked for explicitly is a clear error."""
+    import sys
+
+    import numpy as np
+
+    from slmconvert import embeddings
+    from slmconvert.errors import StageError
+    from slmconvert.evaluate.stage import run as evaluate
+    from slmconvert.serve.engine import SlmEngine
+    from slmconvert.store import load_invocations
+    from tests.evaluate.conftest import copy_ws
+
+    pytest.importorskip("onnxruntime")
+    ws, cfg = copy_ws(tuned_ws, tmp_path)
+    evaluate(cfg, Workspace(ws))
+    onnx = SlmEngine(cfg, Workspace(ws), max_new_tokens=4)
+    torch_gate = SlmEngine(cfg, Workspace(ws), max_new_tokens=4, gate_runtime="torch")
+    assert onnx.gate_runtime.startswith("onnx: ONNX Runtime") and torch_gate.gate_runtime.startswith("torch")
+    texts = ["n1", "  Where is my order?  ", "Zoë's résumé 🙂", "a long tool result ORD-1234 " * 80, " "]
+    encoder, _ = embeddings.OnnxEncoder.build(onnx.router.embedder)
+    got, want = encoder.encode(texts), onnx.router.embedder.encode(texts)  # one padded batch, truncation included
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 1e-4
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    site = sorted(onnx.adapters)[0]
+    for inv in load_invocations(Workspace(ws), "collect")[:8]:
+        assert onnx.familiarity_of(site, inv.request.messages) == pytest.approx(torch_gate.familiarity_of(site, inv.request.messages), abs=1e-4)
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as on a machine without it
+    fallback = SlmEngine(cfg, Workspace(ws), max_new_tokens=4)
+    assert fallback.gate_runtime.startswith("torch (onnxruntime is not installed (pip install onnxruntime onnx")
+    with pytest.raises(StageError, match="serve.gate_runtime is onnx, but onnxruntime is not installed"):
+        SlmEngine(cfg, Workspace(ws), max_new_tokens=4, gate_runtime="onnx")
