@@ -7,6 +7,8 @@ workspace (`clusters/router.joblib` + a readable `router.json`) for `evaluate` a
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,13 +43,19 @@ def request_features(templates: Sequence[str], tool_sets: Sequence[Sequence[str]
     return np.hstack([vecs, tool_features(tool_sets)])
 
 
+ROUTE_MEMO = 4096  # request signatures whose routing a Router keeps
+
+
 class Router:
     def __init__(self, estimator: SiteRouter, embedding_model: str, meta: dict[str, Any] | None = None,
                  max_seq_length: int | None = None):
         self.estimator = estimator
         self.embedder = Embedder(embedding_model, max_seq_length=max_seq_length)
         self.meta = meta or {}
-        self._memo: dict[tuple, np.ndarray] = {}
+        # signature -> (site, probability): a serving process sees the same few system prompts and tool sets
+        # over and over; bounded, least recently used first out, for agents whose system prompts vary.
+        self._memo: OrderedDict[tuple, tuple[str, float]] = OrderedDict()
+        self._memo_lock = threading.Lock()
 
     @property
     def sites(self) -> list[str]:
@@ -55,14 +63,22 @@ class Router:
 
     def route_many(self, requests: Sequence[tuple[list[dict], list[dict] | None]]) -> list[tuple[str, float]]:
         sigs = [request_signature(m, t) for m, t in requests]
-        missing = [s for s in dict.fromkeys(sigs) if s not in self._memo]
+        with self._memo_lock:
+            known = {s: self._memo[s] for s in dict.fromkeys(sigs) if s in self._memo}
+            for s in known:
+                self._memo.move_to_end(s)
+        missing = [s for s in dict.fromkeys(sigs) if s not in known]
         if missing:
             X = request_features([s[0] for s in missing], [s[1] for s in missing], self.embedder)
-            for s, row in zip(missing, X):
-                self._memo[s] = row
-        proba = self.estimator.predict_proba(np.stack([self._memo[s] for s in sigs]))
-        best = np.argmax(proba, axis=1)
-        return [(str(self.estimator.classes_[b]), float(proba[i, b])) for i, b in enumerate(best)]
+            proba = self.estimator.predict_proba(X)
+            best = np.argmax(proba, axis=1)
+            routed = {s: (str(self.estimator.classes_[b]), float(proba[i, b])) for i, (s, b) in enumerate(zip(missing, best))}
+            known.update(routed)
+            with self._memo_lock:
+                self._memo.update(routed)
+                while len(self._memo) > ROUTE_MEMO:
+                    self._memo.popitem(last=False)
+        return [known[s] for s in sigs]
 
     def route(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, float]:
         return self.route_many([(messages, tools)])[0]

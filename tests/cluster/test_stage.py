@@ -99,6 +99,23 @@ def test_router_routes_new_requests(demo_ws):
                                      {"role": "user", "content": "Can I take Friday off?"}])
     assert site == hr_site and confidence > 0.5
 
+    # serve routes every request: known signatures are answered from a bounded memo, in the order asked,
+    # with the answers a fresh router gives; system prompts that vary without end do not grow it past its bound
+    from slmconvert.cluster import router as routing
+
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
+    ask = [([{"role": "system", "content": f"You are the {w} agent of {'HR' if i % 2 else 'the shop'}."},
+             {"role": "user", "content": "Hello?"}], None) for i, w in enumerate(words)]
+    fresh = [load_router(Workspace(ws).stage_dir("cluster")).route(m, t) for m, t in ask]
+    old_bound, routing.ROUTE_MEMO = routing.ROUTE_MEMO, 5
+    try:
+        for got, want in ((router.route_many(ask), fresh), (router.route_many(ask[::-1]), fresh[::-1])):
+            assert [s for s, _ in got] == [s for s, _ in want]
+            assert [p for _, p in got] == pytest.approx([p for _, p in want], abs=1e-5)  # batched vs one by one
+        assert len(router._memo) == 5
+    finally:
+        routing.ROUTE_MEMO = old_bound
+
 
 def test_rerun_is_skipped_and_forced_rerun_embeds_nothing(demo_ws):
     from slmconvert.cluster.stage import run
