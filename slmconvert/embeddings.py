@@ -219,7 +219,7 @@ class OnnxEncoder:
             import onnx  # noqa: F401  (torch.onnx's exporter needs it)
             import onnxruntime as ort
         except ImportError as e:
-            return None, f"{e.name} is not installed (pip install onnxruntime onnx: slmconvert's [onnx] extra)"
+            return None, f"{e.name} is not installed (pip install onnxruntime onnx, or slmconvert's onnx extra)"
         with _ONNX_LOCK:  # one export per embedding model and process (each engine of a test, every reload)
             if embedder.key not in _ONNX:
                 _ONNX[embedder.key] = cls._build(embedder, ort)

@@ -102,10 +102,11 @@ def serve(
                              upstream_timeout_s=sc.upstream_timeout_s)
     application = create_app(settings, engine=engine, logger=logger)
     import uvicorn
+    from rich.markup import escape
 
     err_console.print(f"slmconvert serve ({sc.mode}) on http://{sc.host}:{sc.port}/v1 — sites: "
                       f"{', '.join(engine.sites) if engine else 'all forwarded'}; logging to {ws.root / 'serve'}"
-                      + (f"; request gate: {engine.gate_runtime}" if engine is not None and engine.gate_runtime else ""), highlight=False)
+                      + (f"; request gate: {escape(engine.gate_runtime)}" if engine is not None and engine.gate_runtime else ""), highlight=False)
     try:
         uvicorn.run(application, host=sc.host, port=sc.port, log_level="warning")
     finally:
