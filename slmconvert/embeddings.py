@@ -265,8 +265,7 @@ class OnnxEncoder:
                 return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
         sample = _features(model, ["an example request"])
-        axes = {"batch": 0, "tokens": 1}
-        dyn = {name: {v: k for k, v in axes.items()} for name in ("input_ids", "attention_mask", "hidden")}
+        dyn = {name: {0: "batch", 1: "tokens"} for name in ("input_ids", "attention_mask", "hidden")}
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the tracer's notes on the model's Python branches: not the user's concern
             torch.onnx.export(LastHidden(model[0].auto_model.eval()),

@@ -98,7 +98,8 @@ class SlmEngine:
         self._batchers: dict[str, MicroBatcher] = {}
         # The request gate's embeddings likewise: GATE_WORKERS encoder threads; requests that arrive while they
         # embed are embedded together next (no waiting window), so concurrent requests neither oversubscribe the
-        # cores with one forward pass each nor pay one pass each (at 40 req/s on 2 cores: saturated vs +14 ms).
+        # cores with one forward pass each nor pay one pass each. What embeds is serve.gate_runtime (ONNX Runtime
+        # when installed: about half torch's time per request here; benchmarks/serve_load.py).
         self._gate, self.gate_runtime = None, None
         if self.familiarity is not None:
             encode = self._gate_encoder(gate_runtime)
