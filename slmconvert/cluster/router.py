@@ -63,11 +63,12 @@ class Router:
 
     def route_many(self, requests: Sequence[tuple[list[dict], list[dict] | None]]) -> list[tuple[str, float]]:
         sigs = [request_signature(m, t) for m, t in requests]
+        distinct = list(dict.fromkeys(sigs))
         with self._memo_lock:
-            known = {s: self._memo[s] for s in dict.fromkeys(sigs) if s in self._memo}
+            known = {s: self._memo[s] for s in distinct if s in self._memo}
             for s in known:
                 self._memo.move_to_end(s)
-        missing = [s for s in dict.fromkeys(sigs) if s not in known]
+        missing = [s for s in distinct if s not in known]
         if missing:
             X = request_features([s[0] for s in missing], [s[1] for s in missing], self.embedder)
             proba = self.estimator.predict_proba(X)

@@ -102,7 +102,7 @@ class SlmEngine:
         # when installed: about half torch's time per request here; benchmarks/serve_load.py).
         self._gate, self.gate_runtime = None, None
         if self.familiarity is not None:
-            encode = self._gate_encoder(gate_runtime)
+            encode, self.gate_runtime = self._gate_encoder(gate_runtime)
             self._gate = MicroBatcher(lambda items: list(encode([t for _, t in items])), GATE_BATCH, 0.0, GATE_WORKERS)
         self.batch_size, self.batch_wait_s = batch_size, batch_wait_ms / 1000.0
         self._grammars: dict[str, Any] = {}  # model ref -> ToolGrammars, when the policy was verified constrained
@@ -140,21 +140,18 @@ class SlmEngine:
                 self.backend_grammar[site] = kind if self.policy.doc.get("constrained_decoding") else "none"
 
     def _gate_encoder(self, runtime: str):
-        """The request gate's encoder (serve.gate_runtime); sets self.gate_runtime to what it is, and why."""
+        """(encode, what it is and why) for the request gate, by serve.gate_runtime."""
         from slmconvert.embeddings import OnnxEncoder
 
         embedder = self.router.embedder
-        if runtime != "torch":
-            encoder, why = OnnxEncoder.build(embedder)
-            if encoder is not None:
-                self.gate_runtime = f"onnx: {why}"
-                return encoder.encode
-            if runtime == "onnx":
-                raise StageError(f"serve.gate_runtime is onnx, but {why}; set it to auto or torch to embed with torch")
-            self.gate_runtime = f"torch ({why})"
-        else:
-            self.gate_runtime = "torch (serve.gate_runtime)"
-        return embedder.encode
+        if runtime == "torch":
+            return embedder.encode, "torch (serve.gate_runtime)"
+        encoder, why = OnnxEncoder.build(embedder)
+        if encoder is not None:
+            return encoder.encode, f"onnx: {why}"
+        if runtime == "onnx":
+            raise StageError(f"serve.gate_runtime is onnx, but {why}; set it to auto or torch to embed with torch")
+        return embedder.encode, f"torch ({why})"
 
     def unconstrained_backend_sites(self) -> list[str]:
         """Sites whose policy was verified with the tool-call grammar but whose external engine decodes freely."""
