@@ -195,6 +195,8 @@ def embed_texts(texts: Sequence[str], embedder: Embedder, cache: EmbeddingCache 
 _PROBES = ("n12", "  Where is my order? It was due on Monday.  ",
            "Résumé für Zoë: ünïcödé, emoji 🙂 and numbers 8812-2231 / 4,500.00 USD",
            " ".join(["a long tool result with many ids ORD-1234 and dates 2024-05-01"] * 40))
+ONNX_OPSET = 17
+ONNX_EXPORT_VERSION = 1  # raise when _export changes what it writes: cached exports of the old form are not reused
 ONNX_TOLERANCE = 1e-4  # largest difference in any vector component accepted between ONNX Runtime and torch
 _ONNX: dict[str, tuple] = {}
 _ONNX_LOCK = threading.Lock()
@@ -232,23 +234,55 @@ class OnnxEncoder:
         pooling = getattr(model[1], "pooling_mode", None) if len(model) > 1 else None
         if modules[:2] != ["Transformer", "Pooling"] or set(modules[2:]) - {"Normalize"} or pooling not in ("mean", "cls"):
             return None, f"{embedder.name} is {' → '.join(modules)} with {pooling!r} pooling; only transformer → mean or CLS pooling is exported"
-        import tempfile
-
+        cached = _onnx_cache_path(model)
+        if cached is not None and cached.exists():
+            try:
+                encoder = cls(cls._session(ort, cached), model, pooling)
+                diff = _probe_diff(encoder, embedder)
+            except Exception:  # noqa: BLE001 — unreadable (half-copied, written by another onnxruntime): export afresh
+                diff = None
+            if diff is not None and diff <= ONNX_TOLERANCE:
+                return encoder, f"ONNX Runtime {ort.__version__}, cached export (vectors within {diff:.1g} of torch's)"
+            _discard(cached)
         try:
-            with tempfile.TemporaryDirectory(prefix="slmconvert-onnx-") as folder:  # the session holds the model; the file goes
-                path = Path(folder) / f"{embedder.key}.onnx"
-                cls._export(model, path)
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = 1  # concurrency comes from the callers' threads; no spinning pool
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            encoder = cls(cls._export_session(ort, model, embedder.key, cached), model, pooling)
         except Exception as e:  # noqa: BLE001 — any exporter or runtime failure means: keep torch
             return None, f"the ONNX export of {embedder.name} failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
-        encoder = cls(session, model, pooling)
-        diff = float(np.abs(encoder.encode(list(_PROBES)) - embedder.encode(list(_PROBES))).max())
+        diff = _probe_diff(encoder, embedder)
         if not diff <= ONNX_TOLERANCE:
             return None, f"ONNX Runtime's vectors differ from torch's by {diff:.2g} (> {ONNX_TOLERANCE:g})"
         return encoder, f"ONNX Runtime {ort.__version__} (vectors within {diff:.1g} of torch's)"
+
+    @staticmethod
+    def _session(ort, path: Path):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # concurrency comes from the callers' threads; no spinning pool
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    @classmethod
+    def _export_session(cls, ort, model, key: str, cached: Path | None):
+        """Export, keep the file in the cache when it can be written (atomically: a rename), and open it."""
+        import tempfile
+
+        if cached is not None:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", suffix=".tmp", dir=cached.parent)
+                os.close(fd)
+            except OSError:  # a read-only or full cache folder: export to a temporary folder, as without a cache
+                cached = None
+            else:
+                try:
+                    cls._export(model, Path(tmp))
+                    os.replace(tmp, cached)
+                finally:
+                    _discard(Path(tmp))
+                return cls._session(ort, cached)
+        with tempfile.TemporaryDirectory(prefix="slmconvert-onnx-") as folder:  # the session holds the model; the file goes
+            path = Path(folder) / f"{key}.onnx"
+            cls._export(model, path)
+            return cls._session(ort, path)
 
     @staticmethod
     def _export(model, path: Path) -> None:
@@ -271,7 +305,7 @@ class OnnxEncoder:
             torch.onnx.export(LastHidden(model[0].auto_model.eval()),
                               (torch.as_tensor(sample["input_ids"]), torch.as_tensor(sample["attention_mask"])), str(path),
                               input_names=["input_ids", "attention_mask"], output_names=["hidden"], dynamic_axes=dyn,
-                              opset_version=17, dynamo=False)
+                              opset_version=ONNX_OPSET, dynamo=False)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -286,6 +320,38 @@ class OnnxEncoder:
             vecs = (hidden * w).sum(axis=1) / np.clip(w.sum(axis=1), 1e-9, None)
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         return (vecs / np.clip(norms, 1e-12, None)).astype(np.float32)
+
+
+def _onnx_cache_path(model) -> Path | None:
+    """Where the export of these exact weights by this torch is kept (under the user cache folder), or None
+    (SLMCONVERT_ONNX_CACHE=0). Exporting costs ~8 s at every serve start; a kept file is checked against
+    torch on the probe texts at each load like a fresh export, and exported again when it disagrees."""
+    if os.environ.get("SLMCONVERT_ONNX_CACHE", "1").lower() in ("0", "false", "no"):
+        return None
+    import hashlib
+
+    import torch
+
+    from slmconvert.models.loading import cache_root
+
+    digest = hashlib.sha256(f"{torch.__version__}|opset{ONNX_OPSET}|{ONNX_EXPORT_VERSION}".encode())
+    for name, tensor in model[0].auto_model.state_dict().items():  # the weights themselves: ~0.1 s for MiniLM
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return cache_root() / "onnx" / f"{type(model[0].auto_model).__name__}-{digest.hexdigest()[:20]}.onnx"
+
+
+def _probe_diff(encoder: OnnxEncoder, embedder: Embedder) -> float:
+    """The largest difference between the encoder's and torch's vectors on the probe texts."""
+    return float(np.abs(encoder.encode(list(_PROBES)) - embedder.encode(list(_PROBES))).max())
+
+
+def _discard(path: Path | None) -> None:
+    if path is not None:
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 def _features(model, texts: list[str]) -> dict[str, np.ndarray]:

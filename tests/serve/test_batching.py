@@ -128,3 +128,45 @@ def test_the_onnx_gate_gives_torch_vectors_and_without_onnxruntime_serve_says_so
     assert fallback.gate_runtime.startswith("torch (onnxruntime is not installed (pip install onnxruntime onnx")
     with pytest.raises(StageError, match="serve.gate_runtime is onnx, but onnxruntime is not installed"):
         SlmEngine(cfg, Workspace(ws), max_new_tokens=4, gate_runtime="onnx")
+
+
+def test_the_onnx_export_is_kept_per_weights_and_a_bad_kept_file_is_exported_again(tmp_path, monkeypatch):
+    """serve starts without re-exporting the gate's model when the same weights were exported before (the
+    user cache folder); a kept file that no longer loads is replaced, not trusted; other weights get their own."""
+    import torch
+
+    from slmconvert import embeddings
+
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("SLMCONVERT_CACHE", str(tmp_path / "cache"))
+    embedder = embeddings.Embedder(embeddings.DEFAULT_EMBEDDING_MODEL)
+    texts = ["Where is my order ORD-1234?", "Zoë's résumé"]
+
+    def fresh_build():
+        monkeypatch.setattr(embeddings, "_ONNX", {})  # as a new serve process
+        encoder, why = embeddings.OnnxEncoder.build(embedder)
+        assert encoder is not None, why
+        assert abs(encoder.encode(texts) - embedder.encode(texts)).max() < 1e-4
+        return why
+
+    assert "cached" not in fresh_build()
+    kept = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    assert len(kept) == 1 and kept[0].stat().st_size > 1_000_000
+    assert not [p for p in kept[0].parent.iterdir() if p.name.endswith(".tmp")]  # no half-written file left
+    assert "cached export" in fresh_build()
+
+    kept[0].write_bytes(b"not an onnx model")  # e.g. a cache folder copied half-way
+    assert "cached" not in fresh_build()
+    assert kept[0].stat().st_size > 1_000_000
+
+    weights = embedder.load()[0].auto_model.embeddings.word_embeddings.weight
+    before = embeddings._onnx_cache_path(embedder.load())
+    with torch.no_grad():
+        weights[0, 0] += 1.0
+    try:
+        assert embeddings._onnx_cache_path(embedder.load()) != before
+    finally:
+        with torch.no_grad():
+            weights[0, 0] -= 1.0
+    monkeypatch.setenv("SLMCONVERT_ONNX_CACHE", "0")
+    assert embeddings._onnx_cache_path(embedder.load()) is None
