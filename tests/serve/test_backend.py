@@ -13,7 +13,9 @@ from slmconvert.workspace import Workspace
 from tests.serve.conftest import Uvicorn
 
 
-def fake_backend(seen: list, status: int = 200):
+def fake_backend(seen: list, status: int = 200, delay_s: float = 0.0):
+    import asyncio
+
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
@@ -22,6 +24,7 @@ def fake_backend(seen: list, status: int = 200):
     @app.post("/v1/completions")
     async def completions(body: dict):
         seen.append(body)
+        await asyncio.sleep(delay_s)
         if status != 200:
             return JSONResponse({"error": {"message": "model slm-x is not loaded"}}, status_code=status)
         return {"id": "cmpl-1", "object": "text_completion", "model": body["model"],
@@ -115,6 +118,10 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
     engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend="http://127.0.0.1:9/v1", backend_timeout_s=2)
     d = engine.answer(ours.request.messages, None)
     assert not d.use_slm and "unreachable" in d.reason
+    with Uvicorn(fake_backend([], delay_s=3.0)) as backend:  # up, but slower than serve.slm_backend_timeout_s
+        engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1", backend_timeout_s=0.5)
+        d = engine.answer(ours.request.messages, None)
+    assert not d.use_slm and "did not answer within 0.5 s" in d.reason
 
     # The request gate refuses: the LLM answers either way. With gate_overlap (the default) the engine was
     # asked while the gate embedded the request and its answer is dropped; without it, never asked.
