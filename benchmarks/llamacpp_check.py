@@ -10,6 +10,18 @@ llama.cpp. The same requests go through the in-process transformers adapter. Pri
 whether the two answers agree on kind (text / tool), tool name and arguments.
 The base GGUF of the packaged SmolLM2 is Q4_1-quantised while the adapter was trained on its
 dequantised weights, so a few greedy answers may differ: the script reports how many.
+
+    HF_HUB_OFFLINE=1 python benchmarks/llamacpp_check.py workspace/quickstart --server [--requests 10]
+
+`--server` (needs `pip install 'llama-cpp-python[server]'`) runs the export in a real OpenAI-compatible
+server instead of the bindings: llama-cpp-python's `llama_cpp.server`, one model per site (the export's
+base GGUF + the site's GGUF LoRA, under the export's model name), in its own process. It checks
+`serve --slm-backend` against it over HTTP: the held-out requests through serve's engine with the real
+server generating vs the in-process adapter decoding freely (that server applies a `grammar` from the
+first token, not lazily from `<tool_call>` as llama-server does, so no grammar is sent:
+`slm_backend_grammar: none`), then through a `slmconvert serve` process with the official `openai` client,
+streamed, on a copy of the workspace whose policy lets every answer through: each answer arrives whole
+and equals the engine's.
 """
 
 from __future__ import annotations
@@ -29,7 +41,10 @@ def main() -> None:
     ap.add_argument("workspace")
     ap.add_argument("--requests", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--server", action="store_true", help="the export in llama_cpp.server, with serve in front (see above)")
     args = ap.parse_args()
+    if args.server:
+        return server_check(args.workspace, args.requests, args.max_new_tokens)
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -149,6 +164,136 @@ def main() -> None:
     print(f"with the GBNF serve sends llama-server (lazy, from `<tool_call>`; used on {grammar_used} answers): {agree_g} of "
           f"{len(test)} answer as the workspace adapter under its grammar; invalid calls (unknown tool, schema, JSON): "
           f"{invalid_g} with the GBNF, {invalid_free} without")
+
+
+def _answer_key(d):
+    if d.response is None:
+        return None
+    return [(c.name, c.arguments) for c in d.response.tool_calls] or ("text", (d.response.content or "")[:60])
+
+
+def server_check(workspace: str, requests: int, max_new_tokens: int) -> None:
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError:
+        raise SystemExit("llama-cpp-python's server is not installed: pip install 'llama-cpp-python[server]'")
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    import openai
+    import pyarrow.parquet as pq
+
+    from benchmarks.serve_load import free_port, wait_up
+    from slmconvert.config import load_config
+    from slmconvert.export import export
+    from slmconvert.serve.engine import SlmEngine
+    from slmconvert.store import load_invocations
+    from slmconvert.workspace import Workspace
+
+    ws = Workspace(workspace)
+    cfg = load_config(None, [f"workspace={json.dumps(workspace)}"])
+    tmp = Path(tempfile.mkdtemp())
+    out = tmp / "export"
+    manifest = export(ws, "llamacpp", out, cfg)
+    port = free_port()
+    # one model per site, named as the export names it (what serve asks for); the server swaps models on demand
+    server_cfg = {"host": "127.0.0.1", "port": port, "models": [
+        {"model": info["base_gguf"], "model_alias": info["model"], "lora_path": str(out / info["lora"]), "n_ctx": 4096,
+         "logits_all": True, "verbose": False} for site, info in sorted(manifest["sites"].items())]}
+    (tmp / "server.json").write_text(json.dumps(server_cfg))
+    sites = {site: {"model": info["model"], "grammar": "none"} for site, info in manifest["sites"].items()}
+    (tmp / "sites.json").write_text(json.dumps(sites))
+    log = open(tmp / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--config_file", str(tmp / "server.json")],
+                              stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    served = None
+    try:
+        wait_up(f"{url}/models", server, timeout=300)
+        print(f"llama_cpp.server {llama_cpp.__version__} on {url}: {', '.join(m['model_alias'] for m in server_cfg['models'])}")
+        local = SlmEngine(cfg, ws, max_new_tokens=max_new_tokens)
+        local._grammars = {}  # decoded freely, as the server decodes without a grammar
+        remote = SlmEngine(cfg, ws, max_new_tokens=max_new_tokens, backend=url, backend_sites=sites)
+        for e in (local, remote):  # every request generates: this compares answers, whatever the policy would return
+            e.policy.servable = lambda site: True
+            e.policy.admit = lambda site, similarity: None
+        by_id = {i.id: i for i in load_invocations(ws, ws.invocation_stage())}
+        test = [by_id[a["invocation_id"]] for a in pq.read_table(ws.stage_dir("cluster") / "assignments.parquet").to_pylist()
+                if a["split"] == "test" and a["invocation_id"] in by_id and a["site"] in manifest["sites"]][:requests]
+        same, failed, engine_answers = 0, 0, {}
+        for inv in test:
+            a, b = local.answer(inv.request.messages, inv.request.tools), remote.answer(inv.request.messages, inv.request.tools)
+            if b.response is None:
+                failed += 1
+                print(f"  {inv.id[:10]} {b.site}: the server gave no answer: {b.reason}")
+                continue
+            same += _answer_key(a) == _answer_key(b)
+            engine_answers[inv.id] = b
+            print(f"  {inv.id[:10]} {b.site}: server {_answer_key(b)} ({b.completion_tokens} tokens, confidence "
+                  f"{b.confidence if b.confidence is None else round(b.confidence, 3)})\n      in-process: "
+                  f"{'same' if _answer_key(a) == _answer_key(b) else _answer_key(a)}")
+        print(f"serve's engine with llama_cpp.server generating: {len(test) - failed} of {len(test)} answered "
+              f"({sum(d.confidence is not None for d in engine_answers.values())} with token log-probabilities for the "
+              f"policy); {same} the same as the in-process adapter decoding freely (kind, tool name, arguments)")
+
+        # the whole path: a serve process in front of the server, the openai client streaming
+        copy = tmp / "ws"
+        shutil.copytree(workspace, copy, ignore=shutil.ignore_patterns("serve"))
+        policy_path = copy / "eval" / "policy.json"
+        policy = json.loads(policy_path.read_text())
+        for site, gate in policy.get("requests", {}).items():
+            gate["min_similarity"] = None
+        keys = {(site, d.task) for d in engine_answers.values() for site in [d.site]}
+        for site, key in keys:
+            policy.setdefault("rules", {}).setdefault(site, {})[key] = {"action": "slm", "min_confidence": None,
+                                                                       "reason": "opened for this check"}
+        policy_path.write_text(json.dumps(policy))
+        sv_port = free_port()
+        served = subprocess.Popen([sys.executable, "-m", "slmconvert", "serve", "-w", str(copy), "--mode", "convert", "--no-auth",
+                                   "--port", str(sv_port), "--slm-backend", url, "--slm-backend-sites", str(tmp / "sites.json"),
+                                   "--set", f"serve.max_new_tokens={max_new_tokens}", "--set", "serve.slm_backend_grammar=none"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ),
+                                  cwd=Path(__file__).resolve().parents[1])
+        wait_up(f"http://127.0.0.1:{sv_port}/health", served, timeout=300)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{sv_port}/v1", api_key="unused")
+        whole = by_slm = 0
+        for inv in test:
+            want = engine_answers.get(inv.id)
+            if want is None or want.task is None:
+                continue
+            try:
+                raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=inv.request.messages,
+                                                                       tools=inv.request.tools or openai.NOT_GIVEN, stream=True)
+            except openai.APIStatusError as e:  # the policy sent it to the LLM (an invalid call): no upstream here
+                print(f"  {inv.id[:10]}: not answered by the SLM (HTTP {e.status_code}: {str(e.message)[:120]})")
+                continue
+            by_slm += raw.headers.get("x-slmconvert-answered-by") == "slm"
+            text, calls = "", {}
+            for chunk in raw.parse():
+                delta = chunk.choices[0].delta if chunk.choices else None
+                if delta is None:
+                    continue
+                text += delta.content or ""
+                for tc in delta.tool_calls or []:
+                    entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                    entry["name"] += (tc.function.name or "") if tc.function else ""
+                    entry["arguments"] += (tc.function.arguments or "") if tc.function else ""
+            got = [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] or ("text", text[:60])
+            whole += got == _answer_key(want)
+        asked = sum(1 for d in engine_answers.values() if d.task is not None)
+        print(f"through `slmconvert serve --slm-backend {url}` with the openai client, streamed: {by_slm} of {asked} answered "
+              f"by the SLM, {whole} of {asked} streamed whole and equal to the engine's answer above")
+    finally:
+        for proc in (served, server):
+            if proc is not None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        log.close()
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ def _write_vllm(models: list[SiteModel], out: Path) -> dict[str, Any]:
             modules.append(f"{m.name}=adapters/{m.name}")
             sites[m.site] = {"model": m.name, "base": base, "port": port, "url": f"http://localhost:{port}/v1",
                              "adapter": f"adapters/{m.name}", "lora_rank": int(cfg.get("r", 0)),
-                             "grammar": "structural_tag", "api": "openai"}
+                             "grammar": "structural_tag", "api": "openai", "engine": "vllm"}
         first = members[0][0]
         parser = _tool_parser(first)
         template = f"adapters/{first.name}/chat_template.jinja" if (first.weights / "chat_template.jinja").exists() else None
@@ -292,7 +292,7 @@ def _write_llamacpp(models: list[SiteModel], out: Path, config) -> dict[str, Any
         for i, m in enumerate(members):
             sites[m.site] = {"model": m.name, "lora_id": i, "lora": f"gguf/{m.name}.gguf", "port": port,
                              "url": f"http://localhost:{port}/v1", "base_gguf": base,
-                             "grammar": "gbnf", "api": "openai"}
+                             "grammar": "gbnf", "api": "openai", "engine": "llamacpp"}
         if gguf_base is None:
             readme += [f"The base model {model} has no GGUF on this machine: convert it once with llama.cpp "
                        f"(`python convert_hf_to_gguf.py {base_reference(members[0])} --outfile {base}`).", ""]
@@ -347,11 +347,12 @@ def _write_ollama(models: list[SiteModel], out: Path, config) -> dict[str, Any]:
         if template:
             lines.append(f'TEMPLATE """{template}"""')
         lines += [f'PARAMETER stop "{s}"' for s in stops]
+        lines += ["PARAMETER temperature 0", "PARAMETER repeat_penalty 1"]  # greedy, as verified (Ollama's default: 1.1)
         write_text_atomic(d / "Modelfile", "\n".join(lines) + "\n")
         commands.append(f"ollama create {m.name} -f ollama/{m.name}/Modelfile")
         sites[m.site] = {"model": m.name, "modelfile": f"ollama/{m.name}/Modelfile", "url": "http://localhost:11434/v1",
                          "template": "chatml" if template else "from the base GGUF", "grammar": "none",
-                         "api": "ollama"}
+                         "api": "ollama", "engine": "ollama"}
     write_text_atomic(out / "create.sh", "#!/usr/bin/env bash\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n" + "\n".join(commands) + "\n")
     (out / "create.sh").chmod(0o755)
     readme = ["Create one Ollama model per call site:", "", "    bash create.sh", "",

@@ -435,6 +435,12 @@ class RemoteSlm:
         self.root = self.url[:-3] if self.url.endswith("/v1") else self.url  # Ollama's native API is beside /v1
         apis = {info.get("api") for info in sites.values() if isinstance(info, dict)}
         self.api = "ollama" if "ollama" in apis else "openai" if apis - {None} else self._probe()
+        self.engine = "ollama" if self.api == "ollama" else _engine_of(sites)
+        # Greedy with no penalties, said explicitly: the policy was verified on plain greedy decoding, and engines'
+        # defaults differ (llama-cpp-python's server and Ollama penalise repeats at 1.1; vLLM takes a model's
+        # generation_config, e.g. Qwen2.5's 1.05). Only the engine's own names are sent where it is known (vLLM logs
+        # every field it does not know); an unknown engine gets both names.
+        self.greedy = dict(NEUTRAL_SAMPLING[self.engine or "unknown"])
 
     def _probe(self) -> str:
         """ollama when the server answers Ollama's `/api/version`, else openai (the default; nothing is sent on failure)."""
@@ -460,10 +466,12 @@ class RemoteSlm:
         if self.api == "ollama":
             url = self.root + "/api/generate"
             body: dict[str, Any] = {"model": model, "prompt": prompt, "raw": True, "stream": False, "logprobs": True,
-                                    "options": {"temperature": 0, "num_predict": max_new_tokens, **({"stop": stops} if stops else {})}}
+                                    "options": {"temperature": 0, "num_predict": max_new_tokens, **self.greedy,
+                                                **({"stop": stops} if stops else {})}}
         else:
             url = self.url + "/completions"
-            body = {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0, "logprobs": 1, "stream": False}
+            body = {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0, "logprobs": 1, "stream": False,
+                    **self.greedy}
             if stops:
                 body["stop"] = stops[:4]
             if info.get("lora_id") is not None:
@@ -493,6 +501,29 @@ class RemoteSlm:
         return Generation(text=text, new_tokens=n, mean_logprob=sum(values) / len(values) if values else None,
                           seconds=time.perf_counter() - t, logprobs=values,
                           tokens=tokens if tokens and values and len(tokens) == len(values) else None)
+
+
+# Sampling fields that make each engine's greedy decoding plain (no repetition penalties), by engine.
+NEUTRAL_SAMPLING: dict[str, dict[str, float]] = {
+    "vllm": {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0},
+    "llamacpp": {"repeat_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0},
+    "ollama": {"repeat_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0},
+    "unknown": {"repetition_penalty": 1.0, "repeat_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0},
+}
+
+
+def _engine_of(sites: dict[str, dict]) -> str | None:
+    """The engine an export's sites.json was written for (`engine`; older exports: told by their fields)."""
+    for info in sites.values():
+        if not isinstance(info, dict):
+            continue
+        if info.get("engine") in NEUTRAL_SAMPLING:
+            return info["engine"]
+        if "lora_id" in info or "base_gguf" in info:
+            return "llamacpp"
+        if "lora_rank" in info or "adapter" in info:
+            return "vllm"
+    return None
 
 
 def _numbers(values) -> list[float] | None:

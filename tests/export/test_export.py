@@ -42,6 +42,7 @@ def test_vllm_adapters_load_onto_the_base_and_give_the_workspace_logits(trained,
     tok = AutoTokenizer.from_pretrained(folder)
     for a in m.extra["adapters"]:
         info = manifest["sites"][a["site"]]
+        assert info["engine"] == "vllm"  # serve sends vLLM's own sampling fields
         exported = out / info["adapter"]
         conf = read_json(exported / "adapter_config.json")
         assert conf["base_model_name_or_path"] == str(folder.resolve())  # the catalogue's reference, never a cache path
@@ -87,6 +88,7 @@ def test_gguf_lora_reads_back_with_the_adapter_tensors(trained, tmp_path):
     manifest = export(Workspace(ws), "llamacpp", out, cfg)
     a = m.extra["adapters"][0]
     info = manifest["sites"][a["site"]]
+    assert info["engine"] == "llamacpp"
     reader = gguf.GGUFReader(str(out / info["lora"]))
     fields = {f.name: f for f in reader.fields.values()}
     assert bytes(fields["general.type"].parts[-1]).decode() == "adapter"
@@ -124,7 +126,9 @@ def test_ollama_modelfiles_render(trained, tmp_path):
     for site, info in manifest["sites"].items():
         text = (out / info["modelfile"]).read_text()
         lines = text.splitlines()
-        assert f"FROM {folder}" in lines and "ADAPTER ./adapter.gguf" in lines
+        assert f"FROM {folder}" in lines and "ADAPTER ./adapter.gguf" in lines and info["engine"] == "ollama"
+        # the decoding the policy was verified with, also for whoever calls Ollama directly (its default penalises repeats)
+        assert "PARAMETER temperature 0" in lines and "PARAMETER repeat_penalty 1" in lines
         assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in text and 'PARAMETER stop "<|im_end|>"' in lines
         assert site in text and (out / info["modelfile"]).with_name("adapter.gguf").stat().st_size > 0
     assert (out / "create.sh").read_text().count("ollama create slm-") == 3

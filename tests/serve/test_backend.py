@@ -94,6 +94,9 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
     assert body["model"] == served_name(slm_site) and body["temperature"] == 0 and body["max_tokens"] == 8 and body["logprobs"] == 1
     assert body["prompt"].endswith("<|im_start|>assistant\n")  # rendered here with the adapter's chat template
     assert ours.request.messages[-1]["content"][:30] in body["prompt"]
+    # greedy without repetition penalties, as the policy was verified (llama-cpp-python's server and Ollama default
+    # to 1.1); an engine serve does not know gets both names, one it knows only its own
+    assert body["repetition_penalty"] == body["repeat_penalty"] == 1.0 and body["frequency_penalty"] == 0
 
     # Ollama: its /v1/completions would wrap the rendered prompt in the Modelfile's template again, so serve
     # recognises it (/api/version) and sends the prompt raw to /api/generate
@@ -105,6 +108,7 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
     [(path, sent)] = native
     assert path == "/api/generate" and sent["raw"] is True and sent["prompt"] == body["prompt"]
     assert sent["options"]["temperature"] == 0 and sent["options"]["num_predict"] == 8 and d.completion_tokens == 3
+    assert sent["options"]["repeat_penalty"] == 1.0 and "repetition_penalty" not in sent["options"]
     assert d.confidence is not None  # Ollama's logprobs feed the policy's confidence signal
 
     # a backend that fails: the LLM answers, and the reason says why
@@ -115,6 +119,7 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
         d = engine.answer(ours.request.messages, None)
     assert not d.use_slm and "answered HTTP 404: model slm-x is not loaded" in d.reason
     assert down[0]["model"] == "triage-v2" and down[0]["lora"] == [{"id": 1, "scale": 1.0}]
+    assert down[0]["repeat_penalty"] == 1.0 and "repetition_penalty" not in down[0]  # a llama.cpp export's sites: its names only
     engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend="http://127.0.0.1:9/v1", backend_timeout_s=2)
     d = engine.answer(ours.request.messages, None)
     assert not d.use_slm and "unreachable" in d.reason
@@ -170,7 +175,7 @@ def test_the_engine_is_sent_the_grammar_the_policy_was_verified_with(tuned_ws, t
     seen: list = []
     with Uvicorn(fake_backend(seen)) as backend:
         vllm = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1", gate_overlap=False,
-                         backend_sites={site: {"model": "slm-x", "grammar": "structural_tag"}})
+                         backend_sites={site: {"model": "slm-x", "grammar": "structural_tag", "engine": "vllm"}})
         assert vllm.unconstrained_backend_sites() == []
         vllm.answer(ours.request.messages, ours.request.tools)
         free = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1", gate_overlap=False)
@@ -178,6 +183,7 @@ def test_the_engine_is_sent_the_grammar_the_policy_was_verified_with(tuned_ws, t
         free.answer(ours.request.messages, ours.request.tools)
     constrained, unconstrained = seen
     assert "structured_outputs" not in unconstrained
+    assert constrained["repetition_penalty"] == 1.0 and "repeat_penalty" not in constrained  # vLLM's name only
     tag = constrained["structured_outputs"]["structural_tag"]
     offered = sorted(t["function"]["name"] for t in ours.request.tools)
     assert sorted(json.loads(t["begin"][len("<tool_call>"):] + "0}")["name"] for t in json.loads(tag)["format"]["tags"]) == offered
