@@ -340,7 +340,7 @@ class OnnxEncoder:
 
 def _onnx_cache_path(model) -> Path | None:
     """Where the export of these exact weights by this torch is kept (under the user cache folder), or None
-    (SLMCONVERT_ONNX_CACHE=0). Exporting costs ~8 s at every serve start; a kept file is checked against
+    (SLMCONVERT_ONNX_CACHE=0). Exporting costs 3-8 s at each serve start here; a kept file is checked against
     torch on the probe texts at each load like a fresh export, and exported again when it disagrees."""
     if os.environ.get("SLMCONVERT_ONNX_CACHE", "1").lower() in ("0", "false", "no"):
         return None
