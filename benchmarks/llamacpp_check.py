@@ -50,15 +50,12 @@ def main() -> None:
     except ImportError:
         raise SystemExit("llama-cpp-python is not installed: pip install llama-cpp-python (it compiles llama.cpp)")
 
-    import pyarrow.parquet as pq
-
     from slmconvert.config import load_config
     from slmconvert.constrained import TRIGGER
     from slmconvert.policy import invalid_reason
     from slmconvert.export import export
     from slmconvert.generation import Generation
     from slmconvert.serve.engine import SlmEngine
-    from slmconvert.store import load_invocations
     from slmconvert.workspace import Workspace
 
     ws = Workspace(args.workspace)
@@ -105,21 +102,11 @@ def main() -> None:
                           logprobs=vals or None)
 
     remote.backend.generate = remote_g.backend.generate = llama_generate
-    for e in (local, free, remote, remote_g):  # generate for every request: this compares answers, whatever the policy would return
-        e.policy.servable = lambda site: True
-        e.policy.admit = lambda site, similarity: None
-    by_id = {i.id: i for i in load_invocations(ws, ws.invocation_stage())}
-    test = [by_id[a["invocation_id"]] for a in pq.read_table(ws.stage_dir("cluster") / "assignments.parquet").to_pylist()
-            if a["split"] == "test" and a["invocation_id"] in by_id and a["site"] in manifest["sites"]][: args.requests]
-    def key(d):
-        if d.response is None:
-            return None
-        return [(c.name, c.arguments) for c in d.response.tool_calls] or ("text", (d.response.content or "")[:60])
-
+    test = _held_out(ws, manifest, args.requests, (local, free, remote, remote_g))
     agree = agree_free = agree_g = invalid_free = invalid_g = 0
     for inv in test:
         a, f, b, g = (e.answer(inv.request.messages, inv.request.tools) for e in (local, free, remote, remote_g))
-        ka, kf, kb, kg = key(a), key(f), key(b), key(g)
+        ka, kf, kb, kg = (_answer_key(d) for d in (a, f, b, g))
         agree += ka == kb
         agree_free += kf == kb
         agree_g += ka == kg
@@ -166,6 +153,21 @@ def main() -> None:
           f"{invalid_g} with the GBNF, {invalid_free} without")
 
 
+def _held_out(ws, manifest: dict, n: int, engines) -> list:
+    """The first `n` test-split requests of the exported sites; the `engines` generate for every one of them (this
+    compares answers, whatever the policy would return)."""
+    import pyarrow.parquet as pq
+
+    from slmconvert.store import load_invocations
+
+    for e in engines:
+        e.policy.servable = lambda site: True
+        e.policy.admit = lambda site, similarity: None
+    by_id = {i.id: i for i in load_invocations(ws, ws.invocation_stage())}
+    return [by_id[a["invocation_id"]] for a in pq.read_table(ws.stage_dir("cluster") / "assignments.parquet").to_pylist()
+            if a["split"] == "test" and a["invocation_id"] in by_id and a["site"] in manifest["sites"]][:n]
+
+
 def _answer_key(d):
     if d.response is None:
         return None
@@ -183,13 +185,11 @@ def server_check(workspace: str, requests: int, max_new_tokens: int) -> None:
     import subprocess
 
     import openai
-    import pyarrow.parquet as pq
 
     from benchmarks.serve_load import free_port, wait_up
     from slmconvert.config import load_config
     from slmconvert.export import export
     from slmconvert.serve.engine import SlmEngine
-    from slmconvert.store import load_invocations
     from slmconvert.workspace import Workspace
 
     ws = Workspace(workspace)
@@ -216,12 +216,7 @@ def server_check(workspace: str, requests: int, max_new_tokens: int) -> None:
         local = SlmEngine(cfg, ws, max_new_tokens=max_new_tokens)
         local._grammars = {}  # decoded freely, as the server decodes without a grammar
         remote = SlmEngine(cfg, ws, max_new_tokens=max_new_tokens, backend=url, backend_sites=sites)
-        for e in (local, remote):  # every request generates: this compares answers, whatever the policy would return
-            e.policy.servable = lambda site: True
-            e.policy.admit = lambda site, similarity: None
-        by_id = {i.id: i for i in load_invocations(ws, ws.invocation_stage())}
-        test = [by_id[a["invocation_id"]] for a in pq.read_table(ws.stage_dir("cluster") / "assignments.parquet").to_pylist()
-                if a["split"] == "test" and a["invocation_id"] in by_id and a["site"] in manifest["sites"]][:requests]
+        test = _held_out(ws, manifest, requests, (local, remote))
         same, failed, engine_answers = 0, 0, {}
         for inv in test:
             a, b = local.answer(inv.request.messages, inv.request.tools), remote.answer(inv.request.messages, inv.request.tools)

@@ -46,11 +46,15 @@ class Embedder:
         self.chunk = 1024  # texts encoded together in length order (engine: ray: ray.embed_chunk)
 
     @property
-    def checkpoint_texts(self) -> int:
-        """Texts embedded between two saves of the embedding cache: whole chunks, about a minute of 2 CPU cores
-        in one process (MiniLM, short texts); with engine: ray, enough chunks to keep its workers busy."""
-        chunk = getattr(self.remote, "chunk", self.chunk)
-        return chunk * getattr(self.remote, "checkpoint_chunks", CHECKPOINT_CHUNKS)
+    def _chunk(self) -> int:
+        return getattr(self.remote, "chunk", self.chunk)
+
+    def checkpoint_texts(self, n: int) -> int:
+        """Of `n` texts to embed, how many between two saves of the embedding cache: whole chunks, about a minute
+        of 2 CPU cores in one process (MiniLM, short texts); with engine: ray, enough chunks to keep its workers
+        busy, asked of Ray only when `n` is past one process's step (a few new texts never start Ray for this)."""
+        step = self._chunk * CHECKPOINT_CHUNKS
+        return step if n <= step else self._chunk * getattr(self.remote, "checkpoint_chunks", CHECKPOINT_CHUNKS)
 
     @property
     def key(self) -> str:
@@ -93,7 +97,7 @@ class Embedder:
         """Encode in length-sorted chunks (one progress step per text), rows in the input order.
 
         With `remote` set (engine: ray) the same chunks are encoded by a worker pool: same vectors."""
-        chunk = getattr(self.remote, "chunk", self.chunk)
+        chunk = self._chunk
         if self.remote is not None and len(texts) > chunk:
             order = np.argsort([-len(t) for t in texts], kind="stable")
             starts = range(0, len(order), chunk)
@@ -119,7 +123,7 @@ class Embedder:
 class EmbeddingCache:
     """Vectors keyed by sha256(text), stored as Parquet shards in one folder per embedder key.
 
-    A run appends one shard per `Embedder.checkpoint_texts` texts it encodes; a shard is written
+    A run appends one shard per `Embedder.checkpoint_texts()` texts it encodes; a shard is written
     atomically, so an interrupted run loses only the vectors it had not yet saved.
     """
 
@@ -189,7 +193,7 @@ def embed_texts(texts: Sequence[str], embedder: Embedder, cache: EmbeddingCache 
         # an interrupted run keeps what it encoded, and its re-run encodes the same chunks an uninterrupted run
         # would (the rest of the same order), so its vectors are identical to the last bit.
         missing = [missing[i] for i in np.argsort([-len(texts[first[k]]) for k in missing], kind="stable")]
-        step = embedder.checkpoint_texts if cache is not None else len(missing)
+        step = embedder.checkpoint_texts(len(missing)) if cache is not None else len(missing)
         progress.start(label, total=len(missing))
         try:
             for s in range(0, len(missing), step):

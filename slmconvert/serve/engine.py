@@ -480,11 +480,10 @@ class RemoteSlm:
         t = time.perf_counter()
         try:
             r = self.pool.request("POST", url, body=json.dumps(body).encode(), headers={"content-type": "application/json"})
-        except urllib3.exceptions.NewConnectionError as e:  # before TimeoutError: urllib3 2 derives it from ConnectTimeoutError
-            raise BackendError(f"the SLM backend at {self.url} is unreachable ({type(e).__name__})") from None
-        except urllib3.exceptions.TimeoutError:
-            raise BackendError(f"the SLM backend at {self.url} did not answer within {self.timeout_s:g} s") from None
         except urllib3.exceptions.HTTPError as e:
+            # a refused connection is not slowness, though urllib3 2 derives NewConnectionError from ConnectTimeoutError
+            if isinstance(e, urllib3.exceptions.TimeoutError) and not isinstance(e, urllib3.exceptions.NewConnectionError):
+                raise BackendError(f"the SLM backend at {self.url} did not answer within {self.timeout_s:g} s") from None
             raise BackendError(f"the SLM backend at {self.url} is unreachable ({type(e).__name__})") from None
         try:
             payload = json.loads(r.data)
