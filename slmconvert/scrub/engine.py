@@ -734,9 +734,10 @@ def scrub_invocations(invocations: list[Invocation], config, workspace, progress
     from slmconvert.scrub.policy import load_policy
 
     t0 = time.perf_counter()
-    policy = load_policy(config.policy)
     if scrubber is None:
-        scrubber = Scrubber(policy, scrub_key(workspace, config.seed), config.surrogates, config.batch_size, config.n_process)
+        scrubber = Scrubber(load_policy(config.policy), scrub_key(workspace, config.seed), config.surrogates, config.batch_size,
+                            config.n_process)
+    policy = scrubber.policy  # a long-lived scrubber (serve's call log) keeps the policy it was made with: no YAML per batch
     known = set(template_values) - scrubber.allow
     scrubber.allow |= known
     sessions: dict[str, list[Invocation]] = defaultdict(list)
