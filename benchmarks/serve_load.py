@@ -168,7 +168,8 @@ def wait_up(url: str, proc, timeout: float = 120.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{url}: the server exited ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+            proc.stderr.seek(0)
+            raise SystemExit(f"{url}: the server exited ({proc.returncode}): {proc.stderr.read().decode(errors='replace')[-2000:]}")
         try:
             httpx.get(url, timeout=1)
             return
@@ -186,11 +187,11 @@ def proxy_benchmark(clients: int, total: int, rate: float | None, malformed: flo
     ws = Path(tempfile.mkdtemp()) / "ws"
     up_port, px_port = free_port(), free_port()
     upstream = subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port), "--malformed", str(malformed)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile())
     env = {**os.environ, "SLMCONVERT_API_KEYS": "k"}
     proxy = subprocess.Popen([sys.executable, "-m", "slmconvert", "serve", "-w", str(ws), "--mode", "proxy", "--port", str(px_port),
                               "--upstream", f"http://127.0.0.1:{up_port}/v1", "--set", f"serve.max_concurrency={max(64, clients)}"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=Path(__file__).resolve().parents[1])
+                             stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile(), env=env, cwd=Path(__file__).resolve().parents[1])
     body = {"model": "gpt-4o", "messages": [{"role": "system", "content": "You are the billing agent."},
                                             {"role": "user", "content": "My email is jo@example.com, what do I owe?"}]}
     if stream:
@@ -250,7 +251,8 @@ def fake_backend_app(engine_ms: float = 0.0):
 
 
 def backend_benchmark(workspace: str, clients: int, total: int, rate: float | None, engine_ms: float = 0.0,
-                      overlap: bool = True, gate_runtime: str = "auto", bodies: int = 20) -> None:
+                      overlap: bool = True, gate_runtime: str = "auto", bodies: int = 20, gate: bool = True,
+                      serve_sets: list[str] = ()) -> None:
     """serve (convert mode, external SLM engine) vs the engine alone, separate processes."""
     import os
     import signal
@@ -274,6 +276,8 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
     for site in sites:
         policy["requests"][site]["min_similarity"] = None
     policy_path.write_text(json.dumps(policy))
+    if not gate:  # what the gate costs: the same run without it
+        (copy / "eval" / "familiarity.npz").unlink(missing_ok=True)
     workspace = str(copy)
     ws = Workspace(workspace)
     by_id = {i.id: i for i in load_invocations(ws, ws.invocation_stage())}
@@ -281,14 +285,15 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
             if a["split"] == "test" and a["invocation_id"] in by_id]
     be_port, up_port, sv_port = free_port(), free_port(), free_port()
     backend = subprocess.Popen([sys.executable, __file__, "--role", "backend", "--port", str(be_port), "--engine-ms", str(engine_ms)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile())
     upstream = subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile())
     serve = subprocess.Popen([sys.executable, "-m", "slmconvert", "serve", "-w", workspace, "--mode", "convert", "--no-auth",
                               "--port", str(sv_port), "--upstream", f"http://127.0.0.1:{up_port}/v1",
                               "--slm-backend", f"http://127.0.0.1:{be_port}/v1", "--set", f"serve.max_concurrency={max(64, clients)}",
-                              "--set", f"serve.gate_overlap={str(overlap).lower()}", "--set", f"serve.gate_runtime={gate_runtime}"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ), cwd=Path(__file__).resolve().parents[1])
+                              "--set", f"serve.gate_overlap={str(overlap).lower()}", "--set", f"serve.gate_runtime={gate_runtime}"]
+                             + [arg for kv in serve_sets for arg in ("--set", kv)],
+                             stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile(), env=dict(os.environ), cwd=Path(__file__).resolve().parents[1])
     try:
         for url, proc in ((f"http://127.0.0.1:{be_port}/health", backend), (f"http://127.0.0.1:{up_port}/health", upstream),
                           (f"http://127.0.0.1:{sv_port}/health", serve)):
@@ -307,7 +312,7 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
                 answered.add(r.headers.get("x-slmconvert-site"))
                 if len(body) == bodies:
                     break
-        gate = httpx.get(f"http://127.0.0.1:{sv_port}/health", timeout=10).json().get("request_gate")
+        gate_runtime_used = httpx.get(f"http://127.0.0.1:{sv_port}/health", timeout=10).json().get("request_gate")
         if not body:
             raise SystemExit("no test-split request of this workspace is answered by the SLM under its policy "
                              "(the fake engine answers in text): nothing to time on the SLM path")
@@ -325,7 +330,8 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
             p.wait()
     print(f"{clients} concurrent clients, {total} requests each way{f' at {rate:g} req/s (open loop)' if rate else ''}; "
           f"engine, upstream, serve and load generator in separate processes on {os.cpu_count()} cores; "
-          f"the engine takes {engine_ms:g} ms per answer; serve.gate_overlap={str(overlap).lower()}; request gate: {gate}")
+          f"the engine takes {engine_ms:g} ms per answer; serve.gate_overlap={str(overlap).lower()}; request gate: "
+          f"{gate_runtime_used if gate else 'none (--no-gate)'}{''.join(' --set ' + kv for kv in serve_sets)}")
     print(f"  straight to the SLM engine:   p50 {statistics.median(direct):7.2f} ms  p95 {pct(direct, .95):7.2f} ms  errors {d_err}")
     print(f"  through serve (convert mode): p50 {statistics.median(via):7.2f} ms  p95 {pct(via, .95):7.2f} ms  errors {s_err}")
     records = [json.loads(line) for f in (copy / "serve").glob("calls-*.jsonl") for line in open(f)]
@@ -385,6 +391,8 @@ def main() -> None:
     ap.add_argument("--engine-ms", type=float, default=0.0, help="with --slm-backend: the fake engine's time per answer (generation)")
     ap.add_argument("--no-overlap", action="store_true", help="with --slm-backend: serve.gate_overlap=false (the gate, then the engine)")
     ap.add_argument("--gate-runtime", choices=["auto", "onnx", "torch"], default="auto", help="with --slm-backend: serve.gate_runtime")
+    ap.add_argument("--no-gate", action="store_true", help="with --slm-backend: drop the request gate from the workspace copy (what it costs)")
+    ap.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE", help="with --slm-backend: a --set for serve (repeatable)")
     ap.add_argument("--bodies", type=int, default=20, help="with --slm-backend: how many different test-split requests are sent in turn")
     ap.add_argument("--role", choices=["bench", "upstream", "backend"], default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -398,7 +406,8 @@ def main() -> None:
 
         uvicorn.run(fake_backend_app(a.engine_ms), host="127.0.0.1", port=a.port, log_level="error")
     elif a.slm_backend:
-        backend_benchmark(a.slm_backend, a.clients, a.requests, a.rate, a.engine_ms, not a.no_overlap, a.gate_runtime, a.bodies)
+        backend_benchmark(a.slm_backend, a.clients, a.requests, a.rate, a.engine_ms, not a.no_overlap, a.gate_runtime, a.bodies,
+                          not a.no_gate, a.serve_set)
     elif a.slm:
         slm_benchmark(a.slm, a.slm_requests)
     else:

@@ -354,7 +354,7 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
             decision = None
             if settings.mode == "convert":
                 # The decision needs the SLM's whole answer: a streamed SLM answer starts after the gate.
-                decision = await run_in_threadpool(engine.answer, body["messages"], body.get("tools"))
+                decision = await engine.answer_async(body["messages"], body.get("tools"))
                 if decision.use_slm:
                     state["slm"] += 1
                     out = completion_body(decision, body.get("model") or f"slmconvert:{decision.site}")

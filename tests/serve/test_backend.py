@@ -3,7 +3,10 @@ prompt, routes, gates and logs; a backend that fails sends the request to the LL
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 
 import httpx
 
@@ -64,7 +67,7 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
 
     from slmconvert.evaluate.stage import run as evaluate
     from slmconvert.export import served_name
-    from slmconvert.serve.engine import SlmEngine
+    from slmconvert.serve.engine import GATE_NICENESS, SlmEngine
     from slmconvert.store import load_invocations
     from tests.evaluate.conftest import copy_ws
 
@@ -111,21 +114,27 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
     assert sent["options"]["repeat_penalty"] == 1.0 and "repetition_penalty" not in sent["options"]
     assert d.confidence is not None  # Ollama's logprobs feed the policy's confidence signal
 
-    # a backend that fails: the LLM answers, and the reason says why
+    # a backend that fails: the LLM answers, and the reason says why; the same on serve's event loop (answer_async)
+    # as through the blocking call
+    def both(engine):
+        sync, on_loop = engine.answer(ours.request.messages, None), asyncio.run(engine.answer_async(ours.request.messages, None))
+        assert (sync.use_slm, sync.reason) == (on_loop.use_slm, on_loop.reason)
+        return sync
+
     down: list = []
     with Uvicorn(fake_backend(down, status=404)) as backend:
         engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1",
                            backend_sites={slm_site: {"model": "triage-v2", "lora_id": 1}})
-        d = engine.answer(ours.request.messages, None)
+        d = both(engine)
     assert not d.use_slm and "answered HTTP 404: model slm-x is not loaded" in d.reason
     assert down[0]["model"] == "triage-v2" and down[0]["lora"] == [{"id": 1, "scale": 1.0}]
     assert down[0]["repeat_penalty"] == 1.0 and "repetition_penalty" not in down[0]  # a llama.cpp export's sites: its names only
     engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend="http://127.0.0.1:9/v1", backend_timeout_s=2)
-    d = engine.answer(ours.request.messages, None)
+    d = both(engine)
     assert not d.use_slm and "unreachable" in d.reason
     with Uvicorn(fake_backend([], delay_s=3.0)) as backend:  # up, but slower than serve.slm_backend_timeout_s
         engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1", backend_timeout_s=0.5)
-        d = engine.answer(ours.request.messages, None)
+        d = both(engine)
     assert not d.use_slm and "did not answer within 0.5 s" in d.reason
 
     # The request gate refuses: the LLM answers either way. With gate_overlap (the default) the engine was
@@ -136,13 +145,17 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
         asked: list = []
         with Uvicorn(fake_backend(asked)) as backend:
             engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1", gate_overlap=overlap)
-            d = engine.answer(ours.request.messages, None)
-        assert not d.use_slm and d.reason.startswith(f"request unlike site {slm_site}'s training calls"), d.reason
-        assert d.response is None or d.response.content != "Ticket filed."
-        if overlap:  # said in the decision: whether the engine did work for a refused request
-            assert "engine_generated_for_refused_request" in d.extra
-        else:
-            assert asked == [] and "engine_generated_for_refused_request" not in d.extra
+            for d in (engine.answer(ours.request.messages, None), asyncio.run(engine.answer_async(ours.request.messages, None))):
+                assert not d.use_slm and d.reason.startswith(f"request unlike site {slm_site}'s training calls"), d.reason
+                assert d.response is None or d.response.content != "Ticket filed."
+                if overlap:  # said in the decision: whether the engine did work for a refused request
+                    assert "engine_generated_for_refused_request" in d.extra
+                else:
+                    assert asked == [] and "engine_generated_for_refused_request" not in d.extra
+        if sys.platform.startswith("linux"):  # overlapped, the gate embeds in the engine's time, deferring to request handling
+            base = os.getpriority(os.PRIO_PROCESS, 0)
+            want = min(19, base + GATE_NICENESS) if overlap else base
+            assert {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in engine._gate.threads} == {want}
 
 
 def test_the_engine_is_sent_the_grammar_the_policy_was_verified_with(tuned_ws, tmp_path):

@@ -60,6 +60,9 @@ class _Engine:
                         response=Response(content=None, tool_calls=[ToolCall("get_order", {"order_id": "7", "note": "x" * 60})],
                                           finish_reason="tool_calls"), prompt_tokens=40, completion_tokens=21)
 
+    async def answer_async(self, messages, tools):
+        return self.answer(messages, tools)
+
 
 def test_an_slm_tool_call_streams_in_the_openai_chunk_format(tmp_path, upstream):
     ws = tmp_path / "ws"
