@@ -19,7 +19,8 @@
    what serve adds over the engine. `--engine-ms MS` makes the fake engine take MS per answer, as a
    real one does generating; `--no-overlap` runs the request gate before the engine instead of
    while it generates (serve.gate_overlap); `--gate-runtime torch|onnx` picks what embeds for the gate
-   (serve.gate_runtime; auto: ONNX Runtime when installed).
+   (serve.gate_runtime; auto: ONNX Runtime when installed); `--no-gate` drops the gate from the copy (what the gate costs);
+   `--serve-set KEY=VALUE` passes a --set to serve.
 3. With --slm WS: convert mode on a converted workspace on CPU; latency per request of the SLM path
    (requests drawn from the workspace's test split, one client at a time).
 """

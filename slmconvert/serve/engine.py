@@ -314,15 +314,23 @@ class SlmEngine:
         prompt, d.prompt_tokens = fitted
         return prompt, budget
 
+    def _send(self, d: "Decision", site: str, adapter: dict, messages: list[dict], tools):
+        """The prompt compacted, rendered and sent to the external engine from a worker thread: (the call's future,
+        the adapter's tokenizer), or None (the reason set in `d`)."""
+        prompt_or_reason = self._prompt(d, adapter, messages, tools)
+        if prompt_or_reason is None:
+            return None
+        tok = self._models[adapter["model_key"]][1]
+        return self._overlap.submit(self.backend.generate, site, prompt_or_reason[0], self.max_new_tokens, self._stops(tok),
+                                    self._grammar_fields(site, tools, messages)), tok
+
     def _answer_overlapped(self, d: "Decision", site: str, adapter: dict, messages: list[dict], tools, text_agent: bool,
                            t0: float) -> "Decision":
         """The engine generates while the gate embeds the request; the gate's verdict still comes first."""
-        prompt_or_reason = self._prompt(d, adapter, messages, tools)
-        if prompt_or_reason is None:
+        sent = self._send(d, site, adapter, messages, tools)
+        if sent is None:
             return d
-        tok = self._models[adapter["model_key"]][1]
-        future = self._overlap.submit(self.backend.generate, site, prompt_or_reason[0], self.max_new_tokens, self._stops(tok),
-                                      self._grammar_fields(site, tools, messages))
+        future, tok = sent
         d.similarity = self.familiarity_of(site, messages)
         refused = self.policy.admit(site, d.similarity)
         if refused is not None:
@@ -356,12 +364,10 @@ class SlmEngine:
         if plan is None:
             return d
         site, adapter, messages, tools, text_agent, t0 = plan
-        prompt_or_reason = self._prompt(d, adapter, messages, tools)
-        if prompt_or_reason is None:
+        call = self._send(d, site, adapter, messages, tools)
+        if call is None:
             return d
-        tok = self._models[adapter["model_key"]][1]
-        sent = self._overlap.submit(self.backend.generate, site, prompt_or_reason[0], self.max_new_tokens, self._stops(tok),
-                                    self._grammar_fields(site, tools, messages))
+        sent, tok = call
         try:
             if self.familiarity is not None:
                 vec = await asyncio.wrap_future(self._gate.submit(None, request_text(messages)))
