@@ -542,9 +542,12 @@ class RemoteSlm:
             return "openai"
         return "ollama" if isinstance(body, dict) and isinstance(body.get("version"), str) else "openai"
 
-    def _request(self, site: str, prompt: str, max_new_tokens: int, stops, grammar: dict[str, Any] | None) -> tuple[str, bytes]:
-        """The engine's URL and JSON body for one greedy answer."""
+    def generate(self, site: str, prompt: str, max_new_tokens: int, stops: list[str] | tuple[str, ...] = (),
+                 grammar: dict[str, Any] | None = None):
+        import urllib3
+
         from slmconvert.export import served_name
+        from slmconvert.generation import Generation
 
         info = self.sites.get(site, {})
         model = info.get("model") or served_name(site)
@@ -563,20 +566,22 @@ class RemoteSlm:
             if info.get("lora_id") is not None:
                 body["lora"] = [{"id": info["lora_id"], "scale": 1.0}]
             body.update(grammar or {})
-        return url, json.dumps(body).encode()
-
-    def _result(self, status: int, data: bytes, t: float):
-        """The engine's answer as a Generation; BackendError when it is not one."""
-        from slmconvert.generation import Generation
-
+        t = time.perf_counter()
         try:
-            payload = json.loads(data)
+            r = self.pool.request("POST", url, body=json.dumps(body).encode(), headers={"content-type": "application/json"})
+        except urllib3.exceptions.HTTPError as e:
+            # a refused connection is not slowness, though urllib3 2 derives NewConnectionError from ConnectTimeoutError
+            if isinstance(e, urllib3.exceptions.TimeoutError) and not isinstance(e, urllib3.exceptions.NewConnectionError):
+                raise BackendError(f"the SLM backend at {self.url} did not answer within {self.timeout_s:g} s") from None
+            raise BackendError(f"the SLM backend at {self.url} is unreachable ({type(e).__name__})") from None
+        try:
+            payload = json.loads(r.data)
         except ValueError:
             payload = None
-        if status != 200 or not isinstance(payload, dict):
+        if r.status != 200 or not isinstance(payload, dict):
             err = payload.get("error") if isinstance(payload, dict) else None
             msg = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
-            raise BackendError(f"the SLM backend at {self.url} answered HTTP {status}" + (f": {str(msg)[:160]}" if msg else ""))
+            raise BackendError(f"the SLM backend at {self.url} answered HTTP {r.status}" + (f": {str(msg)[:160]}" if msg else ""))
         text, n, values, tokens = (_ollama_answer if self.api == "ollama" else _openai_answer)(payload)
         if text is None:
             raise BackendError(f"the SLM backend at {self.url} answered without "
@@ -584,25 +589,6 @@ class RemoteSlm:
         return Generation(text=text, new_tokens=n, mean_logprob=sum(values) / len(values) if values else None,
                           seconds=time.perf_counter() - t, logprobs=values,
                           tokens=tokens if tokens and values and len(tokens) == len(values) else None)
-
-    def _unusable(self, timed_out: bool, e: BaseException) -> BackendError:
-        if timed_out:
-            return BackendError(f"the SLM backend at {self.url} did not answer within {self.timeout_s:g} s")
-        return BackendError(f"the SLM backend at {self.url} is unreachable ({type(e).__name__})")
-
-    def generate(self, site: str, prompt: str, max_new_tokens: int, stops: list[str] | tuple[str, ...] = (),
-                 grammar: dict[str, Any] | None = None):
-        import urllib3
-
-        url, body = self._request(site, prompt, max_new_tokens, stops, grammar)
-        t = time.perf_counter()
-        try:
-            r = self.pool.request("POST", url, body=body, headers={"content-type": "application/json"})
-        except urllib3.exceptions.HTTPError as e:
-            # a refused connection is not slowness, though urllib3 2 derives NewConnectionError from ConnectTimeoutError
-            raise self._unusable(isinstance(e, urllib3.exceptions.TimeoutError)
-                                 and not isinstance(e, urllib3.exceptions.NewConnectionError), e) from None
-        return self._result(r.status, r.data, t)
 
 
 # Sampling fields that make each engine's greedy decoding plain (no repetition penalties), by engine.
