@@ -253,12 +253,14 @@ class SlmEngine:
         return d, _Plan(site, adapter, messages, tools, text_agent, t0)
 
     def answer(self, messages: list[dict], tools: list[dict] | None) -> Decision:
+        if self._overlap is not None:  # the external engine overlapped with the gate: answer_async, on a loop of its own
+            import asyncio
+
+            return asyncio.run(self.answer_async(messages, tools))
         d, plan = self._plan(messages, tools)
         if plan is None:
             return d
         site, adapter, messages, tools, text_agent, t0 = plan
-        if self._overlap is not None:
-            return self._answer_overlapped(d, site, adapter, messages, tools, text_agent, t0)
         d.similarity = self.familiarity_of(site, messages)
         refused = self.policy.admit(site, d.similarity)
         if refused is not None:
@@ -314,38 +316,6 @@ class SlmEngine:
         prompt, d.prompt_tokens = fitted
         return prompt, budget
 
-    def _send(self, d: "Decision", site: str, adapter: dict, messages: list[dict], tools):
-        """The prompt compacted, rendered and sent to the external engine from a worker thread: (the call's future,
-        the adapter's tokenizer), or None (the reason set in `d`)."""
-        prompt_or_reason = self._prompt(d, adapter, messages, tools)
-        if prompt_or_reason is None:
-            return None
-        tok = self._models[adapter["model_key"]][1]
-        return self._overlap.submit(self.backend.generate, site, prompt_or_reason[0], self.max_new_tokens, self._stops(tok),
-                                    self._grammar_fields(site, tools, messages)), tok
-
-    def _answer_overlapped(self, d: "Decision", site: str, adapter: dict, messages: list[dict], tools, text_agent: bool,
-                           t0: float) -> "Decision":
-        """The engine generates while the gate embeds the request; the gate's verdict still comes first."""
-        sent = self._send(d, site, adapter, messages, tools)
-        if sent is None:
-            return d
-        future, tok = sent
-        d.similarity = self.familiarity_of(site, messages)
-        refused = self.policy.admit(site, d.similarity)
-        if refused is not None:
-            future.cancel()  # not started yet: never sent; started: its answer is dropped
-            d.reason = refused.reason
-            d.extra["engine_generated_for_refused_request"] = not future.cancelled()
-            return d
-        try:
-            g = future.result()
-        except BackendError as e:
-            d.reason = str(e)
-            d.seconds = time.perf_counter() - t0
-            return d
-        return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
-
     async def answer_async(self, messages: list[dict], tools: list[dict] | None) -> Decision:
         """`answer`, for serve's event loop. With an external engine and the gate overlapped (the defaults with
         --slm-backend), routing, compaction and rendering run on the loop (~1 ms of CPU, which a worker thread
@@ -353,7 +323,7 @@ class SlmEngine:
         costs less per call than an asyncio client here) and the gate's embedding leave it, at once, and the
         decision is made when both are back. Each thread hop this saves costs 0.1-0.3 ms, and up to 4 ms at p95 on
         2 busy cores (benchmarks/serve_load.py). Otherwise (generation in this process, or the gate first) the
-        blocking `answer` runs in a worker thread."""
+        blocking `answer` runs in a worker thread. This is also what `answer` runs in the overlapped case."""
         if self._overlap is None:
             from starlette.concurrency import run_in_threadpool
 
@@ -364,10 +334,13 @@ class SlmEngine:
         if plan is None:
             return d
         site, adapter, messages, tools, text_agent, t0 = plan
-        call = self._send(d, site, adapter, messages, tools)
-        if call is None:
+        prompt_or_reason = self._prompt(d, adapter, messages, tools)
+        if prompt_or_reason is None:
             return d
-        sent, tok = call
+        tok = self._models[adapter["model_key"]][1]
+        # the engine generates while the gate embeds the request; the gate's verdict still comes first
+        sent = self._overlap.submit(self.backend.generate, site, prompt_or_reason[0], self.max_new_tokens, self._stops(tok),
+                                    self._grammar_fields(site, tools, messages))
         try:
             if self.familiarity is not None:
                 vec = await asyncio.wrap_future(self._gate.submit(None, request_text(messages)))
