@@ -253,7 +253,7 @@ def fake_backend_app(engine_ms: float = 0.0):
 
 def backend_benchmark(workspace: str, clients: int, total: int, rate: float | None, engine_ms: float = 0.0,
                       overlap: bool = True, gate_runtime: str = "auto", bodies: int = 20, gate: bool = True,
-                      serve_sets: list[str] = ()) -> None:
+                      serve_sets: list[str] = (), busy_procs: int = 0) -> None:
     """serve (convert mode, external SLM engine) vs the engine alone, separate processes."""
     import os
     import signal
@@ -295,6 +295,7 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
                               "--set", f"serve.gate_overlap={str(overlap).lower()}", "--set", f"serve.gate_runtime={gate_runtime}"]
                              + [arg for kv in serve_sets for arg in ("--set", kv)],
                              stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile(), env=dict(os.environ), cwd=Path(__file__).resolve().parents[1])
+    busy: list = []
     try:
         for url, proc in ((f"http://127.0.0.1:{be_port}/health", backend), (f"http://127.0.0.1:{up_port}/health", upstream),
                           (f"http://127.0.0.1:{sv_port}/health", serve)):
@@ -321,18 +322,26 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
         direct_url = f"http://127.0.0.1:{be_port}/v1/completions"
         serve_url = f"http://127.0.0.1:{sv_port}/v1/chat/completions"
         asyncio.run(load(serve_url, body, clients, min(100, total), {}, tag=False))
+        # --busy: processes that want the CPU all the time, at normal priority (an engine on serve's cores, say)
+        busy += [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy_procs)]
         direct, d_wall, d_err = asyncio.run(load(direct_url, direct_body, clients, total, {}, rate))
         via, s_wall, s_err = asyncio.run(load(serve_url, body, clients, total, {}, rate, tag=False))
     finally:
+        for p in busy:
+            p.kill()
         serve.send_signal(signal.SIGINT)
-        serve.wait(timeout=120)
-        for p in (backend, upstream):
+        try:
+            serve.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+        for p in (backend, upstream, *busy):
             p.terminate()
             p.wait()
     print(f"{clients} concurrent clients, {total} requests each way{f' at {rate:g} req/s (open loop)' if rate else ''}; "
           f"engine, upstream, serve and load generator in separate processes on {os.cpu_count()} cores; "
           f"the engine takes {engine_ms:g} ms per answer; serve.gate_overlap={str(overlap).lower()}; request gate: "
-          f"{gate_runtime_used if gate else 'none (--no-gate)'}{''.join(' --set ' + kv for kv in serve_sets)}")
+          f"{gate_runtime_used if gate else 'none (--no-gate)'}{''.join(' --set ' + kv for kv in serve_sets)}"
+          f"{f'; {busy_procs} busy process(es) beside them' if busy_procs else ''}")
     print(f"  straight to the SLM engine:   p50 {statistics.median(direct):7.2f} ms  p95 {pct(direct, .95):7.2f} ms  errors {d_err}")
     print(f"  through serve (convert mode): p50 {statistics.median(via):7.2f} ms  p95 {pct(via, .95):7.2f} ms  errors {s_err}")
     records = [json.loads(line) for f in (copy / "serve").glob("calls-*.jsonl") for line in open(f)]
@@ -394,6 +403,8 @@ def main() -> None:
     ap.add_argument("--gate-runtime", choices=["auto", "onnx", "torch"], default="auto", help="with --slm-backend: serve.gate_runtime")
     ap.add_argument("--no-gate", action="store_true", help="with --slm-backend: drop the request gate from the workspace copy (what it costs)")
     ap.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE", help="with --slm-backend: a --set for serve (repeatable)")
+    ap.add_argument("--busy", type=int, default=0, metavar="N", help="with --slm-backend: N processes spinning on the CPU at "
+                    "normal priority while the load runs (an engine sharing serve's cores): does the gate still keep up?")
     ap.add_argument("--bodies", type=int, default=20, help="with --slm-backend: how many different test-split requests are sent in turn")
     ap.add_argument("--role", choices=["bench", "upstream", "backend"], default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -408,7 +419,7 @@ def main() -> None:
         uvicorn.run(fake_backend_app(a.engine_ms), host="127.0.0.1", port=a.port, log_level="error")
     elif a.slm_backend:
         backend_benchmark(a.slm_backend, a.clients, a.requests, a.rate, a.engine_ms, not a.no_overlap, a.gate_runtime, a.bodies,
-                          not a.no_gate, a.serve_set)
+                          not a.no_gate, a.serve_set, a.busy)
     elif a.slm:
         slm_benchmark(a.slm, a.slm_requests)
     else:

@@ -110,13 +110,15 @@ class SlmEngine:
         # embed are embedded together next (no waiting window), so concurrent requests neither oversubscribe the
         # cores with one forward pass each nor pay one pass each. What embeds is serve.gate_runtime (ONNX Runtime
         # when installed: about half torch's time per request here; benchmarks/serve_load.py).
-        self._gate, self.gate_runtime = None, None
+        self._gate, self._gate_spare, self.gate_runtime = None, None, None
         if self.familiarity is not None:
             encode, self.gate_runtime = self._gate_encoder(gate_runtime)
-            # Overlapped with an external engine, the gate works in the engine's time: its threads yield the CPU to
-            # request handling (GATE_NICENESS). First, as it is with in-process generation: normal priority.
-            self._gate = MicroBatcher(lambda items: list(encode([t for _, t in items])), GATE_BATCH, 0.0, GATE_WORKERS,
-                                      niceness=GATE_NICENESS if backend and gate_overlap else 0)
+            embed = lambda items: list(encode([t for _, t in items]))  # noqa: E731
+            self._gate = MicroBatcher(embed, GATE_BATCH, 0.0, GATE_WORKERS)
+            # Overlapped with an external engine, the gate embeds in the engine's time, in threads of idle priority
+            # that take only CPU nothing else wants (`_gate_beside`); `_gate` is the fallback when the engine is back first.
+            if backend and gate_overlap:
+                self._gate_spare = MicroBatcher(embed, GATE_BATCH, 0.0, GATE_WORKERS, low_priority=True)
         self.batch_size, self.batch_wait_s = batch_size, batch_wait_ms / 1000.0
         self._grammars: dict[str, Any] = {}  # model ref -> ToolGrammars, when the policy was verified constrained
         # An external OpenAI-compatible engine (vLLM, llama-server, Ollama) generates instead of this process:
@@ -341,16 +343,17 @@ class SlmEngine:
         # the engine generates while the gate embeds the request; the gate's verdict still comes first
         sent = self._overlap.submit(self.backend.generate, site, prompt_or_reason[0], self.max_new_tokens, self._stops(tok),
                                     self._grammar_fields(site, tools, messages))
+        generated = asyncio.wrap_future(sent)
         try:
             if self.familiarity is not None:
-                vec = await asyncio.wrap_future(self._gate.submit(None, request_text(messages)))
+                vec = await self._gate_beside(request_text(messages), generated)
                 d.similarity = self.familiarity.score(site, vec[None, :])[0]
             refused = self.policy.admit(site, d.similarity)
             if refused is not None:
                 d.reason = refused.reason
                 d.extra["engine_generated_for_refused_request"] = not sent.cancel()  # not started: never sent
                 return d
-            g = await asyncio.wrap_future(sent)
+            g = await generated
         except BackendError as e:
             d.reason = str(e)
             d.seconds = time.perf_counter() - t0
@@ -358,6 +361,26 @@ class SlmEngine:
         finally:
             sent.cancel()  # the client went away: never sent if not started yet (a started call's answer is dropped)
         return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
+
+    async def _gate_beside(self, text: str, generated) -> Any:
+        """The gate's vector of `text`, embedded while the engine generates (`generated`, awaited elsewhere). At
+        idle priority first: the embedding (11 ms of CPU per request, MiniLM) then takes only CPU that request
+        handling does not want: serve's added p95 went from +7.6 to +8.3 ms (niceness 10) to +5.2 to +6.3 ms on 2 busy cores
+        (benchmarks/serve_load.py --slm-backend). Once the engine is back, the request waits for the gate alone and
+        idle priority could starve it on a busy machine (an engine on the same CPU, say): a copy at normal
+        priority races the idle one, and whichever finishes first is taken (the other is not run if it has not started)."""
+        import asyncio
+
+        started = [asyncio.wrap_future(self._gate_spare.submit(None, text))]
+        try:
+            await asyncio.wait([started[0], generated], return_when=asyncio.FIRST_COMPLETED)
+            if not started[0].done():
+                started.append(asyncio.wrap_future(self._gate.submit(None, text)))
+                await asyncio.wait(started, return_when=asyncio.FIRST_COMPLETED)
+            return next(f for f in started if f.done()).result()
+        finally:
+            for f in started:  # the slower copy, or both when the client went away: not embedded if not started yet
+                f.cancel()
 
     def _generate_batch(self, model_key: str, items: list[tuple[str | None, tuple]]) -> list:
         """One adapter's queued requests, generated together (greedy, the same budget evaluate verified)."""
@@ -387,11 +410,6 @@ class SlmEngine:
 _BATCHERS_LOCK = threading.Lock()
 GATE_BATCH = 32  # request-gate texts embedded in one forward pass at most
 GATE_WORKERS = 2  # forward passes at once
-# How much the gate's threads defer to request handling when they embed while the external engine generates (Linux
-# thread niceness; 0-19). On 2 cores shared with the engine and the clients, 10 took serve's added p95 from +9.3 to
-# +8.7 ms (19: +8.2; benchmarks/serve_load.py --slm-backend). Not higher: when the engine answers faster than the gate
-# embeds, the gate is what the request waits for.
-GATE_NICENESS = 10
 
 
 class MicroBatcher:
@@ -399,13 +417,14 @@ class MicroBatcher:
     others with the same key (the same adapter), at most `max_batch` together; requests for another key
     wait for the next batch, in arrival order. `run(items)` gets [(key, payload)] and returns one
     result per item. `workers` > 1 (batches run at once) is for one key only: items held back for another key
-    are shared by the workers, and their order between workers is not kept."""
+    are shared by the workers, and their order between workers is not kept. A request whose future was cancelled
+    before its batch ran is left out of it. `low_priority`: the workers run at idle priority (`_lower_priority`)."""
 
-    def __init__(self, run, max_batch: int, wait_s: float, workers: int = 1, niceness: int = 0):
+    def __init__(self, run, max_batch: int, wait_s: float, workers: int = 1, low_priority: bool = False):
         import queue
         from collections import deque
 
-        self.run, self.max_batch, self.wait_s, self.niceness = run, max_batch, wait_s, niceness
+        self.run, self.max_batch, self.wait_s, self.low_priority = run, max_batch, wait_s, low_priority
         self.queue: queue.Queue = queue.Queue()
         self.held: deque = deque()
         self.batches: list[int] = []  # the size of each batch run (for tests and /health)
@@ -431,8 +450,8 @@ class MicroBatcher:
             return None
 
     def _loop(self) -> None:
-        if self.niceness:
-            _lower_priority(self.niceness)
+        if self.low_priority:
+            _lower_priority()
         while True:
             first = self._next(None)
             batch, later = [first], []
@@ -443,6 +462,9 @@ class MicroBatcher:
                     break
                 (batch if item[0] == first[0] else later).append(item)
             self.held.extendleft(reversed(later))
+            batch = [item for item in batch if item[2].set_running_or_notify_cancel()]  # cancelled: nobody waits
+            if not batch:
+                continue
             self.batches.append(len(batch))
             try:
                 results = self.run([(k, p) for k, p, _ in batch])
@@ -454,15 +476,22 @@ class MicroBatcher:
                         fut.set_exception(e)
 
 
-def _lower_priority(niceness: int) -> None:
-    """This thread's CPU priority lowered by `niceness` (Linux, where a thread has its own; elsewhere nothing)."""
+def _lower_priority() -> None:
+    """This thread at idle priority: SCHED_IDLE (Linux), where any thread of normal priority that becomes
+    runnable preempts it at once; where that is refused, niceness 19 (the lowest); elsewhere nothing. Per
+    thread: Linux schedules threads, and these calls take a thread id."""
     import os
     import sys
 
     if sys.platform.startswith("linux"):
+        tid = threading.get_native_id()
         try:
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            return
+        except (OSError, AttributeError):
+            pass
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
         except OSError:  # not permitted in this container: normal priority
             pass
 
