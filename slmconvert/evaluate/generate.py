@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from slmconvert.chat import prompt_budget
+from slmconvert.chat import fit_prompt, prompt_budget
 from slmconvert.errors import ModelNotFound
 from slmconvert.io import atomic_path, read_json, sha256_obj
 from slmconvert.progress import Progress
@@ -159,7 +159,6 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
     from slmconvert.compaction import CompactionRecipe
     from slmconvert.constrained import grammar_bounds, tool_grammars
     from slmconvert.generation import RepeatGuard
-    from slmconvert.finetune.data import fit_prompt
     from slmconvert.finetune.stage import COMPLETE, load_artefact
     from slmconvert.finetune.trainer import pick_device
     from slmconvert.models.adapters import adapter_name, attach, load_full

@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from slmconvert.chat import prompt_budget
+from slmconvert.chat import fit_prompt, prompt_budget
 from slmconvert.config import PipelineConfig
 from slmconvert.errors import ModelNotFound, StageError
 from slmconvert.invocation import Invocation
@@ -132,7 +132,6 @@ def probe_model(model, tok, site: dict[str, Any], sc, progress: Progress, *, pro
     """Zero-shot (and few-shot) scores on the site's probe sample. Prompts are fitted like evaluate fits them;
     generation stops at `deadline` (time.monotonic) after at least one batch, and the result says what was left."""
     from slmconvert.chat import parse_completion, render_prompt, special_tokens, supports_native_tools
-    from slmconvert.finetune.data import fit_prompt
     from slmconvert.generation import generate
     from slmconvert.metrics import Prediction, headline, score
 

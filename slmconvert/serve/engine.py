@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from slmconvert.chat import prompt_budget
+from slmconvert.chat import fit_prompt, prompt_budget
 from slmconvert.collect.textactions import as_text, load_rules, read_actions
 from slmconvert.errors import StageError
 from slmconvert.invocation import Response
@@ -305,7 +305,6 @@ class SlmEngine:
         """The compacted prompt rendered with the adapter's template, fitted as evaluate fitted it (None: reason set)."""
         from slmconvert.chat import supports_native_tools
         from slmconvert.compaction import compact, compact_tools
-        from slmconvert.finetune.data import fit_prompt
 
         tok = self._models[adapter["model_key"]][1]
         recipe = adapter["recipe"]

@@ -125,7 +125,7 @@ def test_compaction_drops_static_system_truncates_and_windows():
 def test_over_long_prompts_are_fitted_not_dropped():
     from collections import Counter
 
-    from slmconvert.finetune.data import fit_prompt
+    from slmconvert.chat import fit_prompt
 
     tok = tiny_tokenizer()
     rules = "Follow the policy. " * 150  # ~2,900 characters of instructions: alone more than the budget
@@ -194,7 +194,7 @@ def test_a_large_answer_budget_does_not_halve_the_prompt():
 
 
 def test_fitting_a_prompt_to_the_model_keeps_the_carried_values():
-    from slmconvert.finetune.data import fit_prompt
+    from slmconvert.chat import fit_prompt
 
     train = [_support_chat(k) for k in range(6)]
     recipe = fit_recipe([m for m, _ in train], max_history_tokens=200, copy_examples=train, max_carried=8)
