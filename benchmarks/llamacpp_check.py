@@ -22,6 +22,16 @@ first token, not lazily from `<tool_call>` as llama-server does, so no grammar i
 `slm_backend_grammar: none`), then through a `slmconvert serve` process with the official `openai` client,
 streamed, on a copy of the workspace whose policy lets every answer through: each answer arrives whole
 and equals the engine's.
+
+    HF_HUB_OFFLINE=1 python benchmarks/llamacpp_check.py workspace/quickstart --llama-server PATH [--requests 20]
+
+`--llama-server PATH` runs llama.cpp's own C++ `llama-server` binary (built from llama.cpp, e.g. the copy
+vendored in llama-cpp-python's source: `cmake -B build -DLLAMA_CURL=OFF && cmake --build build --target
+llama-server`) with the export's `serve.sh` command as written (only the binary's path and a free port
+substituted), and serve's engine with the export's `sites.json`: one server, every site's LoRA loaded and
+none applied, the adapter picked per request by its id, and the tool-call grammar the policy was verified
+with sent as llama-server's lazy GBNF. Answers are compared with the in-process adapter under its grammar
+(what `evaluate` verified) and decoding freely; then the streamed pass through a `slmconvert serve` process.
 """
 
 from __future__ import annotations
@@ -42,9 +52,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--server", action="store_true", help="the export in llama_cpp.server, with serve in front (see above)")
+    ap.add_argument("--llama-server", metavar="PATH", help="the export in llama.cpp's llama-server binary at PATH, with serve in front")
     args = ap.parse_args()
-    if args.server:
-        return server_check(args.workspace, args.requests, args.max_new_tokens)
+    if args.server or args.llama_server:
+        return server_check(args.workspace, args.requests, args.max_new_tokens, args.llama_server)
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -174,12 +185,16 @@ def _answer_key(d):
     return [(c.name, c.arguments) for c in d.response.tool_calls] or ("text", (d.response.content or "")[:60])
 
 
-def server_check(workspace: str, requests: int, max_new_tokens: int) -> None:
-    try:
-        import llama_cpp.server  # noqa: F401
-    except ImportError:
-        raise SystemExit("llama-cpp-python's server is not installed: pip install 'llama-cpp-python[server]'")
+def server_check(workspace: str, requests: int, max_new_tokens: int, binary: str | None = None) -> None:
+    if binary is None:
+        try:
+            import llama_cpp.server  # noqa: F401
+        except ImportError:
+            raise SystemExit("llama-cpp-python's server is not installed: pip install 'llama-cpp-python[server]'")
+    elif not Path(binary).is_file():
+        raise SystemExit(f"no llama-server binary at {binary}")
     import os
+    import shlex
     import shutil
     import signal
     import subprocess
@@ -198,40 +213,58 @@ def server_check(workspace: str, requests: int, max_new_tokens: int) -> None:
     out = tmp / "export"
     manifest = export(ws, "llamacpp", out, cfg)
     port = free_port()
-    # one model per site, named as the export names it (what serve asks for); the server swaps models on demand
-    server_cfg = {"host": "127.0.0.1", "port": port, "models": [
-        {"model": info["base_gguf"], "model_alias": info["model"], "lora_path": str(out / info["lora"]), "n_ctx": 4096,
-         "logits_all": True, "verbose": False} for site, info in sorted(manifest["sites"].items())]}
-    (tmp / "server.json").write_text(json.dumps(server_cfg))
-    sites = {site: {"model": info["model"], "grammar": "none"} for site, info in manifest["sites"].items()}
-    (tmp / "sites.json").write_text(json.dumps(sites))
     log = open(tmp / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--config_file", str(tmp / "server.json")],
-                              stdout=log, stderr=subprocess.STDOUT)
+    if binary is None:
+        # one model per site, named as the export names it (what serve asks for); the server swaps models on demand
+        server_cfg = {"host": "127.0.0.1", "port": port, "models": [
+            {"model": info["base_gguf"], "model_alias": info["model"], "lora_path": str(out / info["lora"]), "n_ctx": 4096,
+             "logits_all": True, "verbose": False} for site, info in sorted(manifest["sites"].items())]}
+        (tmp / "server.json").write_text(json.dumps(server_cfg))
+        sites = {site: {"model": info["model"], "grammar": "none"} for site, info in manifest["sites"].items()}
+        command = [sys.executable, "-m", "llama_cpp.server", "--config_file", str(tmp / "server.json")]
+        name = f"llama_cpp.server {llama_cpp.__version__}"
+    else:
+        # the export's own serve.sh command (one base model here), only the binary and the port replaced
+        [line] = [ln for ln in (out / "serve.sh").read_text().splitlines() if ln.startswith("llama-server ")]
+        command = shlex.split(line.rstrip(" &"))
+        command[0] = str(Path(binary).resolve())
+        command[command.index("--port") + 1] = str(port)
+        command += ["--host", "127.0.0.1"]
+        sites = json.loads((out / "sites.json").read_text())
+        name = f"llama-server ({' '.join(shlex.quote(c) for c in command[1:])})"
+    (tmp / "sites.json").write_text(json.dumps(sites))
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=out)
     url = f"http://127.0.0.1:{port}/v1"
     served = None
     try:
         wait_up(f"{url}/models", server, timeout=300)
-        print(f"llama_cpp.server {llama_cpp.__version__} on {url}: {', '.join(m['model_alias'] for m in server_cfg['models'])}")
+        print(f"{name} on {url}")
         local = SlmEngine(cfg, ws, max_new_tokens=max_new_tokens)
-        local._grammars = {}  # decoded freely, as the server decodes without a grammar
+        free = SlmEngine(cfg, ws, max_new_tokens=max_new_tokens)
+        free._grammars = {}  # decoded freely, as a server without a grammar decodes
         remote = SlmEngine(cfg, ws, max_new_tokens=max_new_tokens, backend=url, backend_sites=sites)
-        test = _held_out(ws, manifest, requests, (local, remote))
-        same, failed, engine_answers = 0, 0, {}
+        if binary is not None:
+            print(f"grammar sent per site: {remote.backend_grammar}")
+        test = _held_out(ws, manifest, requests, (local, free, remote))
+        same, same_free, failed, engine_answers = 0, 0, 0, {}
         for inv in test:
-            a, b = local.answer(inv.request.messages, inv.request.tools), remote.answer(inv.request.messages, inv.request.tools)
+            a, f, b = (e.answer(inv.request.messages, inv.request.tools) for e in (local, free, remote))
             if b.response is None:
                 failed += 1
                 print(f"  {inv.id[:10]} {b.site}: the server gave no answer: {b.reason}")
                 continue
             same += _answer_key(a) == _answer_key(b)
+            same_free += _answer_key(f) == _answer_key(b)
             engine_answers[inv.id] = b
             print(f"  {inv.id[:10]} {b.site}: server {_answer_key(b)} ({b.completion_tokens} tokens, confidence "
-                  f"{b.confidence if b.confidence is None else round(b.confidence, 3)})\n      in-process: "
-                  f"{'same' if _answer_key(a) == _answer_key(b) else _answer_key(a)}")
-        print(f"serve's engine with llama_cpp.server generating: {len(test) - failed} of {len(test)} answered "
+                  f"{b.confidence if b.confidence is None else round(b.confidence, 3)}{', invalid: ' + b.reason if b.task is None else ''})"
+                  f"\n      in-process under its grammar: {'same' if _answer_key(a) == _answer_key(b) else _answer_key(a)}; "
+                  f"free: {'same' if _answer_key(f) == _answer_key(b) else _answer_key(f)}")
+        invalid = sum(d.task is None for d in engine_answers.values())
+        print(f"serve's engine with {name.split(' (')[0]} generating: {len(test) - failed} of {len(test)} answered "
               f"({sum(d.confidence is not None for d in engine_answers.values())} with token log-probabilities for the "
-              f"policy); {same} the same as the in-process adapter decoding freely (kind, tool name, arguments)")
+              f"policy, {invalid} invalid); the same as the in-process adapter (kind, tool name, arguments): {same} under "
+              f"its grammar (as verified), {same_free} decoding freely")
 
         # the whole path: a serve process in front of the server, the openai client streaming
         copy = tmp / "ws"
@@ -248,7 +281,8 @@ def server_check(workspace: str, requests: int, max_new_tokens: int) -> None:
         sv_port = free_port()
         served = subprocess.Popen([sys.executable, "-m", "slmconvert", "serve", "-w", str(copy), "--mode", "convert", "--no-auth",
                                    "--port", str(sv_port), "--slm-backend", url, "--slm-backend-sites", str(tmp / "sites.json"),
-                                   "--set", f"serve.max_new_tokens={max_new_tokens}", "--set", "serve.slm_backend_grammar=none"],
+                                   "--set", f"serve.max_new_tokens={max_new_tokens}",
+                                   "--set", f"serve.slm_backend_grammar={'none' if binary is None else 'auto'}"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ),
                                   cwd=Path(__file__).resolve().parents[1])
         wait_up(f"http://127.0.0.1:{sv_port}/health", served, timeout=300)

@@ -621,14 +621,27 @@ def _numbers(values) -> list[float] | None:
     return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)] or None
 
 
+def _token_entries(entries) -> tuple[list[float] | None, list | None]:
+    """(log-probabilities, tokens) of a list of `{token, logprob}` entries (tokens None unless every entry has a number)."""
+    entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    values = _numbers([e.get("logprob") for e in entries])
+    return values, [e.get("token") for e in entries] if values and len(values) == len(entries) else None
+
+
 def _openai_answer(payload: dict) -> tuple[str | None, int, list[float] | None, list | None]:
-    """(text, completion tokens, token log-probabilities, tokens) of an OpenAI `/completions` answer."""
+    """(text, completion tokens, token log-probabilities, tokens) of an OpenAI `/completions` answer. The
+    log-probabilities come as the legacy completions API gives them (`tokens`, `token_logprobs`: vLLM,
+    llama-cpp-python's server) or as the chat API does (`content: [{token, logprob}]`: llama.cpp's own
+    llama-server, which answers `/v1/completions` so; seen with llama.cpp 0.5.0-dev)."""
     choices = payload.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("text"), str):
         return None, 0, None, None
     lp = choices[0].get("logprobs") if isinstance(choices[0].get("logprobs"), dict) else {}
-    values = _numbers(lp.get("token_logprobs"))
-    tokens = lp.get("tokens") if isinstance(lp.get("tokens"), list) else None
+    if "token_logprobs" in lp:
+        values = _numbers(lp.get("token_logprobs"))
+        tokens = lp.get("tokens") if isinstance(lp.get("tokens"), list) else None
+    else:
+        values, tokens = _token_entries(lp.get("content"))
     usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
     n = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else len(values or [])
     return choices[0]["text"], n, values, tokens
@@ -638,8 +651,6 @@ def _ollama_answer(payload: dict) -> tuple[str | None, int, list[float] | None, 
     """The same of an Ollama `/api/generate` answer (`response`, `eval_count`, `logprobs: [{token, logprob}]`)."""
     if not isinstance(payload.get("response"), str):
         return None, 0, None, None
-    entries = [e for e in payload.get("logprobs") or [] if isinstance(e, dict)] if isinstance(payload.get("logprobs"), list) else []
-    values = _numbers([e.get("logprob") for e in entries])
-    tokens = [e.get("token") for e in entries] if values and len(values) == len(entries) else None
+    values, tokens = _token_entries(payload.get("logprobs"))
     n = payload.get("eval_count") if isinstance(payload.get("eval_count"), int) else len(values or [])
     return payload["response"], n, values, tokens

@@ -230,3 +230,19 @@ def test_the_engine_is_sent_the_grammar_the_policy_was_verified_with(tuned_ws, t
 
     with pytest.raises(StageError, match="grammar 'regex'"):
         SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend="http://127.0.0.1:9/v1", backend_sites={site: {"grammar": "regex"}})
+
+
+def test_token_log_probabilities_are_read_in_every_shape_engines_answer_completions_with():
+    """vLLM and llama-cpp-python's server answer `/v1/completions` with the legacy `tokens` / `token_logprobs`;
+    llama.cpp's own llama-server with the chat API's `content: [{token, logprob}]`. Missing them silently left
+    every llama-server answer without a confidence, so no confidence-gated rule could return it."""
+    from slmconvert.serve.engine import _openai_answer
+
+    legacy = {"choices": [{"text": " Ada.", "logprobs": {"tokens": [" Ada", "."], "token_logprobs": [-0.5, -0.25]}}],
+              "usage": {"completion_tokens": 2}}
+    chat_shaped = {"choices": [{"text": " Ada.", "logprobs": {"content": [
+        {"id": 11, "token": " Ada", "bytes": [32, 65, 100, 97], "logprob": -0.5, "top_logprobs": []},
+        {"id": 12, "token": ".", "bytes": [46], "logprob": -0.25, "top_logprobs": []}]}}]}
+    for payload in (legacy, chat_shaped):
+        assert _openai_answer(payload) == (" Ada.", 2, [-0.5, -0.25], [" Ada", "."])
+    assert _openai_answer({"choices": [{"text": "x", "logprobs": None}]}) == ("x", 0, None, None)  # none asked: no confidence
