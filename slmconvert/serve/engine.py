@@ -357,8 +357,8 @@ class SlmEngine:
             d.reason = str(e)
             d.seconds = time.perf_counter() - t0
             return d
-        finally:
-            sent.cancel()  # the client went away: never sent if not started yet (a started call's answer is dropped)
+        finally:  # the client went away, or the gate refused: never sent if not started yet (a started call's answer is
+            generated.cancel()  # dropped, its error too, also after `answer`'s own loop has closed)
         return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
 
     async def _gate_beside(self, text: str, generated) -> Any:
