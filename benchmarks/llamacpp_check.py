@@ -222,7 +222,7 @@ def server_check(workspace: str, requests: int, max_new_tokens: int, binary: str
         (tmp / "server.json").write_text(json.dumps(server_cfg))
         sites = {site: {"model": info["model"], "grammar": "none"} for site, info in manifest["sites"].items()}
         command = [sys.executable, "-m", "llama_cpp.server", "--config_file", str(tmp / "server.json")]
-        name = f"llama_cpp.server {llama_cpp.__version__}"
+        name = shown = f"llama_cpp.server {llama_cpp.__version__}"
     else:
         # the export's own serve.sh command (one base model here), only the binary and the port replaced
         [line] = [ln for ln in (out / "serve.sh").read_text().splitlines() if ln.startswith("llama-server ")]
@@ -231,14 +231,14 @@ def server_check(workspace: str, requests: int, max_new_tokens: int, binary: str
         command[command.index("--port") + 1] = str(port)
         command += ["--host", "127.0.0.1"]
         sites = json.loads((out / "sites.json").read_text())
-        name = f"llama-server ({' '.join(shlex.quote(c) for c in command[1:])})"
+        name, shown = "llama-server", f"llama-server ({' '.join(shlex.quote(c) for c in command[1:])})"
     (tmp / "sites.json").write_text(json.dumps(sites))
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=out)
     url = f"http://127.0.0.1:{port}/v1"
     served = None
     try:
         wait_up(f"{url}/models", server, timeout=300)
-        print(f"{name} on {url}")
+        print(f"{shown} on {url}")
         local = SlmEngine(cfg, ws, max_new_tokens=max_new_tokens)
         free = SlmEngine(cfg, ws, max_new_tokens=max_new_tokens)
         free._grammars = {}  # decoded freely, as a server without a grammar decodes
@@ -261,7 +261,7 @@ def server_check(workspace: str, requests: int, max_new_tokens: int, binary: str
                   f"\n      in-process under its grammar: {'same' if _answer_key(a) == _answer_key(b) else _answer_key(a)}; "
                   f"free: {'same' if _answer_key(f) == _answer_key(b) else _answer_key(f)}")
         invalid = sum(d.task is None for d in engine_answers.values())
-        print(f"serve's engine with {name.split(' (')[0]} generating: {len(test) - failed} of {len(test)} answered "
+        print(f"serve's engine with {name} generating: {len(test) - failed} of {len(test)} answered "
               f"({sum(d.confidence is not None for d in engine_answers.values())} with token log-probabilities for the "
               f"policy, {invalid} invalid); the same as the in-process adapter (kind, tool name, arguments): {same} under "
               f"its grammar (as verified), {same_free} decoding freely")
@@ -281,8 +281,7 @@ def server_check(workspace: str, requests: int, max_new_tokens: int, binary: str
         sv_port = free_port()
         served = subprocess.Popen([sys.executable, "-m", "slmconvert", "serve", "-w", str(copy), "--mode", "convert", "--no-auth",
                                    "--port", str(sv_port), "--slm-backend", url, "--slm-backend-sites", str(tmp / "sites.json"),
-                                   "--set", f"serve.max_new_tokens={max_new_tokens}",
-                                   "--set", f"serve.slm_backend_grammar={'none' if binary is None else 'auto'}"],
+                                   "--set", f"serve.max_new_tokens={max_new_tokens}"],  # the grammar: as sites.json says
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ),
                                   cwd=Path(__file__).resolve().parents[1])
         wait_up(f"http://127.0.0.1:{sv_port}/health", served, timeout=300)

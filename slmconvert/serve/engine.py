@@ -357,8 +357,10 @@ class SlmEngine:
             d.reason = str(e)
             d.seconds = time.perf_counter() - t0
             return d
-        finally:  # the client went away, or the gate refused: never sent if not started yet (a started call's answer is
-            generated.cancel()  # dropped, its error too, also after `answer`'s own loop has closed)
+        finally:
+            # the gate refused, or the client went away: a call not started yet is never sent; a started one's answer
+            # (or error) is dropped, also when it arrives after `answer`'s own loop has closed
+            generated.cancel()
         return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
 
     async def _gate_beside(self, text: str, generated) -> Any:

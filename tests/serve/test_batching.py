@@ -37,7 +37,8 @@ def test_the_batcher_groups_by_key_keeps_order_and_never_hangs():
     assert b.submit("c", 2).result(5) == "c:2"  # the worker lives on
     # a request cancelled while queued (its client left, or another copy answered first) is not run
     blocker = b.submit("d", 0)  # occupies the worker
-    time.sleep(0.01)
+    while not blocker.running():  # its batch is formed: what follows queues behind it
+        time.sleep(0.001)
     dropped, kept = b.submit("d", "dropped"), b.submit("d", "kept")
     assert dropped.cancel() and blocker.result(5) == "d:0" and kept.result(5) == "d:kept"
     assert ["d"] in seen and all(len(batch) for batch in seen) and seen[-1] == ["d"]
