@@ -13,6 +13,11 @@
   (an order id, a user id, a date), and the values of those keys in the dropped messages are kept
   as one short line at the head of the window ("Earlier in this conversation: order_id=…"). A small
   model can copy an id it sees; it can only guess one the window cut away.
+- The tool calls the window drops are named there too, with their arguments ("called
+  lookup_order(order_id=…); …"): what the agent already did. Without it a small model walking
+  through a list looks up the item it just looked up again, or fetches the customer it already
+  fetched, because the window no longer shows either call. Values shown in a named call are not
+  repeated among the carried values.
 
 The recipe is data (recorded in the manifest and next to every adapter), so training,
 evaluation and serving compact identically.
@@ -24,10 +29,11 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4  # 4: dropped tool calls named; carried values ranked by how often the LLM copies their key
 CARRY_MIN_COPIES = 3  # a key is carried when the LLM copied its values at least this often ...
 CARRY_MIN_RATE = 0.05  # ... in at least this share of the times the key appeared in a prompt
 CARRY_HEADER = "Earlier in this conversation: "
+CALL_VALUE_CHARS = 40  # a named earlier call shows each argument value up to this many characters
 # A shared head/tail is worth dropping when it is at least this long (characters) ...
 MIN_SHARED_CHARS = 200
 _BOUNDARY_CHARS = "\n.!?"
@@ -48,6 +54,7 @@ class CompactionRecipe:
     system_suffix: str | None = None  # tail every variant shares: dropped
     carry_keys: list[str] | None = None  # keys whose values the LLM copies: kept from messages the window drops
     max_carried: int = 0  # at most this many carried values (0: none)
+    carry_calls: int = 0  # at most this many of the dropped tool calls named, the most recent (0: none)
     version: int = RECIPE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,7 +102,8 @@ def _message_values(m: dict):
 
 def copied_keys(examples: Sequence[tuple[Sequence[dict], Sequence[Any]]]) -> list[str]:
     """Keys whose values the LLM copies into its tool calls, from (prompt messages, the LLM's tool calls) pairs:
-    a key counts as copied when its value in the prompt shows up among the call's argument values."""
+    a key counts as copied when its value in the prompt shows up among the call's argument values. The keys
+    come most copied first (the share of the prompts showing the key whose value the call copied)."""
     seen: dict[str, int] = {}
     copied: dict[str, int] = {}
     for messages, calls in examples:
@@ -107,15 +115,17 @@ def copied_keys(examples: Sequence[tuple[Sequence[dict], Sequence[Any]]]) -> lis
             seen[k] = seen.get(k, 0) + 1
             if v in wanted:
                 copied[k] = copied.get(k, 0) + 1
-    return sorted(k for k, n in copied.items() if n >= CARRY_MIN_COPIES and n / seen[k] >= CARRY_MIN_RATE)
+    keep = [k for k, n in copied.items() if n >= CARRY_MIN_COPIES and n / seen[k] >= CARRY_MIN_RATE]
+    return sorted(keep, key=lambda k: (-copied[k] / seen[k], k))
 
 
 def fit_recipe(prompts: Sequence[Sequence[dict]], *, enabled: bool = True, max_history_tokens: int = 1536,
                max_tool_result_chars: int = 2000, toolsets: Sequence[Any] | None = None,
                copy_examples: Sequence[tuple[Sequence[dict], Sequence[Any]]] | None = None,
-               max_carried: int = 0) -> CompactionRecipe:
+               max_carried: int = 0, carry_calls: int = 0) -> CompactionRecipe:
     """Decide a site's recipe from its calls' prompts (and their tool definitions); with `copy_examples`
-    (training prompts and the LLM's tool calls) and `max_carried`, the keys whose values are carried."""
+    (training prompts and the LLM's tool calls) and `max_carried`, the keys whose values are carried;
+    with `carry_calls`, how many of the tool calls the window drops are named."""
     from slmconvert.cluster.features import mask_variables
 
     if not enabled:
@@ -130,7 +140,16 @@ def fit_recipe(prompts: Sequence[Sequence[dict]], *, enabled: bool = True, max_h
                             max_history_tokens=max_history_tokens, max_tool_result_chars=max_tool_result_chars,
                             drop_tools=static and len(distinct_tools) == 1, system_prefix=prefix, system_suffix=suffix,
                             carry_keys=(copied_keys(copy_examples) or None) if copy_examples and max_carried else None,
-                            max_carried=max_carried)
+                            max_carried=max_carried, carry_calls=carry_calls)
+
+
+def fit_site_recipe(cc, prompts: Sequence[Sequence[dict]], toolsets: Sequence[Any], train: Sequence[Any]) -> CompactionRecipe:
+    """A site's recipe under the pipeline's `compaction` settings, from its calls' prompts and tool
+    definitions and its training invocations (whose tool calls show which values the LLM copies)."""
+    return fit_recipe(prompts, enabled=cc.enabled, max_history_tokens=cc.max_history_tokens,
+                      max_tool_result_chars=cc.max_tool_result_chars, toolsets=toolsets,
+                      copy_examples=[(i.request.messages, i.response.tool_calls) for i in train],
+                      max_carried=cc.carry_values, carry_calls=cc.carry_calls)
 
 
 def shared_parts(texts: Sequence[str]) -> tuple[str | None, str | None]:
@@ -213,13 +232,42 @@ def compact(messages: Sequence[dict], recipe: CompactionRecipe, count: Callable[
     return system + _carry(whole, kept, recipe)
 
 
+def _call_text(tc: Any) -> str | None:
+    """A tool call as `name(key=value, ...)`, each value cut to CALL_VALUE_CHARS."""
+    fn = tc.get("function", tc) if isinstance(tc, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        return None
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            pass
+    if isinstance(args, dict):
+        parts = []
+        for k, v in args.items():
+            v = " ".join((v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)).split())  # one line
+            parts.append(f"{k}={v if len(v) <= CALL_VALUE_CHARS else v[:CALL_VALUE_CHARS] + '…'}")
+        return f"{name}({', '.join(parts)})"
+    text = "" if args in (None, "") else " ".join(str(args).split())
+    return f"{name}({text if len(text) <= CALL_VALUE_CHARS else text[:CALL_VALUE_CHARS] + '…'})"
+
+
 def _carry(whole: list[dict], kept: list[dict], recipe: CompactionRecipe) -> list[dict]:
-    """The window with the carried values in front: those of the history's messages (as they were before
-    any cut) that the window no longer shows, most recent first, each once."""
-    keys = set(recipe.carry_keys or ())
-    if not keys or recipe.max_carried <= 0:
+    """The window with a note in front of what the history's dropped messages held: the tool calls they
+    made (the most recent `carry_calls`, in order) and the carried values (as they were before any cut)
+    that neither the window nor a named call shows, each once: those of the most copied keys first
+    (recipes before version 4: most recent first), then the most recent."""
+    keys = set(recipe.carry_keys or ()) if recipe.max_carried > 0 else set()
+    if not keys and recipe.carry_calls <= 0:
         return kept
+    dropped = whole[: len(whole) - len(kept)]  # the window is a suffix of the history
+    calls: list[str] = []
+    if recipe.carry_calls > 0:
+        calls = [t for m in dropped for tc in m.get("tool_calls") or [] if (t := _call_text(tc))][-recipe.carry_calls:]
     window = "\n".join(str(m.get("content") or "") + json.dumps(m.get("tool_calls") or "") for m in kept)
+    window += "\n" + "\n".join(calls)
     values: list[str] = []
     seen: set[tuple[str, str]] = set()
     for m in reversed(whole):
@@ -227,9 +275,16 @@ def _carry(whole: list[dict], kept: list[dict], recipe: CompactionRecipe) -> lis
             if k in keys and (k, v) not in seen and v not in window:
                 seen.add((k, v))
                 values.append(f"{k}={v}")
-    if not values:
+    if recipe.version >= 4:  # the values of the keys the LLM copies most first (a stable sort: recency next)
+        rank = {k: i for i, k in enumerate(recipe.carry_keys or ())}
+        values.sort(key=lambda kv: rank[kv.split("=", 1)[0]])
+    values = values[: recipe.max_carried]
+    if not values and not calls:
         return kept
-    note = CARRY_HEADER + ", ".join(values[: recipe.max_carried])
+    if calls:
+        note = CARRY_HEADER + "called " + "; ".join(calls) + (". Values seen: " + ", ".join(values) if values else "")
+    else:
+        note = CARRY_HEADER + ", ".join(values)
     if kept and kept[0].get("role") == "user" and isinstance(kept[0].get("content"), str):
         return [{**kept[0], "content": note + "\n\n" + kept[0]["content"]}] + kept[1:]
     return [{"role": "user", "content": note}] + kept

@@ -104,6 +104,7 @@ class CompactionConfig(StrictModel):
     max_history_tokens: int = Field(1536, ge=64, description="Token budget of the prompt after compaction (estimated).")
     max_tool_result_chars: int = Field(2000, ge=100, description="Longer tool results are cut, with a marker.")
     carry_values: int = Field(24, ge=0, description="At most this many values (ids, dates, amounts) kept from messages the history window drops, for the keys whose values the LLM copies into its tool calls on the site's training calls; 0: none.")
+    carry_calls: int = Field(12, ge=0, description="At most this many of the tool calls the history window drops (the most recent) named in the same line, with their arguments: what the agent already did (the ids it already looked up, the lookups it already made); 0: none.")
 
 
 class SelectConfig(StrictModel):

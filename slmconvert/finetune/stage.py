@@ -179,7 +179,7 @@ def train_one(workspace: Workspace, config: PipelineConfig, site: str, model_nam
 def site_data(config: PipelineConfig, workspace: Workspace) -> dict[str, dict[str, Any]]:
     """Per site: train invocations (capped, seeded) and the compaction recipe fitted on all its calls."""
     from slmconvert.cluster.stage import load_assignments
-    from slmconvert.compaction import fit_recipe
+    from slmconvert.compaction import fit_site_recipe
     from slmconvert.store import load_invocations
 
     in_stage, _ = workspace.input_manifest("finetune")
@@ -196,10 +196,7 @@ def site_data(config: PipelineConfig, workspace: Workspace) -> dict[str, dict[st
             s["tasks"].append(a["task"])
     cc, fc = config.compaction, config.finetune
     for s in sites.values():
-        s["recipe"] = fit_recipe([i.request.messages for i in s["all"]], enabled=cc.enabled, max_history_tokens=cc.max_history_tokens,
-                                 max_tool_result_chars=cc.max_tool_result_chars, toolsets=[i.request.tools for i in s["all"]],
-                                 copy_examples=[(i.request.messages, i.response.tool_calls) for i in s["train"]],
-                                 max_carried=cc.carry_values)
+        s["recipe"] = fit_site_recipe(cc, [i.request.messages for i in s["all"]], [i.request.tools for i in s["all"]], s["train"])
     recorded = _recorded_samples(workspace)
     for site, s in sites.items():
         train, tasks = s.pop("train"), s.pop("tasks")

@@ -36,7 +36,7 @@ def _p95(values: list[int]) -> int:
 
 def site_profiles(invocations: list[Invocation], assignments: list[dict], config: PipelineConfig) -> dict[str, dict[str, Any]]:
     """Per site: its invocations by split/task, compaction recipe, p95 compacted prompt tokens, tool need."""
-    from slmconvert.compaction import compact, compact_tools, estimate_tokens, fit_recipe
+    from slmconvert.compaction import compact, compact_tools, estimate_tokens, fit_site_recipe
 
     by_id = {i.id: i for i in invocations}
     sites: dict[str, dict[str, Any]] = {}
@@ -53,9 +53,7 @@ def site_profiles(invocations: list[Invocation], assignments: list[dict], config
     for s in sites.values():
         prompts = [i.request.messages for i in s["invocations"]]
         train = [i for t in s["train_by_task"].values() for i in t]
-        recipe = fit_recipe(prompts, enabled=cc.enabled, max_history_tokens=cc.max_history_tokens,
-                            max_tool_result_chars=cc.max_tool_result_chars, toolsets=[i.request.tools for i in s["invocations"]],
-                            copy_examples=[(i.request.messages, i.response.tool_calls) for i in train], max_carried=cc.carry_values)
+        recipe = fit_site_recipe(cc, prompts, [i.request.tools for i in s["invocations"]], train)
         lengths = []
         for inv in s["invocations"]:
             msgs = compact(inv.request.messages, recipe)

@@ -1,6 +1,7 @@
 """Rendering for an SLM, parsing its answers, the metrics, and prompt compaction."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -204,3 +205,39 @@ def test_fitting_a_prompt_to_the_model_keeps_the_carried_values():
     full = fit_prompt(window, None, tok, 10**6, False)
     text, n = fit_prompt(window, None, tok, full[1] // 2, False)  # older turns must go to fit
     assert n <= full[1] // 2 and "order_id=ORD-9042" in text and text.count("Earlier in this conversation") == 1
+
+
+def _list_walk(k: int, done: int) -> tuple[list[dict], list[ToolCall]]:
+    """An agent that reads a customer's orders, then looks each one up in turn; the next call is the next order."""
+    customer = f"cus_{500 + k}"
+    orders = [f"ORD-{k}{i:03d}" for i in range(6)]
+    msgs = [{"role": "user", "content": f"Hi, I'm {customer}. Which of my orders shipped late?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c0", "type": "function", "function": {
+                "name": "lookup_customer", "arguments": json.dumps({"customer_id": customer})}}]},
+            {"role": "tool", "tool_call_id": "c0", "content": json.dumps({"customer_id": customer, "orders": orders})}]
+    for i, o in enumerate(orders[:done]):
+        msgs += [{"role": "assistant", "content": None, "tool_calls": [{"id": f"g{i}", "type": "function", "function": {
+                     "name": "get_order", "arguments": json.dumps({"order_id": o})}}]},
+                 {"role": "tool", "tool_call_id": f"g{i}", "content": json.dumps({
+                     "order_id": o, "warehouse": f"WH-{k}{i}", "carrier": "ups", "shipped": "2024-05-0" + str(i + 1),
+                     "note": "handled by the night shift, packed in a double box " * 3})}]
+    return msgs, [ToolCall("get_order", {"order_id": orders[done]})]
+
+
+def test_the_calls_the_window_drops_are_named_and_unused_values_come_first():
+    train = [_list_walk(k, d) for k in range(4) for d in range(6)]
+    recipe = fit_recipe([m for m, _ in train], max_history_tokens=260, copy_examples=train, max_carried=6, carry_calls=4)
+    assert recipe.carry_keys[0] == "orders" and "warehouse" not in recipe.carry_keys  # the list is what gets copied
+    msgs, [call] = _list_walk(7, 4)
+    window = compact(msgs, recipe)
+    note = window[0]["content"]
+    # The lookup and the first get_order calls fell out of the window: the note says they were made ...
+    assert "lookup_customer(customer_id=cus_507)" in note and "get_order(order_id=ORD-7000)" in note
+    assert "lookup_customer" not in json.dumps(window[1:])
+    # ... and the orders not looked up yet lead the carried values; those already looked up are not repeated
+    values = note.split("Values seen: ", 1)[1]
+    assert values.startswith("orders=ORD-7004") and "ORD-7005" in values and "ORD-7000" not in values
+    assert "\n\n" not in note
+    # Recipes written before the calls were named (version 3) compact as they did: adapters trained on them still match
+    old = replace(recipe, carry_calls=0, version=3)
+    assert compact(msgs, old)[0]["content"].startswith("Earlier in this conversation: orders=") and "called" not in json.dumps(compact(msgs, old))
