@@ -253,7 +253,7 @@ def fake_backend_app(engine_ms: float = 0.0):
 
 def backend_benchmark(workspace: str, clients: int, total: int, rate: float | None, engine_ms: float = 0.0,
                       overlap: bool = True, gate_runtime: str = "auto", bodies: int = 20, gate: bool = True,
-                      serve_sets: list[str] = (), busy_procs: int = 0) -> None:
+                      serve_sets: list[str] = (), busy_procs: int = 0, pin: bool = False) -> None:
     """serve (convert mode, external SLM engine) vs the engine alone, separate processes."""
     import os
     import signal
@@ -285,16 +285,26 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
     test = [by_id[a["invocation_id"]] for a in pq.read_table(ws.stage_dir("cluster") / "assignments.parquet").to_pylist()
             if a["split"] == "test" and a["invocation_id"] in by_id]
     be_port, up_port, sv_port = free_port(), free_port(), free_port()
+    # --pin: serve on a core of its own, the engine, upstream and load generator on the others (as when they run
+    # on other machines): what serve adds, without its gate's CPU slowing the load generator that measures it
+    cores = sorted(os.sched_getaffinity(0))
+    if pin and len(cores) < 2:
+        raise SystemExit("--pin needs at least 2 cores")
+    own, rest = ({cores[-1]}, set(cores[:-1])) if pin else (None, None)
+    on = (lambda cpus: (lambda: os.sched_setaffinity(0, cpus))) if pin else (lambda cpus: None)
+    if pin:
+        os.sched_setaffinity(0, rest)
     backend = subprocess.Popen([sys.executable, __file__, "--role", "backend", "--port", str(be_port), "--engine-ms", str(engine_ms)],
-                               stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile())
+                               stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile(), preexec_fn=on(rest))
     upstream = subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)],
-                                stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile())
+                                stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile(), preexec_fn=on(rest))
     serve = subprocess.Popen([sys.executable, "-m", "slmconvert", "serve", "-w", workspace, "--mode", "convert", "--no-auth",
                               "--port", str(sv_port), "--upstream", f"http://127.0.0.1:{up_port}/v1",
                               "--slm-backend", f"http://127.0.0.1:{be_port}/v1", "--set", f"serve.max_concurrency={max(64, clients)}",
                               "--set", f"serve.gate_overlap={str(overlap).lower()}", "--set", f"serve.gate_runtime={gate_runtime}"]
                              + [arg for kv in serve_sets for arg in ("--set", kv)],
-                             stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile(), env=dict(os.environ), cwd=Path(__file__).resolve().parents[1])
+                             stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile(), env=dict(os.environ), cwd=Path(__file__).resolve().parents[1],
+                             preexec_fn=on(own))
     busy: list = []
     try:
         for url, proc in ((f"http://127.0.0.1:{be_port}/health", backend), (f"http://127.0.0.1:{up_port}/health", upstream),
@@ -323,7 +333,7 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
         serve_url = f"http://127.0.0.1:{sv_port}/v1/chat/completions"
         asyncio.run(load(serve_url, body, clients, min(100, total), {}, tag=False))
         # --busy: processes that want the CPU all the time, at normal priority (an engine on serve's cores, say)
-        busy += [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy_procs)]
+        busy += [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=on(own)) for _ in range(busy_procs)]
         direct, d_wall, d_err = asyncio.run(load(direct_url, direct_body, clients, total, {}, rate))
         via, s_wall, s_err = asyncio.run(load(serve_url, body, clients, total, {}, rate, tag=False))
     finally:
@@ -341,13 +351,24 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
           f"engine, upstream, serve and load generator in separate processes on {os.cpu_count()} cores; "
           f"the engine takes {engine_ms:g} ms per answer; serve.gate_overlap={str(overlap).lower()}; request gate: "
           f"{gate_runtime_used if gate else 'none (--no-gate)'}{''.join(' --set ' + kv for kv in serve_sets)}"
-          f"{f'; {busy_procs} busy process(es) beside them' if busy_procs else ''}")
+          f"{f'; {busy_procs} busy process(es) beside them' if busy_procs else ''}"
+          f"{f'; serve pinned to core {min(own)}, the rest to {sorted(rest)}' if pin else ''}")
     print(f"  straight to the SLM engine:   p50 {statistics.median(direct):7.2f} ms  p95 {pct(direct, .95):7.2f} ms  errors {d_err}")
     print(f"  through serve (convert mode): p50 {statistics.median(via):7.2f} ms  p95 {pct(via, .95):7.2f} ms  errors {s_err}")
     records = [json.loads(line) for f in (copy / "serve").glob("calls-*.jsonl") for line in open(f)]
     expected = probes + min(100, total) + total
     print(f"  call log: {len(records)} of {expected} requests logged ({expected - len(records)} lost), "
           f"{sum(r.get('served_by', {}).get('by') == 'slm' for r in records)} answered by the SLM")
+    timed = sorted(records, key=lambda r: r.get("timestamp") or "")[expected - total:]  # the probes and warm-up came first
+    own_ms = sorted(r["latency_ms"] - r["served_by"]["engine_ms"] for r in timed if "engine_ms" in r.get("served_by", {}))
+    if own_ms:
+        print(f"  serve's own time per request, from its call log (latency minus the engine call): p50 "
+              f"{statistics.median(own_ms):.2f} ms  p95 {pct(own_ms, .95):.2f} ms")
+    waits = [r["served_by"]["gate_wait_ms"] for r in timed if "gate_wait_ms" in r.get("served_by", {})]
+    if waits:
+        late = sorted(w for w in waits if w > 0)
+        print(f"  request gate: {len(late)} of {len(waits)} timed requests waited for it after the engine answered"
+              + (f" (p50 {statistics.median(late):.2f} ms, p95 {pct(late, .95):.2f} ms, max {late[-1]:.2f} ms)" if late else ""))
     print(f"  every timed request was answered by the SLM engine ({len(body)} test-split requests in turn, site(s) "
           f"{', '.join(sorted(answered))}; a copy of the workspace whose policy lets text answers through, so the SLM path is what is timed)")
     print(f"  added by serve: p50 {statistics.median(via) - statistics.median(direct):+.2f} ms  p95 {pct(via, .95) - pct(direct, .95):+.2f} ms "
@@ -405,6 +426,8 @@ def main() -> None:
     ap.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE", help="with --slm-backend: a --set for serve (repeatable)")
     ap.add_argument("--busy", type=int, default=0, metavar="N", help="with --slm-backend: N processes spinning on the CPU at "
                     "normal priority while the load runs (an engine sharing serve's cores): does the gate still keep up?")
+    ap.add_argument("--pin", action="store_true", help="with --slm-backend: serve on a core of its own, the engine, upstream "
+                    "and load generator on the others (--busy spinners on serve's core)")
     ap.add_argument("--bodies", type=int, default=20, help="with --slm-backend: how many different test-split requests are sent in turn")
     ap.add_argument("--role", choices=["bench", "upstream", "backend"], default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -419,7 +442,7 @@ def main() -> None:
         uvicorn.run(fake_backend_app(a.engine_ms), host="127.0.0.1", port=a.port, log_level="error")
     elif a.slm_backend:
         backend_benchmark(a.slm_backend, a.clients, a.requests, a.rate, a.engine_ms, not a.no_overlap, a.gate_runtime, a.bodies,
-                          not a.no_gate, a.serve_set, a.busy)
+                          not a.no_gate, a.serve_set, a.busy, a.pin)
     elif a.slm:
         slm_benchmark(a.slm, a.slm_requests)
     else:

@@ -359,7 +359,8 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
                     state["slm"] += 1
                     out = completion_body(decision, body.get("model") or f"slmconvert:{decision.site}")
                     served = {"by": "slm", "site": decision.site, "task": decision.task, "reason": decision.reason,
-                              "confidence": decision.confidence}
+                              "confidence": decision.confidence,
+                              **{k: decision.extra[k] for k in ("engine_ms", "gate_wait_ms") if k in decision.extra}}
                     log_call(body, out, (time.perf_counter() - t0) * 1000.0, served, session)
                     headers = headers_for(decision, "slm", decision.reason)
                     if stream:

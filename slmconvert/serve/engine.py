@@ -340,12 +340,15 @@ class SlmEngine:
             return d
         tok = self._models[adapter["model_key"]][1]
         # the engine generates while the gate embeds the request; the gate's verdict still comes first
+        sent_at = time.perf_counter()
         sent = self._overlap.submit(self.backend.generate, site, prompt_or_reason[0], self.max_new_tokens, self._stops(tok),
                                     self._grammar_fields(site, tools, messages))
+        # the engine's time as serve saw it (the call, its queue and the HTTP round trip): the rest is serve's own
+        sent.add_done_callback(lambda _: d.extra.setdefault("engine_ms", round((time.perf_counter() - sent_at) * 1000, 2)))
         generated = asyncio.wrap_future(sent)
         try:
             if self.familiarity is not None:
-                vec = await self._gate_beside(request_text(messages), generated)
+                vec, d.extra["gate_wait_ms"] = await self._gate_beside(request_text(messages), generated)
                 d.similarity = self.familiarity.score(site, vec[None, :])[0]
             refused = self.policy.admit(site, d.similarity)
             if refused is not None:
@@ -363,8 +366,9 @@ class SlmEngine:
             generated.cancel()
         return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
 
-    async def _gate_beside(self, text: str, generated) -> Any:
-        """The gate's vector of `text`, embedded while the engine generates (`generated`, awaited elsewhere). At
+    async def _gate_beside(self, text: str, generated) -> tuple[Any, float]:
+        """The gate's vector of `text`, embedded while the engine generates (`generated`, awaited elsewhere), and how
+        long the request waited for it once the engine was back (ms; 0 when it was ready first). At
         idle priority first: the embedding (11 ms of CPU per request, MiniLM) then takes only CPU that request
         handling does not want: serve's added p95 went from +7.6 to +8.3 ms (niceness 10) to +5.2 to +6.3 ms on 2 busy cores
         (benchmarks/serve_load.py --slm-backend). Once the engine is back, the request waits for the gate alone and
@@ -375,10 +379,13 @@ class SlmEngine:
         started = [asyncio.wrap_future(self._gate_spare.submit(None, text))]
         try:
             await asyncio.wait([started[0], generated], return_when=asyncio.FIRST_COMPLETED)
+            waited = 0.0
             if not started[0].done():
+                back = time.perf_counter()
                 started.append(asyncio.wrap_future(self._gate.submit(None, text)))
                 await asyncio.wait(started, return_when=asyncio.FIRST_COMPLETED)
-            return next(f for f in started if f.done()).result()
+                waited = round((time.perf_counter() - back) * 1000, 2)
+            return next(f for f in started if f.done()).result(), waited
         finally:
             for f in started:  # the slower copy, or both when the client went away: not embedded if not started yet
                 f.cancel()

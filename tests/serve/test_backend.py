@@ -95,6 +95,11 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
         logger.close()
     assert r.status_code == 200 and r.headers["x-slmconvert-answered-by"] == "slm", r.headers
     assert r.json()["choices"][0]["message"]["content"] == "Ticket filed." and not upstream.seen
+    # the call log says how long the engine call took and how long the answer then waited for the gate: what
+    # serve itself added is the latency minus the engine's time
+    [logged] = [json.loads(line) for f in (ws / "serve").glob("calls-*.jsonl") for line in open(f)]
+    served = logged["served_by"]
+    assert 0 < served["engine_ms"] <= logged["latency_ms"] and served["gate_wait_ms"] >= 0
     [body] = seen
     assert body["model"] == served_name(slm_site) and body["temperature"] == 0 and body["max_tokens"] == 8 and body["logprobs"] == 1
     assert body["prompt"].endswith("<|im_start|>assistant\n")  # rendered here with the adapter's chat template
@@ -127,6 +132,7 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
         starved.set()
     assert free.use_slm and d.use_slm and d.response.content == "Ticket filed."
     assert d.similarity == pytest.approx(free.similarity, abs=1e-5) and len(engine._gate.batches) == normal_before + 1
+    assert d.extra["gate_wait_ms"] > 0  # the answer waited for the normal-priority copy, and the decision says so
 
     # a backend that fails: the LLM answers, and the reason says why; the same on serve's event loop (answer_async)
     # as through the blocking call
