@@ -6,7 +6,9 @@
 For every tool call of the test split, each argument value of 3+ characters the LLM wrote is looked for
 verbatim in (a) the full prompt and (b) the prompt as the SLM gets it — compacted with the recipe
 finetune would fit on the train split, at several history windows, with and without carried values
-(`compaction.carry_values`). A value that is not in the SLM's prompt can only be guessed. Keys to carry
+(`compaction.carry_values`), carried most recent first (recipe version 3) or the most copied keys first
+(version 4), and with the dropped tool calls named (`compaction.carry_calls`). A value that is not in the
+SLM's prompt can only be guessed. Keys to carry
 are learned on the train split only. Prints one row per setting; ~1 minute after collect + cluster.
 """
 
@@ -36,9 +38,12 @@ def main() -> None:
     ap.add_argument("--windows", default="640,1536,3072", help="compaction.max_history_tokens values")
     ap.add_argument("--tool-result-chars", type=int, default=600)
     ap.add_argument("--carry", type=int, default=24)
+    ap.add_argument("--calls", type=int, default=12, help="compaction.carry_calls")
     args = ap.parse_args()
 
     from slmconvert.cluster.stage import load_assignments
+    from dataclasses import replace
+
     from slmconvert.compaction import compact, fit_recipe
     from slmconvert.config import load_config
     from slmconvert.store import load_invocations
@@ -60,16 +65,18 @@ def main() -> None:
         inv = by_id.get(a["invocation_id"])
         if inv is not None:
             sites.setdefault(a["site"], {"train": [], "test": []})["train" if a["split"] == "train" else "test"].append(inv)
-    print(f"{'site':24s} {'window':>7s} {'carry':>5s} {'values':>6s} {'in full prompt':>15s} {'in SLM prompt':>14s} {'prompt chars':>12s}  keys carried")
+    print(f"{'site':24s} {'window':>7s} {'carry':>5s} {'order':>7s} {'calls':>5s} {'values':>6s} {'in full prompt':>15s} {'in SLM prompt':>14s} {'prompt chars':>12s}  keys carried")
     for site, s in sorted(sites.items()):
         calls = [i for i in s["test"] if i.response.tool_calls]
         for window in (int(w) for w in args.windows.split(",")):
-            for carry in (0, args.carry):
+            for carry, order, named in ((0, "-", 0), (args.carry, "recent", 0), (args.carry, "copied", 0), (args.carry, "copied", args.calls)):
                 recipe = fit_recipe([i.request.messages for i in s["train"] + s["test"]], max_history_tokens=window,
                                     max_tool_result_chars=args.tool_result_chars,
                                     toolsets=[i.request.tools for i in s["train"] + s["test"]],
                                     copy_examples=[(i.request.messages, i.response.tool_calls) for i in s["train"]],
-                                    max_carried=carry)
+                                    max_carried=carry, carry_calls=named)
+                if order == "recent":
+                    recipe = replace(recipe, version=3)  # before carried values were ranked
                 n = full = seen = chars = 0
                 for inv in calls:
                     whole, slm = _text(inv.request.messages), _text(compact(inv.request.messages, recipe))
@@ -81,7 +88,7 @@ def main() -> None:
                                 full += str(v) in whole
                                 seen += str(v) in slm
                 if n:
-                    print(f"{site[:24]:24s} {window:7d} {carry:5d} {n:6d} {full / n:15.1%} {seen / n:14.1%} "
+                    print(f"{site[:24]:24s} {window:7d} {carry:5d} {order:>7s} {named:5d} {n:6d} {full / n:15.1%} {seen / n:14.1%} "
                           f"{chars // max(1, len(calls)):12d}  {', '.join(recipe.carry_keys or []) or '-'}")
 
 
