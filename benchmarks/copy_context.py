@@ -6,8 +6,8 @@
 For every tool call of the test split, each argument value of 3+ characters the LLM wrote is looked for
 verbatim in (a) the full prompt and (b) the prompt as the SLM gets it — compacted with the recipe
 finetune would fit on the train split, at several history windows, with and without carried values
-(`compaction.carry_values`), carried most recent first (recipe version 3) or the most copied keys first
-(version 4), and with the dropped tool calls named (`compaction.carry_calls`). A value that is not in the
+(`compaction.carry_values`), carried most recent first or the most copied keys first (`compaction.carry_order`), and with the
+dropped tool calls named (`compaction.carry_calls`). A value that is not in the
 SLM's prompt can only be guessed. Keys to carry
 are learned on the train split only. Prints one row per setting; ~1 minute after collect + cluster.
 """
@@ -42,8 +42,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from slmconvert.cluster.stage import load_assignments
-    from dataclasses import replace
-
     from slmconvert.compaction import compact, fit_recipe
     from slmconvert.config import load_config
     from slmconvert.store import load_invocations
@@ -74,9 +72,7 @@ def main() -> None:
                                     max_tool_result_chars=args.tool_result_chars,
                                     toolsets=[i.request.tools for i in s["train"] + s["test"]],
                                     copy_examples=[(i.request.messages, i.response.tool_calls) for i in s["train"]],
-                                    max_carried=carry, carry_calls=named)
-                if order == "recent":
-                    recipe = replace(recipe, version=3)  # before carried values were ranked
+                                    max_carried=carry, carry_calls=named, carry_order="copied" if order == "copied" else "recent")
                 n = full = seen = chars = 0
                 for inv in calls:
                     whole, slm = _text(inv.request.messages), _text(compact(inv.request.messages, recipe))

@@ -13,11 +13,10 @@
   (an order id, a user id, a date), and the values of those keys in the dropped messages are kept
   as one short line at the head of the window ("Earlier in this conversation: order_id=…"). A small
   model can copy an id it sees; it can only guess one the window cut away.
-- The tool calls the window drops are named there too, with their arguments ("called
-  lookup_order(order_id=…); …"): what the agent already did. Without it a small model walking
-  through a list looks up the item it just looked up again, or fetches the customer it already
-  fetched, because the window no longer shows either call. Values shown in a named call are not
-  repeated among the carried values.
+- Opt-in (`carry_calls`, `carry_order`; off by default, see the README for the τ-bench run that
+  found them harmful for a 135M model): the tool calls the window drops named there too, with their
+  arguments ("called lookup_order(order_id=…); …"), values shown in a named call not repeated; and
+  the values of the most copied keys first instead of the most recent.
 
 The recipe is data (recorded in the manifest and next to every adapter), so training,
 evaluation and serving compact identically.
@@ -29,7 +28,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-RECIPE_VERSION = 4  # 4: dropped tool calls named; carried values ranked by how often the LLM copies their key
+RECIPE_VERSION = 4  # 4: carry_calls and carry_order (both off by default: the recipe compacts as version 3 did)
 CARRY_MIN_COPIES = 3  # a key is carried when the LLM copied its values at least this often ...
 CARRY_MIN_RATE = 0.05  # ... in at least this share of the times the key appeared in a prompt
 CARRY_HEADER = "Earlier in this conversation: "
@@ -55,6 +54,7 @@ class CompactionRecipe:
     carry_keys: list[str] | None = None  # keys whose values the LLM copies: kept from messages the window drops
     max_carried: int = 0  # at most this many carried values (0: none)
     carry_calls: int = 0  # at most this many of the dropped tool calls named, the most recent (0: none)
+    carry_order: str = "recent"  # carried values most recent first, or "copied": the most copied keys' first
     version: int = RECIPE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,10 +122,11 @@ def copied_keys(examples: Sequence[tuple[Sequence[dict], Sequence[Any]]]) -> lis
 def fit_recipe(prompts: Sequence[Sequence[dict]], *, enabled: bool = True, max_history_tokens: int = 1536,
                max_tool_result_chars: int = 2000, toolsets: Sequence[Any] | None = None,
                copy_examples: Sequence[tuple[Sequence[dict], Sequence[Any]]] | None = None,
-               max_carried: int = 0, carry_calls: int = 0) -> CompactionRecipe:
+               max_carried: int = 0, carry_calls: int = 0, carry_order: str = "recent") -> CompactionRecipe:
     """Decide a site's recipe from its calls' prompts (and their tool definitions); with `copy_examples`
     (training prompts and the LLM's tool calls) and `max_carried`, the keys whose values are carried;
-    with `carry_calls`, how many of the tool calls the window drops are named."""
+    with `carry_calls`, how many of the tool calls the window drops are named; `carry_order`, which carried
+    values come first."""
     from slmconvert.cluster.features import mask_variables
 
     if not enabled:
@@ -140,7 +141,7 @@ def fit_recipe(prompts: Sequence[Sequence[dict]], *, enabled: bool = True, max_h
                             max_history_tokens=max_history_tokens, max_tool_result_chars=max_tool_result_chars,
                             drop_tools=static and len(distinct_tools) == 1, system_prefix=prefix, system_suffix=suffix,
                             carry_keys=(copied_keys(copy_examples) or None) if copy_examples and max_carried else None,
-                            max_carried=max_carried, carry_calls=carry_calls)
+                            max_carried=max_carried, carry_calls=carry_calls, carry_order=carry_order)
 
 
 def fit_site_recipe(cc, prompts: Sequence[Sequence[dict]], toolsets: Sequence[Any], train: Sequence[Any]) -> CompactionRecipe:
@@ -149,7 +150,7 @@ def fit_site_recipe(cc, prompts: Sequence[Sequence[dict]], toolsets: Sequence[An
     return fit_recipe(prompts, enabled=cc.enabled, max_history_tokens=cc.max_history_tokens,
                       max_tool_result_chars=cc.max_tool_result_chars, toolsets=toolsets,
                       copy_examples=[(i.request.messages, i.response.tool_calls) for i in train],
-                      max_carried=cc.carry_values, carry_calls=cc.carry_calls)
+                      max_carried=cc.carry_values, carry_calls=cc.carry_calls, carry_order=cc.carry_order)
 
 
 def shared_parts(texts: Sequence[str]) -> tuple[str | None, str | None]:
@@ -257,8 +258,8 @@ def _call_text(tc: Any) -> str | None:
 def _carry(whole: list[dict], kept: list[dict], recipe: CompactionRecipe) -> list[dict]:
     """The window with a note in front of what the history's dropped messages held: the tool calls they
     made (the most recent `carry_calls`, in order) and the carried values (as they were before any cut)
-    that neither the window nor a named call shows, each once: those of the most copied keys first
-    (recipes before version 4: most recent first), then the most recent."""
+    that neither the window nor a named call shows, each once, most recent first (`carry_order` "copied":
+    those of the most copied keys first, then the most recent)."""
     keys = set(recipe.carry_keys or ()) if recipe.max_carried > 0 else set()
     if not keys and recipe.carry_calls <= 0:
         return kept
@@ -275,7 +276,7 @@ def _carry(whole: list[dict], kept: list[dict], recipe: CompactionRecipe) -> lis
             if k in keys and (k, v) not in seen and v not in window:
                 seen.add((k, v))
                 values.append(f"{k}={v}")
-    if recipe.version >= 4:  # the values of the keys the LLM copies most first (a stable sort: recency next)
+    if recipe.carry_order == "copied":  # the values of the keys the LLM copies most first (a stable sort: recency next)
         rank = {k: i for i, k in enumerate(recipe.carry_keys or ())}
         values.sort(key=lambda kv: rank[kv.split("=", 1)[0]])
     values = values[: recipe.max_carried]

@@ -104,7 +104,8 @@ class CompactionConfig(StrictModel):
     max_history_tokens: int = Field(1536, ge=64, description="Token budget of the prompt after compaction (estimated).")
     max_tool_result_chars: int = Field(2000, ge=100, description="Longer tool results are cut, with a marker.")
     carry_values: int = Field(24, ge=0, description="At most this many values (ids, dates, amounts) kept from messages the history window drops, for the keys whose values the LLM copies into its tool calls on the site's training calls; 0: none.")
-    carry_calls: int = Field(12, ge=0, description="At most this many of the tool calls the history window drops (the most recent) named in the same line, with their arguments: what the agent already did (the ids it already looked up, the lookups it already made); 0: none.")
+    carry_calls: int = Field(0, ge=0, description="At most this many of the tool calls the history window drops (the most recent) named in the same line, with their arguments: what the agent already did. 0 (the default): none; on τ-bench with SmolLM2-135M at 640 history tokens, 12 (with carry_order copied) lowered function-name accuracy from 0.469 to 0.388 on the same 98 test calls (README).")
+    carry_order: Literal["recent", "copied"] = Field("recent", description="Which carried values come first when there are more than carry_values: the most recent, or those of the keys the LLM copies most often (on τ-bench more of the copied values are then in the prompt, 81.8% -> 85.0% at 640 tokens, but measured only together with carry_calls, see there).")
 
 
 class SelectConfig(StrictModel):

@@ -226,7 +226,8 @@ def _list_walk(k: int, done: int) -> tuple[list[dict], list[ToolCall]]:
 
 def test_the_calls_the_window_drops_are_named_and_unused_values_come_first():
     train = [_list_walk(k, d) for k in range(4) for d in range(6)]
-    recipe = fit_recipe([m for m, _ in train], max_history_tokens=260, copy_examples=train, max_carried=6, carry_calls=4)
+    recipe = fit_recipe([m for m, _ in train], max_history_tokens=260, copy_examples=train, max_carried=6, carry_calls=4,
+                        carry_order="copied")
     assert recipe.carry_keys[0] == "orders" and "warehouse" not in recipe.carry_keys  # the list is what gets copied
     msgs, [call] = _list_walk(7, 4)
     window = compact(msgs, recipe)
@@ -238,6 +239,6 @@ def test_the_calls_the_window_drops_are_named_and_unused_values_come_first():
     values = note.split("Values seen: ", 1)[1]
     assert values.startswith("orders=ORD-7004") and "ORD-7005" in values and "ORD-7000" not in values
     assert "\n\n" not in note
-    # Recipes written before the calls were named (version 3) compact as they did: adapters trained on them still match
-    old = replace(recipe, carry_calls=0, version=3)
+    # Off (the defaults), or a recipe from before the calls were named: compacted as before, so adapters still match
+    old = replace(recipe, carry_calls=0, carry_order="recent")
     assert compact(msgs, old)[0]["content"].startswith("Earlier in this conversation: orders=") and "called" not in json.dumps(compact(msgs, old))
