@@ -57,8 +57,15 @@ class CompactionRecipe:
     carry_order: str = "recent"  # carried values most recent first, or "copied": the most copied keys' first
     version: int = RECIPE_VERSION
 
+    def __post_init__(self) -> None:
+        if self.carry_calls == 0 and self.carry_order == "recent":
+            self.version = min(self.version, 3)  # compacts as version 3 did: recorded so (adapter fingerprints unchanged)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["carry_calls"] == 0 and d["carry_order"] == "recent":  # the opt-ins off: the version 3 record
+            del d["carry_calls"], d["carry_order"]
+        return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "CompactionRecipe":
@@ -140,8 +147,13 @@ def fit_recipe(prompts: Sequence[Sequence[dict]], *, enabled: bool = True, max_h
     return CompactionRecipe(drop_system_prompt=static, system_template=next(iter(templates)) if static else None,
                             max_history_tokens=max_history_tokens, max_tool_result_chars=max_tool_result_chars,
                             drop_tools=static and len(distinct_tools) == 1, system_prefix=prefix, system_suffix=suffix,
-                            carry_keys=(copied_keys(copy_examples) or None) if copy_examples and max_carried else None,
+                            carry_keys=_carry_keys(copy_examples, carry_order) if copy_examples and max_carried else None,
                             max_carried=max_carried, carry_calls=carry_calls, carry_order=carry_order)
+
+
+def _carry_keys(copy_examples, order: str) -> list[str] | None:
+    keys = copied_keys(copy_examples)
+    return (keys if order == "copied" else sorted(keys)) or None  # by name unless their order matters
 
 
 def fit_site_recipe(cc, prompts: Sequence[Sequence[dict]], toolsets: Sequence[Any], train: Sequence[Any]) -> CompactionRecipe:

@@ -241,4 +241,6 @@ def test_the_calls_the_window_drops_are_named_and_unused_values_come_first():
     assert "\n\n" not in note
     # Off (the defaults), or a recipe from before the calls were named: compacted as before, so adapters still match
     old = replace(recipe, carry_calls=0, carry_order="recent")
+    # ... and recorded as before (version 3, no new keys): adapters trained before are not trained again
+    assert old.to_dict()["version"] == 3 and "carry_calls" not in old.to_dict() and recipe.to_dict()["version"] == 4
     assert compact(msgs, old)[0]["content"].startswith("Earlier in this conversation: orders=") and "called" not in json.dumps(compact(msgs, old))
