@@ -28,6 +28,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
+from slmconvert.invocation import call_parts
+
 RECIPE_VERSION = 4  # 4: carry_calls and carry_order (both off by default: the recipe compacts as version 3 did)
 CARRY_MIN_COPIES = 3  # a key is carried when the LLM copied its values at least this often ...
 CARRY_MIN_RATE = 0.05  # ... in at least this share of the times the key appeared in a prompt
@@ -96,13 +98,7 @@ def _message_values(m: dict):
         except (json.JSONDecodeError, RecursionError):
             pass
     for tc in m.get("tool_calls") or []:
-        fn = tc.get("function", tc) if isinstance(tc, dict) else {}
-        args = fn.get("arguments") if isinstance(fn, dict) else None
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                args = None
+        _, args = call_parts(tc)
         if isinstance(args, dict):
             yield from _leaves(args)
 
@@ -247,16 +243,9 @@ def compact(messages: Sequence[dict], recipe: CompactionRecipe, count: Callable[
 
 def _call_text(tc: Any) -> str | None:
     """A tool call as `name(key=value, ...)`, each value cut to CALL_VALUE_CHARS."""
-    fn = tc.get("function", tc) if isinstance(tc, dict) else None
-    name = fn.get("name") if isinstance(fn, dict) else None
-    if not isinstance(name, str) or not name:
+    name, args = call_parts(tc)
+    if not name:
         return None
-    args = fn.get("arguments")
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            pass
     if isinstance(args, dict):
         parts = []
         for k, v in args.items():

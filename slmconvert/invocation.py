@@ -35,6 +35,22 @@ ROLE_ALIASES = {
 }
 
 
+def call_parts(tc: Any) -> tuple[str | None, Any]:
+    """A chat message's tool call as (name, arguments), in the OpenAI form (`{"function": {...}}`) or bare;
+    arguments parsed where they are a JSON string (as the API sends them), as they are otherwise (as a
+    workspace stores them, or text that is not JSON). (None, None) for what is not a call."""
+    fn = tc.get("function", tc) if isinstance(tc, dict) else None
+    if not isinstance(fn, dict):
+        return None, None
+    name, args = fn.get("name"), fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            pass
+    return (name if isinstance(name, str) else None), args
+
+
 class RecordError(ValueError):
     """One log record cannot be mapped to invocations. The message is the quarantine reason."""
 

@@ -107,7 +107,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         workspace.invalidate(STAGE)
         cache = GenerationCache(stage_dir / GENERATIONS)
         # how long the LLM's arguments get on each site's training calls: the grammar's caps (serve reads them from the policy)
-        bounds = ({s: argument_bounds(train_by_site.get(s, []), ec.copy_arguments) for s in samples}
+        bounds = ({s: argument_bounds(train_by_site.get(s, []), ec.copy_arguments, ec.no_repeat_share) for s in samples}
                   if ec.constrained_decoding else {})
         with timer.step("generate_s"):
             total = sum(len(samples.get(a["site"], [])) * (2 if ec.base else 1) for a in adapters)
