@@ -51,6 +51,7 @@ UNSEEN_STRING_CHARS = 256  # cap on a free string the LLM never wrote for this a
 
 COPY_MIN_VALUES = 10  # training values of an argument before its copying is trusted
 _TOKEN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_\-.:@/+]*[A-Za-z0-9])?")
+_SEPARATOR = re.compile(r"[@/:]")
 _CLASSES = [(1, str.isupper), (2, str.islower), (4, str.isdigit)] + [(8 << i, c.__eq__) for i, c in enumerate("_-.:@/+")]
 
 
@@ -72,7 +73,9 @@ def request_tokens(messages: list[dict] | None) -> set[str]:
                 parts.append(args)
             elif isinstance(args, (dict, list)):  # as a workspace stores them
                 parts.append(json.dumps(args, ensure_ascii=False))
-    return set(_TOKEN.findall("\n".join(parts)))
+    tokens = set(_TOKEN.findall("\n".join(parts)))
+    # the pieces of an address or a path are copied too: the user id that is an e-mail's local part
+    return tokens | {p for t in tokens if _SEPARATOR.search(t) for p in _TOKEN.findall(_SEPARATOR.sub(" ", t))}
 
 
 def _classes(value: str) -> int:

@@ -314,3 +314,67 @@ def test_external_engines_are_sent_the_same_copy_constraint():
     assert matcher.accept_string(call % "7GH2KQ")
     matcher.reset()
     assert not matcher.accept_string(call % "7GH2KR")
+
+
+def _lookup_session(ids: list[str], name: str = "get_booking", repeat_last: bool = False):
+    """An invocation whose conversation already looked up every id but the last, and whose LLM answer looks up
+    the last one (or, `repeat_last`, the one before again)."""
+    from slmconvert.invocation import Invocation, Request, ToolCall
+
+    msgs = [{"role": "user", "content": "my bookings are " + ", ".join(ids)}]
+    for i, b in enumerate(ids[:-1]):
+        msgs += [{"role": "assistant", "content": None, "tool_calls": [
+                     {"id": f"c{i}", "type": "function", "function": {"name": name, "arguments": {"booking_id": b}}}]},
+                 {"role": "tool", "tool_call_id": f"c{i}", "content": json.dumps({"booking_id": b, "seats": 1})}]
+    nxt = ids[-2] if repeat_last else ids[-1]
+    return Invocation(id="x", session_id="s", source="log.jsonl", step=0, request=Request(messages=msgs, tools=BOOKING),
+                      response=Response(None, [ToolCall(name, {"booking_id": nxt})]))
+
+
+BOOKING = [{"type": "function", "function": {"name": n, "parameters": {
+    "type": "object", "properties": {"booking_id": {"type": "string"}}, "required": ["booking_id"],
+    "additionalProperties": False}}} for n in ("get_booking", "rebook")]
+
+
+def test_a_lookup_the_llm_never_repeats_cannot_be_made_again_with_the_same_id():
+    """A small model that sees its last call and its result tends to make the same call again. Where the site's LLM
+    (almost) never repeated a one-argument call of a tool, the grammar offers that tool only the ids the conversation
+    has not called it with yet; a tool the LLM did repeat (a retried write) keeps them all."""
+    import xgrammar as xgr
+
+    from slmconvert.constrained import argument_bounds, bounded_specs, grammar_bounds
+
+    ids = ["QX7T2B", "M3KD9Z", "AB12CD", "ZZ9Y8X", "K2L3M4", "P0O9I8", "R5T6Y7", "U8I9O0", "W1E2R3", "N4B5V6", "C7X8Z9", "H1J2K3"]
+    train = [_lookup_session(ids[: i + 2]) for i in range(11)]
+    train += [_lookup_session(ids[: i + 2], "rebook", repeat_last=i % 3 == 0) for i in range(11)]  # 4 of 11 retried
+    bounds = argument_bounds(train, copy_share=0.95, repeat_share=0.02)
+    assert (bounds["get_booking"]["#calls"], bounds["get_booking"]["#repeats"]) == (11, 0)
+    assert bounds["get_booking"]["#norepeat"] == 1 and "#norepeat" not in bounds["rebook"]
+    assert "#norepeat" not in argument_bounds(train, copy_share=0.95)["get_booking"]  # switched off
+    assert "#norepeat" not in argument_bounds(train[:9], copy_share=0.95, repeat_share=0.02)["get_booking"]  # too few calls
+    assert grammar_bounds(bounds)["get_booking"]["#norepeat"] == 1  # a cached generation depends on it
+
+    # as serve receives it: arguments as a JSON string; 7GH2KQ already looked up, JJ81MN not yet
+    request = [{"role": "user", "content": "I have two bookings, 7GH2KQ and JJ81MN."},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "get_booking", "arguments": '{"booking_id": "7GH2KQ"}'}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": '{"booking_id": "7GH2KQ", "seats": 2}'}]
+    specs = dict(bounded_specs(BOOKING, bounds, request))
+    assert specs["get_booking"]["properties"]["booking_id"]["enum"] == ["JJ81MN"]
+    assert specs["rebook"]["properties"]["booking_id"]["enum"] == ["7GH2KQ", "JJ81MN"]  # its LLM did retry
+    model, tok = tiny_llama()
+    grammar = ToolGrammars(tok, model.config.vocab_size).for_tools(BOOKING, bounds, request)
+
+    def allowed(name, booking):
+        return xgr.GrammarMatcher(grammar).accept_string(
+            f'<tool_call>{{"name": "{name}", "arguments": {{"booking_id": "{booking}"}}}}</tool_call>')
+
+    assert allowed("get_booking", "JJ81MN") and not allowed("get_booking", "7GH2KQ") and allowed("rebook", "7GH2KQ")
+
+    # both looked up: get_booking is not offered at all (a text reply or another tool); with no other tool, it stays
+    both = request + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c2", "type": "function", "function": {"name": "get_booking", "arguments": '{"booking_id": "JJ81MN"}'}}]},
+        {"role": "tool", "tool_call_id": "c2", "content": '{"booking_id": "JJ81MN", "seats": 1}'}]
+    assert [n for n, _ in bounded_specs(BOOKING, bounds, both)] == ["rebook"]
+    [(_, alone)] = bounded_specs(BOOKING[:1], bounds, both)
+    assert alone["properties"]["booking_id"]["enum"] == ["7GH2KQ", "JJ81MN"]
