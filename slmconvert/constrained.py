@@ -16,8 +16,9 @@ LLM ever wrote for each argument; `bound_schema` caps free strings and lists at 
 bounds are part of the routing policy, so `serve` decodes under the grammar evaluate verified.
 
 Ids, dates and codes are copied, not re-generated: where the LLM's value of a string argument was one
-of the request's own strings (a word-like token of its messages) in at least `copy_share` of the site's
-training calls (at least COPY_MIN_VALUES of them), the grammar lets the SLM write only such a token of
+of the request's own strings (a word-like token of its messages, or a piece of one between `@`, `/` and
+`:`, such as an e-mail's local part) in at least `copy_share` of the site's training calls (at least
+COPY_MIN_VALUES of them), the grammar lets the SLM write only such a token of
 the request in hand that has the shape the LLM's copied values had (their length range, the character
 classes all of them had, none they never had). A 135M model that gets the tool right still garbles a
 six-character reservation id; under this it can only pick one of the request's.

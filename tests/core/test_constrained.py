@@ -378,3 +378,17 @@ def test_a_lookup_the_llm_never_repeats_cannot_be_made_again_with_the_same_id():
     assert [n for n, _ in bounded_specs(BOOKING, bounds, both)] == ["rebook"]
     [(_, alone)] = bounded_specs(BOOKING[:1], bounds, both)
     assert alone["properties"]["booking_id"]["enum"] == ["7GH2KQ", "JJ81MN"]
+
+
+def test_an_id_taken_from_an_e_mail_address_counts_as_copied():
+    """An LLM that reads the user id off the e-mail's local part copied it: the id is offered to the SLM as a copy
+    (an enum of the request's pieces), not left to be re-typed."""
+    from slmconvert.constrained import argument_bounds, bounded_specs, request_tokens
+
+    assert {"dana_kim_4411", "example.com"} <= request_tokens([{"role": "user", "content": "It's dana_kim_4411@example.com."}])
+    users = [f"user_{i}_{1000 + i}" for i in range(10)]
+    train = [_inv({"booking_id": u}, f"my e-mail is {u}@example.com", LOOKUP, "get_booking") for u in users]
+    bounds = argument_bounds(train, copy_share=0.95)
+    assert bounds["get_booking"]["/booking_id#copied"] == 10 and bounds["get_booking"]["/booking_id#copy"] == 1
+    [(_, schema)] = bounded_specs(LOOKUP, bounds, [{"role": "user", "content": "Sure: ann_lee_2020@mail.org"}])
+    assert schema["properties"]["booking_id"]["enum"] == ["ann_lee_2020"]

@@ -51,8 +51,11 @@ def test_evaluate_writes_results_summary_and_report_that_agree(tuned_ws, tmp_pat
     # the grammar serve decodes under: constrained, argument caps read from each site's training calls
     policy = json.loads((ws / "eval" / "policy.json").read_text())
     assert policy["constrained_decoding"] is True and policy["argument_bounds"]
-    caps = [n for site in policy["argument_bounds"].values() for tool in site.values() for n in tool.values()]
-    assert caps and all(isinstance(n, int) and n > 0 for n in caps)
+    bounds = [(k, n) for site in policy["argument_bounds"].values() for tool in site.values() for k, n in tool.items()]
+    assert all(isinstance(n, int) and n >= 0 for _, n in bounds)  # counts, caps, shapes
+    caps = [n for k, n in bounds if k.endswith(("#chars", "#items"))]
+    assert caps and all(n > 0 for n in caps)
+    assert all(n > 0 for k, n in bounds if k == "#calls")  # each tool's training calls, whose repeats decide #norepeat
     # unchanged: skipped; forced: re-scored from the generation cache, nothing generated again
     assert run(cfg, Workspace(ws)).status == "skipped"
     again = run(cfg, Workspace(ws), force=True)
