@@ -370,6 +370,10 @@ def test_a_lookup_the_llm_never_repeats_cannot_be_made_again_with_the_same_id():
             f'<tool_call>{{"name": "{name}", "arguments": {{"booking_id": "{booking}"}}}}</tool_call>')
 
     assert allowed("get_booking", "JJ81MN") and not allowed("get_booking", "7GH2KQ") and allowed("rebook", "7GH2KQ")
+    from slmconvert.constrained import EngineGrammar
+
+    tag = json.loads(EngineGrammar().fields("structural_tag", BOOKING, bounds, request)["structured_outputs"]["structural_tag"])
+    assert tag["format"]["tags"][0]["content"]["json_schema"]["properties"]["booking_id"]["enum"] == ["JJ81MN"]  # vLLM too
 
     # both looked up: get_booking is not offered at all (a text reply or another tool); with no other tool, it stays
     both = request + [{"role": "assistant", "content": None, "tool_calls": [
