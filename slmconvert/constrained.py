@@ -51,6 +51,7 @@ UNSEEN_STRING_CHARS = 256  # cap on a free string the LLM never wrote for this a
 
 
 COPY_MIN_VALUES = 10  # training values of an argument before its copying is trusted
+COPY_SOURCE_SHARE = 0.02  # a copy may come from where at least this share of the LLM's copies of the argument stood
 _TOKEN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_\-.:@/+]*[A-Za-z0-9])?")
 _SEPARATOR = re.compile(r"[@/:]")
 _CLASSES = [(1, str.isupper), (2, str.islower), (4, str.isdigit)] + [(8 << i, c.__eq__) for i, c in enumerate("_-.:@/+")]
@@ -58,25 +59,63 @@ _CLASSES = [(1, str.isupper), (2, str.islower), (4, str.isdigit)] + [(8 << i, c.
 
 def request_tokens(messages: list[dict] | None) -> set[str]:
     """The word-like strings of a request's messages (ids, dates, codes, names): what an argument can copy."""
-    parts: list[str] = []
+    return set(request_sources(messages))
+
+
+def _json_sources(obj: Any, prefix: str, key: str, out: dict[str, set[str]]) -> None:
+    """The strings of a JSON document under `prefix:field` (its leaves) and `prefix-key:field` (the keys of an
+    object in that field: payment methods keyed by their ids)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _text_sources(str(k), f"{prefix}-key:{key}", out)
+            _json_sources(v, prefix, str(k), out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _json_sources(v, prefix, key, out)
+    elif isinstance(obj, (str, int, float)) and not isinstance(obj, bool):
+        _text_sources(str(obj), f"{prefix}:{key}", out)
+
+
+def _text_sources(text: str, source: str, out: dict[str, set[str]]) -> None:
+    source = source.replace("#", "_")  # a bounds key holds it after a "#"
+    for t in _TOKEN.findall(text):
+        out.setdefault(t, set()).add(source)
+        if _SEPARATOR.search(t):  # the pieces of an address or a path are copied too: an e-mail's local part
+            for piece in _TOKEN.findall(_SEPARATOR.sub(" ", t)):
+                out.setdefault(piece, set()).add(source)
+
+
+def request_sources(messages: list[dict] | None) -> dict[str, set[str]]:
+    """Each word-like string of a request's messages, with where it stands: `user-text` (any role's free text),
+    `json:reservations` (a JSON tool result's field), `arg:user_id` (an earlier call's argument)."""
+    from slmconvert.invocation import ROLE_ALIASES
+
+    out: dict[str, set[str]] = {}
     for m in messages or []:
         if not isinstance(m, dict):
             continue
+        role = ROLE_ALIASES.get(str(m.get("role")), str(m.get("role")))
         content = m.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            parts += [c["text"] for c in content if isinstance(c, dict) and isinstance(c.get("text"), str)]
+        texts = ([content] if isinstance(content, str) else
+                 [c["text"] for c in content if isinstance(c, dict) and isinstance(c.get("text"), str)] if isinstance(content, list) else [])
+        for text in texts:
+            data = None
+            if role == "tool" and text.lstrip()[:1] in ("{", "["):
+                try:
+                    data = json.loads(text)
+                except (json.JSONDecodeError, RecursionError):
+                    data = None
+            if isinstance(data, (dict, list)):
+                _json_sources(data, "json", "", out)
+            else:
+                _text_sources(text, f"{role}-text", out)
         for call in m.get("tool_calls") or []:
-            fn = call.get("function") if isinstance(call, dict) else None
-            args = fn.get("arguments") if isinstance(fn, dict) else None
-            if isinstance(args, str):  # as the API sends them
-                parts.append(args)
-            elif isinstance(args, (dict, list)):  # as a workspace stores them
-                parts.append(json.dumps(args, ensure_ascii=False))
-    tokens = set(_TOKEN.findall("\n".join(parts)))
-    # the pieces of an address or a path are copied too: the user id that is an e-mail's local part
-    return tokens | {p for t in tokens if _SEPARATOR.search(t) for p in _TOKEN.findall(_SEPARATOR.sub(" ", t))}
+            _, args = call_parts(call)
+            if isinstance(args, (dict, list)):
+                _json_sources(args, "arg", "", out)
+            elif isinstance(args, str):
+                _text_sources(args, "arg:", out)
+    return out
 
 
 def _classes(value: str) -> int:
@@ -89,7 +128,7 @@ def _classes(value: str) -> int:
     return bits
 
 
-def _walk(value: Any, path: str, out: dict[str, int], tokens: set[str]) -> None:
+def _walk(value: Any, path: str, out: dict[str, int], tokens: dict[str, set[str]]) -> None:
     if isinstance(value, str):
         out[path + "#chars"] = max(out.get(path + "#chars", 0), len(value))
         out[path + "#strings"] = out.get(path + "#strings", 0) + 1
@@ -100,6 +139,8 @@ def _walk(value: Any, path: str, out: dict[str, int], tokens: set[str]) -> None:
             bits = _classes(value)
             out[path + "#copy_need"] = out.get(path + "#copy_need", bits) & bits
             out[path + "#copy_allow"] = out.get(path + "#copy_allow", 0) | bits
+            for src in tokens[value]:  # where the copied value stood in the request
+                out[path + "#copy_src:" + src] = out.get(path + "#copy_src:" + src, 0) + 1
     elif isinstance(value, list):
         out[path + "#items"] = max(out.get(path + "#items", 0), len(value))
         for v in value:
@@ -130,15 +171,27 @@ def grammar_bounds(bounds: dict[str, dict[str, int]] | None) -> dict[str, dict[s
     return out
 
 
-def copy_candidates(tokens: dict[str, int], bounds: dict[str, int], path: str, schema: dict[str, Any]) -> list[str]:
-    """The request's tokens (each with its character classes) an argument marked `#copy` may take: the shape of
-    the LLM's copies, the schema's own length limits."""
+def copy_sources(bounds: dict[str, int], path: str) -> set[str] | None:
+    """Where in a request the LLM's copies of this argument stood, in at least COPY_SOURCE_SHARE of them (None:
+    bounds written before sources were counted: anywhere)."""
+    prefix = path + "#copy_src:"
+    counts = {k[len(prefix):]: n for k, n in bounds.items() if k.startswith(prefix)}
+    if not counts:
+        return None
+    return {src for src, n in counts.items() if n >= COPY_SOURCE_SHARE * bounds.get(path + "#copied", 0)}
+
+
+def copy_candidates(tokens: dict[str, tuple[int, set[str]]], bounds: dict[str, int], path: str, schema: dict[str, Any]) -> list[str]:
+    """The request's tokens (each with its character classes and where it stands) an argument marked `#copy` may
+    take: the shape of the LLM's copies, standing where its copies stood, within the schema's own length limits."""
     lo, hi = bounds[path + "#copy_min"], bounds[path + "#copy_max"]
     lo, hi = max(1, lo - lo // 4), hi + max(1, hi // 4)  # a little room: ids of one kind vary in length
     lo = max(lo, schema.get("minLength") if isinstance(schema.get("minLength"), int) else 0)
     hi = min(hi, schema.get("maxLength") if isinstance(schema.get("maxLength"), int) else hi)
     need, allow = bounds[path + "#copy_need"], bounds[path + "#copy_allow"]
-    return sorted(t for t, c in tokens.items() if lo <= len(t) <= hi and c & need == need and not c & ~allow)
+    where = copy_sources(bounds, path)
+    return sorted(t for t, (c, src) in tokens.items() if lo <= len(t) <= hi and c & need == need and not c & ~allow
+                  and (where is None or src & where))
 
 
 def argument_bounds(invocations, copy_share: float | None = None, repeat_share: float | None = None) -> dict[str, dict[str, int]]:
@@ -150,7 +203,7 @@ def argument_bounds(invocations, copy_share: float | None = None, repeat_share: 
     out: dict[str, dict[str, int]] = {}
     for inv in invocations:
         calls = [c for c in inv.response.tool_calls or [] if isinstance(c.arguments, dict) and "_raw" not in c.arguments]
-        tokens = request_tokens(inv.request.messages) if calls else set()
+        tokens = request_sources(inv.request.messages) if calls else {}
         made = _made(inv.request.messages) if calls else set()
         for call in calls:
             b = out.setdefault(call.name, {})
@@ -208,12 +261,13 @@ def _margin(n: int) -> int:
     return n + max(8, n // 2)  # room above the longest string seen: 1.5x, at least 8 more characters
 
 
-def bound_schema(schema: Any, bounds: dict[str, int] | None, path: str = "", tokens: dict[str, int] | None = None) -> Any:
+def bound_schema(schema: Any, bounds: dict[str, int] | None, path: str = "",
+                 tokens: dict[str, tuple[int, set[str]]] | None = None) -> Any:
     """`schema` with free strings and lists capped (a copy): at a margin above the longest the LLM wrote at
     that path, a free string it never wrote at UNSEEN_STRING_CHARS. Enums, consts, patterns, formats and the
     schema's own maxLength / maxItems are left as they are. With the request's `tokens` (token -> its character
-    classes), a free string marked
-    `#copy` becomes an enum of the tokens it may copy (when there are some)."""
+    classes and where it stands), a free string marked `#copy` becomes an enum of the tokens it may copy (when
+    there are some)."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
@@ -293,7 +347,8 @@ def bounded_specs(tools: list[dict] | None, bounds: dict[str, dict[str, int]] | 
     `#norepeat` kept from repeating a one-argument call of the `messages` (see the module's docstring)."""
     specs = _tool_specs(tools)
     if bounds is not None:
-        tokens = {t: _classes(t) for t in request_tokens(messages)} if messages is not None and copies_enforced(bounds) else None
+        tokens = ({t: (_classes(t), src) for t, src in request_sources(messages).items()}
+                  if messages is not None and copies_enforced(bounds) else None)
         specs = [(name, bound_schema(schema, bounds.get(name), "", tokens)) for name, schema in specs]
         made = made_values(messages) if any(b.get("#norepeat") for b in bounds.values()) else {}
         if made:

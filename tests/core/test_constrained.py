@@ -272,7 +272,7 @@ def test_ids_the_llm_always_copied_can_only_be_copied_from_the_request():
     assert grammar_bounds(off) == {"get_booking": {"/booking_id#chars": 6, "/note#chars": 23}}
     assert set(grammar_bounds({"get_booking": bounds})["get_booking"]) == {
         "/booking_id#chars", "/note#chars", "/booking_id#copy", "/booking_id#copy_min", "/booking_id#copy_max",
-        "/booking_id#copy_need", "/booking_id#copy_allow"}
+        "/booking_id#copy_need", "/booking_id#copy_allow", "/booking_id#copy_src:user-text"}
 
     request = [{"role": "user", "content": "I have two bookings, 7GH2KQ and JJ81MN (the second is for my wife). Cancel one."},
                {"role": "tool", "content": json.dumps({"reservations": ["7GH2KQ", "JJ81MN"], "name": "Dana"})}]
@@ -396,3 +396,23 @@ def test_an_id_taken_from_an_e_mail_address_counts_as_copied():
     assert bounds["get_booking"]["/booking_id#copied"] == 10 and bounds["get_booking"]["/booking_id#copy"] == 1
     [(_, schema)] = bounded_specs(LOOKUP, bounds, [{"role": "user", "content": "Sure: ann_lee_2020@mail.org"}])
     assert schema["properties"]["booking_id"]["enum"] == ["ann_lee_2020"]
+
+
+def test_a_copy_comes_from_where_the_llm_copied_it_from():
+    """The LLM took user ids from what the user wrote or from a `user_id` field, never from the payment methods that
+    have the same shape: the SLM may copy a user id only from there, so a gift-card id is not a user id to it."""
+    from slmconvert.constrained import argument_bounds, bounded_specs, copy_sources
+
+    users = [f"ann_lee_{1000 + i}" for i in range(12)]
+    train = [_inv({"booking_id": u}, f"I am {u}", LOOKUP, "get_booking") for u in users]
+    bounds = argument_bounds(train, copy_share=0.95)
+    assert copy_sources(bounds["get_booking"], "/booking_id") == {"user-text"}
+    request = [{"role": "user", "content": "my id is bo_chan_7070"},
+               {"role": "tool", "content": json.dumps({"payment_methods": {"gift_card_7344": {"amount": 20}},
+                                                       "user_id": "bo_chan_7070", "friend": "cy_dale_1234"})}]
+    [(_, schema)] = bounded_specs(LOOKUP, bounds, request)
+    assert schema["properties"]["booking_id"]["enum"] == ["bo_chan_7070"]
+    # a policy written before sources were counted: a copy of the right shape from anywhere
+    before = {"get_booking": {k: v for k, v in bounds["get_booking"].items() if "#copy_src:" not in k}}
+    [(_, anywhere)] = bounded_specs(LOOKUP, before, request)
+    assert anywhere["properties"]["booking_id"]["enum"] == ["bo_chan_7070", "cy_dale_1234", "gift_card_7344"]
