@@ -29,7 +29,9 @@ carry_order=copied; 600 x 1, 200 test calls, the same sessions, split and calls 
 vs 0.469, arguments 0.143 vs 0.163 on 98 tool calls (10 lost, 2 gained) -- worse, so both stay off by default.
 Lookups not repeated (evaluate.no_repeat_share, with the e-mail's local part a copyable token): the same 600 x 1
 adapter on the same 200 test calls, evaluation only (8 min): arguments 0.163 -> 0.204, per-argument 0.235 -> 0.275,
-function name unchanged at 0.469 (98 tool calls); wrong answers repeating an earlier call 36 -> 17.
+function name unchanged at 0.469 (98 tool calls); wrong answers repeating an earlier call 36 -> 17. With copies only
+from where the LLM's copies stood (a JSON field, a role's text, an earlier argument), on top: function name 0.500,
+arguments 0.255, per-argument 0.332 (3 and 5 calls gained, none lost).
 On a GPU: `--device cuda --train-examples 1500 --epochs 3 --max-length 2048 --history-tokens 1536
 --tool-result-chars 2000 --batch-size 8 --test-calls 200` (minutes; not run here: no GPU was lent).
 """
