@@ -20,8 +20,11 @@ of the request's own strings (a word-like token of its messages, or a piece of o
 `:`, such as an e-mail's local part) in at least `copy_share` of the site's training calls (at least
 COPY_MIN_VALUES of them), the grammar lets the SLM write only such a token of
 the request in hand that has the shape the LLM's copied values had (their length range, the character
-classes all of them had, none they never had). A 135M model that gets the tool right still garbles a
-six-character reservation id; under this it can only pick one of the request's.
+classes all of them had, none they never had), standing where the LLM's copies stood (`request_sources`: a
+role's free text, a JSON tool result's field or an object's keys there, an earlier call's argument; those
+holding at least COPY_SOURCE_SHARE of the copies). A 135M model that gets the tool right still garbles a
+six-character reservation id; under this it can only pick one of the request's, and not a flight number of
+the same shape.
 
 A lookup is not repeated. A small model whose window shows its last call and that call's result tends to
 make the same call again (on tau-bench, 56 of a 135M adapter's 200 test answers repeated the call just
