@@ -39,13 +39,14 @@ tool would be left.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from slmconvert.invocation import call_parts
+from slmconvert.invocation import ROLE_ALIASES, call_parts
 from slmconvert.io import canonical_json, sha256_obj
 
 TRIGGER = "<tool_call>"
@@ -89,11 +90,20 @@ def _text_sources(text: str, source: str, out: dict[str, set[str]]) -> None:
 
 
 def request_sources(messages: list[dict] | None) -> dict[str, set[str]]:
-    """Each word-like string of a request's messages, with where it stands: `user-text` (any role's free text),
-    `json:reservations` (a JSON tool result's field), `arg:user_id` (an earlier call's argument)."""
-    from slmconvert.invocation import ROLE_ALIASES
-
+    """Each word-like string of a request's messages, with where it stands: `user-text`, `assistant-text` (a
+    role's free text), `json:reservations` (a JSON tool result's field), `json-key:payment_methods` (the keys of
+    an object there), `arg:user_id` (an earlier call's argument). A conversation's requests repeat its earlier
+    messages: each message's own strings are read once (LRU) and only merged here."""
     out: dict[str, set[str]] = {}
+
+    def merge(pairs) -> None:
+        for t, src in pairs:
+            have = out.get(t)
+            if have is None:
+                out[t] = set(src)
+            else:
+                have |= src
+
     for m in messages or []:
         if not isinstance(m, dict):
             continue
@@ -102,23 +112,33 @@ def request_sources(messages: list[dict] | None) -> dict[str, set[str]]:
         texts = ([content] if isinstance(content, str) else
                  [c["text"] for c in content if isinstance(c, dict) and isinstance(c.get("text"), str)] if isinstance(content, list) else [])
         for text in texts:
-            data = None
-            if role == "tool" and text.lstrip()[:1] in ("{", "["):
-                try:
-                    data = json.loads(text)
-                except (json.JSONDecodeError, RecursionError):
-                    data = None
-            if isinstance(data, (dict, list)):
-                _json_sources(data, "json", "", out)
-            else:
-                _text_sources(text, f"{role}-text", out)
+            merge(_content_sources(role, text))
         for call in m.get("tool_calls") or []:
             _, args = call_parts(call)
+            one: dict[str, set[str]] = {}
             if isinstance(args, (dict, list)):
-                _json_sources(args, "arg", "", out)
+                _json_sources(args, "arg", "", one)
             elif isinstance(args, str):
-                _text_sources(args, "arg:", out)
+                _text_sources(args, "arg:", one)
+            merge(one.items())
     return out
+
+
+@functools.lru_cache(maxsize=1024)  # a long conversation's messages; tool results of ~10 KB: ~20 MB at most
+def _content_sources(role: str, text: str) -> tuple[tuple[str, frozenset[str]], ...]:
+    """The strings of one message's text and where they stand (a JSON tool result by field, other text by role)."""
+    out: dict[str, set[str]] = {}
+    data = None
+    if role == "tool" and text.lstrip()[:1] in ("{", "["):
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            data = None
+    if isinstance(data, (dict, list)):
+        _json_sources(data, "json", "", out)
+    else:
+        _text_sources(text, f"{role}-text", out)
+    return tuple((t, frozenset(src)) for t, src in out.items())
 
 
 def _classes(value: str) -> int:
