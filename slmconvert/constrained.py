@@ -61,11 +61,6 @@ _SEPARATOR = re.compile(r"[@/:]")
 _CLASSES = [(1, str.isupper), (2, str.islower), (4, str.isdigit)] + [(8 << i, c.__eq__) for i, c in enumerate("_-.:@/+")]
 
 
-def request_tokens(messages: list[dict] | None) -> set[str]:
-    """The word-like strings of a request's messages (ids, dates, codes, names): what an argument can copy."""
-    return set(request_sources(messages))
-
-
 def _json_sources(obj: Any, prefix: str, key: str, out: dict[str, set[str]]) -> None:
     """The strings of a JSON document under `prefix:field` (its leaves) and `prefix-key:field` (the keys of an
     object in that field: payment methods keyed by their ids)."""

@@ -387,9 +387,9 @@ def test_a_lookup_the_llm_never_repeats_cannot_be_made_again_with_the_same_id():
 def test_an_id_taken_from_an_e_mail_address_counts_as_copied():
     """An LLM that reads the user id off the e-mail's local part copied it: the id is offered to the SLM as a copy
     (an enum of the request's pieces), not left to be re-typed."""
-    from slmconvert.constrained import argument_bounds, bounded_specs, request_tokens
+    from slmconvert.constrained import argument_bounds, bounded_specs, request_sources
 
-    assert {"dana_kim_4411", "example.com"} <= request_tokens([{"role": "user", "content": "It's dana_kim_4411@example.com."}])
+    assert {"dana_kim_4411", "example.com"} <= set(request_sources([{"role": "user", "content": "It's dana_kim_4411@example.com."}]))
     users = [f"user_{i}_{1000 + i}" for i in range(10)]
     train = [_inv({"booking_id": u}, f"my e-mail is {u}@example.com", LOOKUP, "get_booking") for u in users]
     bounds = argument_bounds(train, copy_share=0.95)
