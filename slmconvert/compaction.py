@@ -60,12 +60,15 @@ class CompactionRecipe:
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
-        if self.carry_calls == 0 and self.carry_order == "recent":
+        if self._opt_ins_off():
             self.version = min(self.version, 3)  # compacts as version 3 did: recorded so (adapter fingerprints unchanged)
+
+    def _opt_ins_off(self) -> bool:
+        return self.carry_calls == 0 and self.carry_order == "recent"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["carry_calls"] == 0 and d["carry_order"] == "recent":  # the opt-ins off: the version 3 record
+        if self._opt_ins_off():  # the version 3 record
             del d["carry_calls"], d["carry_order"]
         return d
 

@@ -235,27 +235,28 @@ def argument_bounds(invocations, copy_share: float | None = None, repeat_share: 
     return {tool: dict(sorted(b.items())) for tool, b in sorted(out.items())}
 
 
-def _made(messages: list[dict] | None) -> set[tuple[str, str]]:
-    """(name, canonical arguments) of the tool calls these messages already made."""
-    out = set()
+def _calls_made(messages: list[dict] | None):
+    """(name, arguments) of the tool calls these messages already made, those with an arguments object."""
     for m in messages or []:
         for tc in (m.get("tool_calls") or []) if isinstance(m, dict) else []:
             name, args = call_parts(tc)
             if name and isinstance(args, dict):
-                out.add((name, canonical_json(args)))
-    return out
+                yield name, args
+
+
+def _made(messages: list[dict] | None) -> set[tuple[str, str]]:
+    """(name, canonical arguments) of the tool calls these messages already made."""
+    return {(name, canonical_json(args)) for name, args in _calls_made(messages)}
 
 
 def made_values(messages: list[dict] | None) -> dict[str, dict[str, set]]:
     """Per tool, the value of each one-argument call these messages already made: {tool: {argument: values}}."""
     out: dict[str, dict[str, set]] = {}
-    for m in messages or []:
-        for tc in (m.get("tool_calls") or []) if isinstance(m, dict) else []:
-            name, args = call_parts(tc)
-            if name and isinstance(args, dict) and len(args) == 1:
-                (arg, value), = args.items()
-                if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                    out.setdefault(name, {}).setdefault(arg, set()).add(value)
+    for name, args in _calls_made(messages):
+        if len(args) == 1:
+            (arg, value), = args.items()
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                out.setdefault(name, {}).setdefault(arg, set()).add(value)
     return out
 
 
