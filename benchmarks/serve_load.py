@@ -155,6 +155,23 @@ def pct(values: list[float], p: float) -> float:
     return v[min(len(v) - 1, int(round(p * (len(v) - 1))))]
 
 
+def added(direct: list[float], via: list[float], resamples: int = 2000) -> str:
+    """What going through serve adds at p50 and p95 (via minus direct), each with a 95% bootstrap interval:
+    both samples resampled with replacement, independently (they are different requests)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    d, v = np.asarray(direct), np.asarray(via)
+    parts = []
+    for name, q in (("p50", 50), ("p95", 95)):
+        point = float(np.percentile(v, q) - np.percentile(d, q))
+        boot = (np.percentile(rng.choice(v, (resamples, len(v))), q, axis=1)
+                - np.percentile(rng.choice(d, (resamples, len(d))), q, axis=1))
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        parts.append(f"{name} {point:+.2f} ms [{lo:+.2f}, {hi:+.2f}]")
+    return "  ".join(parts)
+
+
 def free_port() -> int:
     import socket
 
@@ -221,7 +238,7 @@ def proxy_benchmark(clients: int, total: int, rate: float | None, malformed: flo
           f"processes on the same {os.cpu_count()} cores (loopback)")
     print(f"  direct to upstream: {total / d_wall:7.0f} req/s  p50 {statistics.median(direct):6.2f} ms  p95 {pct(direct, .95):6.2f} ms  errors {d_err}")
     print(f"  through the proxy:  {total / p_wall:7.0f} req/s  p50 {statistics.median(via):6.2f} ms  p95 {pct(via, .95):6.2f} ms  errors {p_err}")
-    print(f"  added by the proxy: p50 {statistics.median(via) - statistics.median(direct):+.2f} ms  p95 {pct(via, .95) - pct(direct, .95):+.2f} ms")
+    print(f"  added by the proxy: {added(direct, via)} (95% bootstrap intervals)")
     if stream:
         d_first, p_first = TTFB[direct_url], TTFB[proxy_url]
         print(f"  streamed: time to first byte direct p50 {statistics.median(d_first):.2f} ms, through the proxy "
@@ -253,8 +270,9 @@ def fake_backend_app(engine_ms: float = 0.0):
 
 def backend_benchmark(workspace: str, clients: int, total: int, rate: float | None, engine_ms: float = 0.0,
                       overlap: bool = True, gate_runtime: str = "auto", bodies: int = 20, gate: bool = True,
-                      serve_sets: list[str] = (), busy_procs: int = 0, pin: bool = False) -> None:
-    """serve (convert mode, external SLM engine) vs the engine alone, separate processes."""
+                      serve_sets: list[str] = (), busy_procs: int = 0, pin: bool = False, rounds: int = 1) -> None:
+    """serve (convert mode, external SLM engine) vs the engine alone, separate processes; `rounds` > 1 alternates
+    the two in that many blocks each, so a drift of the machine's load falls on both alike."""
     import os
     import signal
     import subprocess
@@ -334,8 +352,13 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
         asyncio.run(load(serve_url, body, clients, min(100, total), {}, tag=False))
         # --busy: processes that want the CPU all the time, at normal priority (an engine on serve's cores, say)
         busy += [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=on(own)) for _ in range(busy_procs)]
-        direct, d_wall, d_err = asyncio.run(load(direct_url, direct_body, clients, total, {}, rate))
-        via, s_wall, s_err = asyncio.run(load(serve_url, body, clients, total, {}, rate, tag=False))
+        direct, via, d_err, s_err = [], [], 0, 0
+        for k in range(rounds):
+            n = total // rounds + (k < total % rounds)
+            lat, _, err = asyncio.run(load(direct_url, direct_body, clients, n, {}, rate))
+            direct, d_err = direct + lat, d_err + err
+            lat, _, err = asyncio.run(load(serve_url, body, clients, n, {}, rate, tag=False))
+            via, s_err = via + lat, s_err + err
     finally:
         for p in busy:
             p.kill()
@@ -352,7 +375,8 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
           f"the engine takes {engine_ms:g} ms per answer; serve.gate_overlap={str(overlap).lower()}; request gate: "
           f"{gate_runtime_used if gate else 'none (--no-gate)'}{''.join(' --set ' + kv for kv in serve_sets)}"
           f"{f'; {busy_procs} busy process(es) beside them' if busy_procs else ''}"
-          f"{f'; serve pinned to core {min(own)}, the rest to {sorted(rest)}' if pin else ''}")
+          f"{f'; serve pinned to core {min(own)}, the rest to {sorted(rest)}' if pin else ''}"
+          f"{f'; direct and through serve alternated in {rounds} blocks each' if rounds > 1 else ''}")
     print(f"  straight to the SLM engine:   p50 {statistics.median(direct):7.2f} ms  p95 {pct(direct, .95):7.2f} ms  errors {d_err}")
     print(f"  through serve (convert mode): p50 {statistics.median(via):7.2f} ms  p95 {pct(via, .95):7.2f} ms  errors {s_err}")
     records = [json.loads(line) for f in (copy / "serve").glob("calls-*.jsonl") for line in open(f)]
@@ -371,8 +395,8 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
               + (f" (p50 {statistics.median(late):.2f} ms, p95 {pct(late, .95):.2f} ms, max {late[-1]:.2f} ms)" if late else ""))
     print(f"  every timed request was answered by the SLM engine ({len(body)} test-split requests in turn, site(s) "
           f"{', '.join(sorted(answered))}; a copy of the workspace whose policy lets text answers through, so the SLM path is what is timed)")
-    print(f"  added by serve: p50 {statistics.median(via) - statistics.median(direct):+.2f} ms  p95 {pct(via, .95) - pct(direct, .95):+.2f} ms "
-          "(routing embedding, request gate, compaction and rendering, policy)")
+    print(f"  added by serve: {added(direct, via)} (95% bootstrap intervals; routing embedding, request gate, compaction "
+          "and rendering, policy)")
 
 
 def slm_benchmark(workspace: str, n: int) -> None:
@@ -428,6 +452,8 @@ def main() -> None:
                     "normal priority while the load runs (an engine sharing serve's cores): does the gate still keep up?")
     ap.add_argument("--pin", action="store_true", help="with --slm-backend: serve on a core of its own, the engine, upstream "
                     "and load generator on the others (--busy spinners on serve's core)")
+    ap.add_argument("--rounds", type=int, default=1, help="with --slm-backend: alternate direct and through-serve load in "
+                    "this many blocks each (a drift of the machine's load then falls on both)")
     ap.add_argument("--bodies", type=int, default=20, help="with --slm-backend: how many different test-split requests are sent in turn")
     ap.add_argument("--role", choices=["bench", "upstream", "backend"], default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -442,7 +468,7 @@ def main() -> None:
         uvicorn.run(fake_backend_app(a.engine_ms), host="127.0.0.1", port=a.port, log_level="error")
     elif a.slm_backend:
         backend_benchmark(a.slm_backend, a.clients, a.requests, a.rate, a.engine_ms, not a.no_overlap, a.gate_runtime, a.bodies,
-                          not a.no_gate, a.serve_set, a.busy, a.pin)
+                          not a.no_gate, a.serve_set, a.busy, a.pin, max(1, a.rounds))
     elif a.slm:
         slm_benchmark(a.slm, a.slm_requests)
     else:

@@ -374,6 +374,8 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
             reason = "proxy mode" if decision is None else decision.reason
             headers = headers_for(decision, "llm", reason)
             served = {"by": "llm", "reason": reason, "site": decision.site if decision else None}
+            if decision is not None and "engine_call_for_refused_request" in decision.extra:  # never sent, called off, answered
+                served["engine_call"] = decision.extra["engine_call_for_refused_request"]
             if stream:
                 try:
                     r = await open_upstream(raw, stream=True)

@@ -341,8 +341,9 @@ class SlmEngine:
         tok = self._models[adapter["model_key"]][1]
         # the engine generates while the gate embeds the request; the gate's verdict still comes first
         sent_at = time.perf_counter()
+        call = EngineCall()
         sent = self._overlap.submit(self.backend.generate, site, prompt_or_reason[0], self.max_new_tokens, self._stops(tok),
-                                    self._grammar_fields(site, tools, messages))
+                                    self._grammar_fields(site, tools, messages), call)
         # the engine's time as serve saw it (the call, its queue and the HTTP round trip): the rest is serve's own
         sent.add_done_callback(lambda _: d.extra.setdefault("engine_ms", round((time.perf_counter() - sent_at) * 1000, 2)))
         generated = asyncio.wrap_future(sent)
@@ -353,7 +354,10 @@ class SlmEngine:
             refused = self.policy.admit(site, d.similarity)
             if refused is not None:
                 d.reason = refused.reason
-                d.extra["engine_generated_for_refused_request"] = not sent.cancel()  # not started: never sent
+                # what became of the engine call the gate made pointless: not started (never sent), back already, or
+                # called off mid-generation (the engine stops; its capacity goes to requests the SLM may answer)
+                d.extra["engine_call_for_refused_request"] = ("never sent" if sent.cancel() else "answered" if sent.done()
+                                                              else "called off")
                 return d
             g = await generated
         except BackendError as e:
@@ -361,8 +365,10 @@ class SlmEngine:
             d.seconds = time.perf_counter() - t0
             return d
         finally:
-            # the gate refused, or the client went away: a call not started yet is never sent; a started one's answer
-            # (or error) is dropped, also when it arrives after `answer`'s own loop has closed
+            # the gate refused, or the client went away: a call not started yet is never sent, a started one is called
+            # off; its error is dropped, also when it arrives after `answer`'s own loop has closed
+            if not sent.done():
+                call.abort()
             generated.cancel()
         return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
 
@@ -530,6 +536,7 @@ class RemoteSlm:
         # serve lets in at once; no retries (a failed call goes to the LLM instead).
         self.pool = urllib3.PoolManager(num_pools=2, maxsize=connections, block=True, retries=False,
                                         timeout=urllib3.Timeout(connect=min(timeout_s, 10.0), read=timeout_s))
+        self.pool.pool_classes_by_scheme = _abortable_pools()  # a started call can be called off (EngineCall.abort)
         self.timeout_s = timeout_s
         self.root = self.url[:-3] if self.url.endswith("/v1") else self.url  # Ollama's native API is beside /v1
         apis = {info.get("api") for info in sites.values() if isinstance(info, dict)}
@@ -553,7 +560,9 @@ class RemoteSlm:
         return "ollama" if isinstance(body, dict) and isinstance(body.get("version"), str) else "openai"
 
     def generate(self, site: str, prompt: str, max_new_tokens: int, stops: list[str] | tuple[str, ...] = (),
-                 grammar: dict[str, Any] | None = None):
+                 grammar: dict[str, Any] | None = None, call: "EngineCall | None" = None):
+        """The engine's answer; `call`, when given, is how another thread calls this one off while it runs
+        (`EngineCall.abort`: the engine sees the client go away, BackendError here)."""
         import urllib3
 
         from slmconvert.export import served_name
@@ -577,15 +586,27 @@ class RemoteSlm:
                 body["lora"] = [{"id": info["lora_id"], "scale": 1.0}]
             body.update(grammar or {})
         t = time.perf_counter()
+        _calling.call = call
         try:
-            r = self.pool.request("POST", url, body=json.dumps(body).encode(), headers={"content-type": "application/json"})
-        except urllib3.exceptions.HTTPError as e:
+            r = self.pool.request("POST", url, body=json.dumps(body).encode(), headers={"content-type": "application/json"},
+                                  preload_content=False)
+            try:
+                data = r.read()
+            finally:
+                if call is not None:
+                    call.detach()  # before the connection goes back to the pool, where another call may take it
+                r.release_conn()
+        except (urllib3.exceptions.HTTPError, _CalledOff) as e:
+            if call is not None and call.aborted:
+                raise BackendError(f"the call to the SLM backend at {self.url} was called off") from None
             # a refused connection is not slowness, though urllib3 2 derives NewConnectionError from ConnectTimeoutError
             if isinstance(e, urllib3.exceptions.TimeoutError) and not isinstance(e, urllib3.exceptions.NewConnectionError):
                 raise BackendError(f"the SLM backend at {self.url} did not answer within {self.timeout_s:g} s") from None
             raise BackendError(f"the SLM backend at {self.url} is unreachable ({type(e).__name__})") from None
+        finally:
+            _calling.call = None
         try:
-            payload = json.loads(r.data)
+            payload = json.loads(data)
         except ValueError:
             payload = None
         if r.status != 200 or not isinstance(payload, dict):
@@ -599,6 +620,69 @@ class RemoteSlm:
         return Generation(text=text, new_tokens=n, mean_logprob=sum(values) / len(values) if values else None,
                           seconds=time.perf_counter() - t, logprobs=values,
                           tokens=tokens if tokens and values and len(tokens) == len(values) else None)
+
+
+class _CalledOff(Exception):
+    """An engine call aborted before it was sent."""
+
+
+class EngineCall:
+    """One call to the external engine that another thread may call off (`abort`) while it runs: its connection's
+    socket is shut down, so the blocked read ends at once and the engine sees its client go away (vLLM, llama-server
+    and Ollama then stop generating for it). serve calls off an overlapped call when the request gate refuses the
+    request, instead of letting the engine finish an answer nobody will read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn = None
+        self.aborted = False
+
+    def attach(self, conn) -> None:
+        with self._lock:
+            if self.aborted:
+                raise _CalledOff("called off before it was sent")
+            self._conn = conn
+
+    def detach(self) -> None:
+        with self._lock:
+            self._conn = None
+
+    def abort(self) -> bool:
+        """Call it off; True when it was on the wire (its connection shut down), False when not sent yet or done."""
+        import socket
+
+        with self._lock:
+            self.aborted = True
+            sock = getattr(self._conn, "sock", None)
+            if sock is None:
+                return False
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                return False
+            return True
+
+
+_calling = threading.local()  # the EngineCall of the request this thread is sending (RemoteSlm.generate)
+
+
+def _abortable_pools() -> dict[str, type]:
+    """urllib3 connection pools whose connections hand themselves to the thread's EngineCall as they send."""
+    import urllib3
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+
+    def abortable(base):
+        class Abortable(base):
+            def request(self, *args, **kwargs):
+                call = getattr(_calling, "call", None)
+                if call is not None:
+                    call.attach(self)
+                return super().request(*args, **kwargs)
+        return Abortable
+
+    http = type("AbortableHTTPPool", (urllib3.HTTPConnectionPool,), {"ConnectionCls": abortable(HTTPConnection)})
+    https = type("AbortableHTTPSPool", (urllib3.HTTPSConnectionPool,), {"ConnectionCls": abortable(HTTPSConnection)})
+    return {"http": http, "https": https}
 
 
 # Sampling fields that make each engine's greedy decoding plain (no repetition penalties), by engine.

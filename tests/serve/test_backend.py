@@ -8,9 +8,11 @@ import json
 import os
 import sys
 import threading
+import time
 
 import httpx
 import pytest
+from starlette.requests import Request
 
 from slmconvert.serve.app import ServeSettings, create_app
 from slmconvert.serve.calllog import CallLogger
@@ -36,6 +38,29 @@ def fake_backend(seen: list, status: int = 200, delay_s: float = 0.0):
                 "choices": [{"index": 0, "text": "Ticket filed.", "finish_reason": "stop",
                              "logprobs": {"tokens": ["Ticket", " filed", "."], "token_logprobs": [-0.05, -0.1, -0.01]}}],
                 "usage": {"prompt_tokens": 50, "completion_tokens": 3}}
+
+    return app
+
+
+def disconnect_aware_backend(events: list, delay: dict):
+    """An engine that takes delay["s"] per answer and, as vLLM does, stops generating when its client goes away."""
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        await request.json()
+        events.append("started")
+        deadline = time.monotonic() + delay["s"]
+        while time.monotonic() < deadline:
+            if await request.is_disconnected():
+                events.append("client went away")
+                return Response(status_code=499)
+            await asyncio.sleep(0.02)
+        events.append("answered")
+        return {"choices": [{"index": 0, "text": "Ticket filed.", "finish_reason": "stop"}]}
 
     return app
 
@@ -168,10 +193,33 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
             for d in (engine.answer(ours.request.messages, None), asyncio.run(engine.answer_async(ours.request.messages, None))):
                 assert not d.use_slm and d.reason.startswith(f"request unlike site {slm_site}'s training calls"), d.reason
                 assert d.response is None or d.response.content != "Ticket filed."
-                if overlap:  # said in the decision: whether the engine did work for a refused request
-                    assert "engine_generated_for_refused_request" in d.extra
+                if overlap:  # said in the decision: what became of the engine call the refusal made pointless
+                    assert d.extra["engine_call_for_refused_request"] in ("never sent", "answered", "called off")
                 else:
-                    assert asked == [] and "engine_generated_for_refused_request" not in d.extra
+                    assert asked == [] and "engine_call_for_refused_request" not in d.extra
+            if overlap:  # a refused request's engine call mid-generation is called off: the engine sees its client go away
+                events: list = []
+                delay = {"s": 30.0}
+                with Uvicorn(disconnect_aware_backend(events, delay)) as backend:
+                    engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1")
+                    gate = engine._gate_beside
+
+                    async def gate_once_the_engine_works(text, generated):
+                        for _ in range(1000):
+                            if "started" in events or generated.done():
+                                break
+                            await asyncio.sleep(0.01)
+                        return await gate(text, generated)
+                    engine._gate_beside = gate_once_the_engine_works
+                    t = time.monotonic()
+                    d = asyncio.run(engine.answer_async(ours.request.messages, None))
+                    assert not d.use_slm and d.extra["engine_call_for_refused_request"] == "called off"
+                    while "client went away" not in events and time.monotonic() - t < 10:
+                        time.sleep(0.02)
+                    assert events == ["started", "client went away"] and time.monotonic() - t < 10  # not the 30 s answer
+                    delay["s"] = 0.0  # the pool's connections still work for the calls after
+                    for _ in range(3):
+                        assert engine.backend.generate(slm_site, "hello", 4).text == "Ticket filed."
         if sys.platform.startswith("linux"):  # overlapped, the gate embeds in the engine's time at idle priority
             assert {os.sched_getscheduler(t.native_id) for t in engine._gate.threads} == {os.SCHED_OTHER}
             if overlap:

@@ -1,7 +1,6 @@
 """`slmconvert serve` with real servers on loopback: routing by verdict, auth, limits, upstream failures, logs."""
 
 import json
-import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
