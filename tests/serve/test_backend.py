@@ -220,6 +220,19 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
                     delay["s"] = 0.0  # the pool's connections still work for the calls after
                     for _ in range(3):
                         assert engine.backend.generate(slm_site, "hello", 4).text == "Ticket filed."
+                    # through serve: the LLM answers, and the call log says the engine's call was called off
+                    events.clear()
+                    delay["s"] = 30.0
+                    logger = CallLogger(Workspace(ws), cfg, scrub=False)
+                    app = create_app(ServeSettings(upstream=upstream.url, mode="convert", no_auth=True), engine=engine, logger=logger)
+                    with Uvicorn(app) as srv:
+                        r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": "gpt-4o", "messages": ours.request.messages},
+                                       timeout=60)
+                    logger.close()
+                    assert r.status_code == 200 and r.headers["x-slmconvert-answered-by"] == "llm"
+                    logged = [json.loads(line) for f in (ws / "serve").glob("calls-*.jsonl") for line in open(f)]
+                    assert [rec["served_by"].get("engine_call") for rec in logged if rec["served_by"]["by"] == "llm"] == ["called off"]
+                    assert events[:1] == ["started"]
         if sys.platform.startswith("linux"):  # overlapped, the gate embeds in the engine's time at idle priority
             assert {os.sched_getscheduler(t.native_id) for t in engine._gate.threads} == {os.SCHED_OTHER}
             if overlap:
