@@ -628,8 +628,8 @@ class _CalledOff(Exception):
 
 class EngineCall:
     """One call to the external engine that another thread may call off (`abort`) while it runs: its connection's
-    socket is shut down, so the blocked read ends at once and the engine sees its client go away (vLLM, llama-server
-    and Ollama then stop generating for it). serve calls off an overlapped call when the request gate refuses the
+    socket is shut down, so the blocked read ends at once and the engine sees its client go away (an engine that watches
+    for that, as vLLM and llama-server do, stops generating for it). serve calls off an overlapped call when the request gate refuses the
     request, instead of letting the engine finish an answer nobody will read."""
 
     def __init__(self) -> None:
