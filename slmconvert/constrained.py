@@ -176,12 +176,15 @@ def _mark_copied(bounds: dict[str, int], copy_share: float | None) -> None:
             bounds[path + "#copy"] = 1
 
 
+GRAMMAR_RULES = 2  # raised when the grammar reads the same bounds differently (2: nothing_to_copy), so cached generations go stale
+
+
 def grammar_bounds(bounds: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]] | None:
-    """The part of argument bounds the grammar reads (caps; copy shapes where copies are enforced): what a
-    cached generation depends on. Counts are evidence only."""
+    """The part of argument bounds the grammar reads (caps; copy shapes where copies are enforced), and the version of
+    the rules that read them: what a cached generation depends on. Counts are evidence only."""
     if bounds is None:
         return None
-    out = {}
+    out: dict[str, Any] = {"#rules": GRAMMAR_RULES} if copies_enforced(bounds) else {}
     for tool, b in bounds.items():
         copied = {k[: -len("#copy")] for k in b if k.endswith("#copy")}
         out[tool] = {k: v for k, v in b.items() if k.endswith(("#chars", "#items")) or k == "#norepeat"
@@ -359,16 +362,35 @@ def copies_enforced(bounds: dict[str, dict[str, int]] | None) -> bool:
     return any(k.endswith("#copy") for b in (bounds or {}).values() for k in b)
 
 
+def nothing_to_copy(original: dict[str, Any], bounded: dict[str, Any], bounds: dict[str, int]) -> bool:
+    """A required argument of the tool is decoded as a copy (`#copy`: the LLM copied it from the request in at least
+    copy_share of its calls) and the request holds nothing it may copy (`bound_schema` made no enum of it): the SLM
+    could only invent that value (a user id nobody gave), where the LLM made some other answer."""
+    props, kept = original.get("properties") or {}, bounded.get("properties") or {}
+    for arg in original.get("required") or []:
+        sub = props.get(arg)
+        if (isinstance(sub, dict) and bounds.get(f"/{arg}#copy") and sub.get("type") == "string"
+                and not ({"enum", "const", "pattern", "format"} & sub.keys()) and "enum" not in (kept.get(arg) or {})):
+            return True
+    return False
+
+
 def bounded_specs(tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None,
                   messages: list[dict] | None = None) -> list[tuple[str, dict]]:
     """The offered tools as (name, schema), their arguments capped by `bounds` (None: schemas as given), the
-    arguments it marks `#copy` limited to copies of these request `messages`' tokens, and the tools it marks
-    `#norepeat` kept from repeating a one-argument call of the `messages` (see the module's docstring)."""
+    arguments it marks `#copy` limited to copies of these request `messages`' tokens (a tool with a required one
+    that has nothing to copy is not offered: `nothing_to_copy`), and the tools it marks `#norepeat` kept from
+    repeating a one-argument call of the `messages` (see the module's docstring). A grammar must offer some tool:
+    where either rule would leave none, it does not apply."""
     specs = _tool_specs(tools)
     if bounds is not None:
         tokens = ({t: (_classes(t), src) for t, src in request_sources(messages).items()}
                   if messages is not None and copies_enforced(bounds) else None)
+        given = specs
         specs = [(name, bound_schema(schema, bounds.get(name), "", tokens)) for name, schema in specs]
+        if tokens is not None:  # a call whose copied argument has nothing to copy could only be invented: not offered
+            specs = [(name, schema) for (name, schema), (_, original) in zip(specs, given)
+                     if not nothing_to_copy(original, schema, bounds.get(name) or {})] or specs
         made = made_values(messages) if any(b.get("#norepeat") for b in bounds.values()) else {}
         if made:
             fresh = [(name, not_again(schema, made[name]) if name in made and (bounds.get(name) or {}).get("#norepeat") else schema)

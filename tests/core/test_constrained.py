@@ -296,6 +296,37 @@ def test_ids_the_llm_always_copied_can_only_be_copied_from_the_request():
     assert "enum" not in none_fit["properties"]["booking_id"] and none_fit["properties"]["booking_id"]["maxLength"] >= 6
 
 
+def test_a_tool_whose_copied_id_has_nothing_to_copy_is_not_offered():
+    """The LLM copied the booking id from the conversation in every call. In a conversation that holds no id of that
+    shape, the SLM could only invent one (on τ-bench it looked up the user `john_doe`, whom nobody named): the tool
+    is not offered there, so the SLM replies or calls another tool, as the LLM did. With an id to copy it is offered;
+    where it is the only tool, it stays, length-capped as before."""
+    from slmconvert.constrained import GRAMMAR_RULES, argument_bounds, bounded_specs, grammar_bounds
+
+    ids = ["QX7T2B", "M3KD9Z", "AB12CD", "ZZ9Y8X", "K2L3M4", "P0O9I8", "R5T6Y7", "U8I9O0", "W1E2R3", "N4B5V6", "C7X8Z9", "H1J2K3"]
+    train = [_inv({"booking_id": b}, f"my booking is {b}, thanks", LOOKUP, "get_booking") for b in ids]
+    bounds = argument_bounds(train, copy_share=0.95)
+    listing = [{"type": "function", "function": {"name": "list_flights", "parameters": {
+        "type": "object", "properties": {"day": {"type": "string"}}, "required": []}}}]
+    hello = [{"role": "user", "content": "hello, I need to change my trip"}]
+    assert [n for n, _ in bounded_specs(LOOKUP + listing, bounds, hello)] == ["list_flights"]
+    with_id = [{"role": "user", "content": "it is booking 7GH2KQ"}]
+    assert [n for n, _ in bounded_specs(LOOKUP + listing, bounds, with_id)] == ["get_booking", "list_flights"]
+    [(name, alone)] = bounded_specs(LOOKUP, bounds, hello)
+    assert name == "get_booking" and "enum" not in alone["properties"]["booking_id"] and alone["properties"]["booking_id"]["maxLength"] >= 6
+    off = argument_bounds(train, copy_share=None)  # copies not enforced: every tool offered, as before
+    assert [n for n, _ in bounded_specs(LOOKUP + listing, off, hello)] == ["get_booking", "list_flights"]
+    # generations cached under the earlier rules are not reused where they read the same bounds differently
+    assert grammar_bounds(bounds)["#rules"] == GRAMMAR_RULES and "#rules" not in grammar_bounds(off)
+
+    model, tok = tiny_llama()
+    grammar = ToolGrammars(tok, model.config.vocab_size).for_tools(LOOKUP + listing, bounds, hello)
+    import xgrammar as xgr
+
+    assert not xgr.GrammarMatcher(grammar).accept_string('<tool_call>{"name": "get_booking", "arguments": {"booking_id": "JOHN01"}}</tool_call>')
+    assert xgr.GrammarMatcher(grammar).accept_string('<tool_call>{"name": "list_flights", "arguments": {"day": "today"}}</tool_call>')
+
+
 def test_external_engines_are_sent_the_same_copy_constraint():
     """vLLM's structural tag and llama-server's GBNF carry the request's copyable tokens as the in-process grammar does."""
     import xgrammar as xgr
