@@ -366,9 +366,13 @@ def nothing_to_copy(original: dict[str, Any], bounded: dict[str, Any], bounds: d
     """A required argument of the tool is decoded as a copy (`#copy`: the LLM copied it from the request in at least
     copy_share of its calls) and the request holds nothing it may copy (`bound_schema` made no enum of it): the SLM
     could only invent that value (a user id nobody gave), where the LLM made some other answer."""
-    props, kept = original.get("properties") or {}, bounded.get("properties") or {}
-    for arg in original.get("required") or []:
-        sub = props.get(arg)
+    if not isinstance(original, dict) or not isinstance(bounded, dict):
+        return False
+    props, kept, required = original.get("properties"), bounded.get("properties"), original.get("required")
+    if not isinstance(props, dict) or not isinstance(kept, dict) or not isinstance(required, list):
+        return False  # a schema of another shape: offered as it is
+    for arg in required:
+        sub = props.get(arg) if isinstance(arg, str) else None
         if (isinstance(sub, dict) and bounds.get(f"/{arg}#copy") and sub.get("type") == "string"
                 and not ({"enum", "const", "pattern", "format"} & sub.keys()) and "enum" not in (kept.get(arg) or {})):
             return True
