@@ -283,6 +283,18 @@ def _margin(n: int) -> int:
     return n + max(8, n // 2)  # room above the longest string seen: 1.5x, at least 8 more characters
 
 
+def _types(schema: dict[str, Any]) -> set:
+    types = schema.get("type")
+    return set(types) if isinstance(types, list) else {types} if isinstance(types, str) else set()
+
+
+def _decoded_as_copy(schema: Any, bounds: dict[str, int], path: str) -> bool:
+    """The argument at `path` is a free string (no enum, const, pattern or format of its own) that the bounds mark
+    `#copy`: decoded as one of the request's tokens (`copy_candidates`)."""
+    return (isinstance(schema, dict) and _types(schema) == {"string"} and bool(bounds.get(path + "#copy"))
+            and not ({"enum", "const", "pattern", "format"} & schema.keys()))
+
+
 def bound_schema(schema: Any, bounds: dict[str, int] | None, path: str = "",
                  tokens: dict[str, tuple[int, set[str]]] | None = None) -> Any:
     """`schema` with free strings and lists capped (a copy): at a margin above the longest the LLM wrote at
@@ -294,10 +306,9 @@ def bound_schema(schema: Any, bounds: dict[str, int] | None, path: str = "",
         return schema
     out = dict(schema)
     bounds = bounds or {}
-    types = out.get("type")
-    types = set(types) if isinstance(types, list) else {types} if isinstance(types, str) else set()
+    types = _types(out)
     free = "string" in types and not ({"enum", "const", "pattern", "format"} & out.keys())
-    if free and types == {"string"} and tokens is not None and bounds.get(path + "#copy"):
+    if tokens is not None and _decoded_as_copy(out, bounds, path):
         candidates = copy_candidates(tokens, bounds, path, out)
         if candidates:
             out["enum"] = candidates
@@ -371,12 +382,8 @@ def nothing_to_copy(original: dict[str, Any], bounded: dict[str, Any], bounds: d
     props, kept, required = original.get("properties"), bounded.get("properties"), original.get("required")
     if not isinstance(props, dict) or not isinstance(kept, dict) or not isinstance(required, list):
         return False  # a schema of another shape: offered as it is
-    for arg in required:
-        sub = props.get(arg) if isinstance(arg, str) else None
-        if (isinstance(sub, dict) and bounds.get(f"/{arg}#copy") and sub.get("type") == "string"
-                and not ({"enum", "const", "pattern", "format"} & sub.keys()) and "enum" not in (kept.get(arg) or {})):
-            return True
-    return False
+    return any(isinstance(arg, str) and _decoded_as_copy(props.get(arg), bounds, f"/{arg}") and "enum" not in (kept.get(arg) or {})
+               for arg in required)
 
 
 def bounded_specs(tools: list[dict] | None, bounds: dict[str, dict[str, int]] | None,
