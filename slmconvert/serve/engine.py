@@ -647,20 +647,18 @@ class EngineCall:
         with self._lock:
             self._conn = None
 
-    def abort(self) -> bool:
-        """Call it off; True when it was on the wire (its connection shut down), False when not sent yet or done."""
+    def abort(self) -> None:
+        """Call it off: its connection shut down when it is on the wire; when not sent yet, it never is."""
         import socket
 
         with self._lock:
             self.aborted = True
             sock = getattr(self._conn, "sock", None)
-            if sock is None:
-                return False
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                return False
-            return True
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # closed meanwhile: nothing left to call off
+                    pass
 
 
 _calling = threading.local()  # the EngineCall of the request this thread is sending (RemoteSlm.generate)
