@@ -176,20 +176,8 @@ def _mark_copied(bounds: dict[str, int], copy_share: float | None) -> None:
             bounds[path + "#copy"] = 1
 
 
-GRAMMAR_RULES = 2  # raised when the grammar reads the same bounds differently (2: nothing_to_copy), so cached generations go stale
-
-
-def grammar_bounds(bounds: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]] | None:
-    """The part of argument bounds the grammar reads (caps; copy shapes where copies are enforced), and the version of
-    the rules that read them: what a cached generation depends on. Counts are evidence only."""
-    if bounds is None:
-        return None
-    out: dict[str, Any] = {"#rules": GRAMMAR_RULES} if copies_enforced(bounds) else {}
-    for tool, b in bounds.items():
-        copied = {k[: -len("#copy")] for k in b if k.endswith("#copy")}
-        out[tool] = {k: v for k, v in b.items() if k.endswith(("#chars", "#items")) or k == "#norepeat"
-                     or (k.rsplit("#", 1)[0] in copied and "#copy" in k)}
-    return out
+GRAMMAR_FORMAT = 1  # raised when the same (name, schema) specs would compile to another grammar (the tag's form, its
+# whitespace): part of evaluate's generation cache key, beside each request's own specs (bounded_specs)
 
 
 def copy_sources(bounds: dict[str, int], path: str) -> set[str] | None:
@@ -449,7 +437,10 @@ class ToolGrammars:
                   messages: list[dict] | None = None):
         """The compiled grammar for these offered tools, their arguments capped by `bounds`
         (argument_bounds of the site; None: schemas as given), copies taken from the request's `messages`."""
-        specs = bounded_specs(tools, bounds, messages)
+        return self.for_specs(bounded_specs(tools, bounds, messages))
+
+    def for_specs(self, specs: list[tuple[str, dict]]):
+        """The compiled grammar for these (name, schema) tools (`bounded_specs`); None when there are none."""
         if not specs:
             return None
         return self._cache.get(specs, lambda: self._compile(specs))

@@ -119,12 +119,16 @@ class GenerationCache:
 
 
 def generate_cached(model, tok, prompts: list[str], variant_key: str, cache: GenerationCache, ec, budget: int,
-                    progress: Progress, grammars=None, constraints: list | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+                    progress: Progress, grammars=None, constraints: list | None = None,
+                    specs: list | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """The generations for `prompts` (cached ones read back) and their cache keys; `constraints`: one compiled
-    grammar (or None) per prompt, applied with `grammars` (slmconvert.constrained)."""
+    grammar (or None) per prompt, applied with `grammars` (slmconvert.constrained), built from `specs` (per prompt,
+    the tools and schemas it was compiled from: part of that prompt's key, so a change of the decoding rules
+    generates again only the answers whose grammar it changed)."""
     from slmconvert.generation import generate
 
-    keys = [sha256_obj({"v": variant_key, "p": p}) for p in prompts]
+    keys = [sha256_obj({"v": variant_key, "p": p} if specs is None else {"v": variant_key, "p": p, "g": specs[i]})
+            for i, p in enumerate(prompts)]
     missing = sorted({k: i for i, k in enumerate(keys) if k not in cache.rows}.values(), key=lambda i: len(prompts[i]))
     progress.advance(len(prompts) - len(missing))
     chunk = ec.batch_size * 4
@@ -157,7 +161,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
     constrained grammar (slmconvert.constrained.argument_bounds)."""
     from slmconvert.chat import answer_text, render_prompt, special_tokens, supports_native_tools
     from slmconvert.compaction import CompactionRecipe
-    from slmconvert.constrained import grammar_bounds, tool_grammars
+    from slmconvert.constrained import GRAMMAR_FORMAT, bounded_specs, tool_grammars
     from slmconvert.generation import RepeatGuard
     from slmconvert.finetune.stage import COMPLETE, load_artefact
     from slmconvert.finetune.trainer import pick_device
@@ -194,10 +198,9 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
         prompts, lengths = [], []
         check_budget(tok, site, sample)
         # the grammar follows the request's own tools, not the compacted prompt's (compaction may drop their docs)
-        constraints = ([grammars.for_tools(s.inv.request.tools, bounds.get(site), s.inv.request.messages) for s in sample]
-                       if grammars is not None else None)
-        variant_key = (sha256_obj({"variant": variant_key, "bounds": grammar_bounds(bounds.get(site))})
-                       if grammars is not None else variant_key)
+        specs = ([bounded_specs(s.inv.request.tools, bounds.get(site), s.inv.request.messages) for s in sample]
+                 if grammars is not None else None)
+        constraints = [grammars.for_specs(sp) for sp in specs] if grammars is not None and specs is not None else None
         for s in sample:
             msgs, tools = make_messages(s.inv)
             fitted = fit_prompt(msgs, tools, tok, budget, native)
@@ -207,7 +210,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
             prompts.append(fitted[0])
             lengths.append(fitted[1])
         before = len(cache.rows)
-        gens, keys = generate_cached(model, tok, prompts, variant_key, cache, ec, budget, progress, grammars, constraints)
+        gens, keys = generate_cached(model, tok, prompts, variant_key, cache, ec, budget, progress, grammars, constraints, specs)
         counts["new"] += len(cache.rows) - before
         counts["cached"] += len(prompts) - (len(cache.rows) - before)
         out.append(Answers(site, model_name, variant, sample, gens, lengths, keys, special_tokens(tok)))
@@ -222,7 +225,8 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
             continue
         grammars = tool_grammars(tok, getattr(model.config, "vocab_size", None), problems) if ec.constrained_decoding else None
         settings = {"max_new_tokens": ec.max_new_tokens, "model": entry.name, "location": info["location"], "dtype": info["dtype"],
-                    "constrained": grammars is not None, "logprobs": "raw-v1",
+                    "constrained": grammars is not None, "grammar": GRAMMAR_FORMAT if grammars is not None else None,
+                    "logprobs": "raw-v1",
                     "guard": RepeatGuard.VERSION}
         todo = []
         for a in ads:

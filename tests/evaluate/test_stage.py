@@ -60,6 +60,21 @@ def test_evaluate_writes_results_summary_and_report_that_agree(tuned_ws, tmp_pat
     assert run(cfg, Workspace(ws)).status == "skipped"
     again = run(cfg, Workspace(ws), force=True)
     assert again.counts["generated_new"] == 0 and again.counts["generated_cached"] == len(rows)
+    # a change of the decoding rules generates again only the answers whose grammar it changed: each cached answer
+    # is keyed by the tools and schemas its grammar was compiled from, not by the rules' settings
+    from slmconvert.constrained import bounded_specs
+    from slmconvert.store import load_invocations
+
+    looser = stage_config(ws, f"finetune.models={json.dumps(cfg.finetune.models)}", *SETS, "evaluate.no_repeat_share=null")
+    m = run(looser, Workspace(ws))
+    after = json.loads((ws / "eval" / "policy.json").read_text())["argument_bounds"]
+    invs = {i.id: i for i in load_invocations(Workspace(ws))}
+    changed = sum(bounded_specs(invs[r["invocation_id"]].request.tools, policy["argument_bounds"][r["site"]],
+                                invs[r["invocation_id"]].request.messages)
+                  != bounded_specs(invs[r["invocation_id"]].request.tools, after[r["site"]], invs[r["invocation_id"]].request.messages)
+                  for r in rows)
+    assert 0 < changed < len(rows)  # the demo holds answers of both kinds
+    assert m.status != "skipped" and (m.counts["generated_new"], m.counts["generated_cached"]) == (changed, len(rows) - changed)
 
 
 def test_interrupted_evaluation_resumes_from_cached_generations(tuned_ws, tmp_path):
