@@ -186,7 +186,7 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
         raise ValueError("convert mode needs an SlmEngine")
     if not settings.no_auth and not settings.api_keys:
         raise ValueError("client API keys are required (or switch auth off explicitly)")
-    state: dict[str, Any] = {"requests": 0, "slm": 0, "llm": 0, "errors": 0}
+    state: dict[str, Any] = {"requests": 0, "slm": 0, "llm": 0, "errors": 0, "client_gone": 0}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -329,8 +329,6 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        from fastapi.responses import StreamingResponse
-
         if not authorised(request):
             return openai_error(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key", code="invalid_api_key")
         raw = await read_body(request)
@@ -345,95 +343,118 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
             return openai_error(429, f"too many concurrent requests (limit {settings.max_concurrency})", "rate_limit_error",
                                 code="concurrency_limit")
         state["requests"] += 1
+        # a client that goes away before its answer is ready (a timeout in the agent, a cancelled run) leaves nothing
+        # working for it: the engine call is called off (the engine stops generating), the LLM call is dropped
+        # (its connection closed), the slot freed; nothing is logged, since no answer was given
+        slot = {"streaming": False}  # a streamed LLM answer frees the slot itself, when the stream ends
+        work = asyncio.ensure_future(respond(request, body, raw, slot))
+        gone = asyncio.ensure_future(client_gone(request))
+        try:
+            done, _ = await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                return work.result()
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)  # its cleanup (the engine call called off) has run
+            state["client_gone"] += 1
+            return openai_error(499, "the client closed the connection before the answer was ready", code="client_closed_request")
+        finally:
+            work.cancel()  # the handler itself cancelled: nothing keeps working
+            gone.cancel()
+            if not slot["streaming"]:
+                state["sem"].release()
+
+    async def client_gone(request: Request) -> None:
+        """Returns when the client has closed the connection (its request body already read)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def respond(request: Request, body: dict, raw: bytes, slot: dict):
+        from fastapi.responses import StreamingResponse
+
         session = request.headers.get("x-session-id")
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(body.get("stream_options"), dict) else False
-        released = False
-        try:
-            t0 = time.perf_counter()
-            decision = None
-            if settings.mode == "convert":
-                # The decision needs the SLM's whole answer: a streamed SLM answer starts after the gate.
-                decision = await engine.answer_async(body["messages"], body.get("tools"))
-                if decision.use_slm:
-                    state["slm"] += 1
-                    out = completion_body(decision, body.get("model") or f"slmconvert:{decision.site}")
-                    served = {"by": "slm", "site": decision.site, "task": decision.task, "reason": decision.reason,
-                              "confidence": decision.confidence,
-                              **{k: decision.extra[k] for k in ("engine_ms", "gate_wait_ms") if k in decision.extra}}
-                    log_call(body, out, (time.perf_counter() - t0) * 1000.0, served, session)
-                    headers = headers_for(decision, "slm", decision.reason)
-                    if stream:
-                        chunks = completion_chunks(out, include_usage)
+        t0 = time.perf_counter()
+        decision = None
+        if settings.mode == "convert":
+            # The decision needs the SLM's whole answer: a streamed SLM answer starts after the gate.
+            decision = await engine.answer_async(body["messages"], body.get("tools"))
+            if decision.use_slm:
+                state["slm"] += 1
+                out = completion_body(decision, body.get("model") or f"slmconvert:{decision.site}")
+                served = {"by": "slm", "site": decision.site, "task": decision.task, "reason": decision.reason,
+                          "confidence": decision.confidence,
+                          **{k: decision.extra[k] for k in ("engine_ms", "gate_wait_ms") if k in decision.extra}}
+                log_call(body, out, (time.perf_counter() - t0) * 1000.0, served, session)
+                headers = headers_for(decision, "slm", decision.reason)
+                if stream:
+                    chunks = completion_chunks(out, include_usage)
 
-                        async def slm_events():
-                            for c in chunks:
-                                yield c
-                        return StreamingResponse(slm_events(), media_type="text/event-stream", headers=headers)
-                    return JSONResponse(out, headers=headers)
-            reason = "proxy mode" if decision is None else decision.reason
-            headers = headers_for(decision, "llm", reason)
-            served = {"by": "llm", "reason": reason, "site": decision.site if decision else None}
-            if decision is not None and "engine_call_for_refused_request" in decision.extra:  # never sent, called off, answered
-                served["engine_call"] = decision.extra["engine_call_for_refused_request"]
-            if stream:
-                try:
-                    r = await open_upstream(raw, stream=True)
-                except UpstreamError as e:
-                    state["errors"] += 1
-                    return openai_error(e.status, e.message, "upstream_error", code=e.code)
-                if r.status_code != 200 or "text/event-stream" not in r.headers.get("content-type", ""):
-                    data = await r.aread()
-                    await r.aclose()
-                    try:
-                        payload = json.loads(data)
-                    except ValueError:
-                        state["errors"] += 1
-                        return openai_error(502, f"the upstream LLM at {settings.upstream} answered HTTP {r.status_code} without JSON",
-                                            "upstream_error", code="upstream_unavailable")
-                    if r.status_code == 200 and isinstance(payload, dict):  # a non-streaming answer: pass it on as one
-                        state["llm"] += 1
-                        log_call(body, payload, (time.perf_counter() - t0) * 1000.0, served, session)
-                    return JSONResponse(payload, status_code=r.status_code, headers=headers)
-                state["llm"] += 1
-                released = True  # the stream releases the slot when it ends
-
-                received: list[bytes] = []
-                timing: dict[str, float] = {}
-
-                async def llm_events():
-                    try:
-                        async for chunk in r.aiter_raw():  # bytes on as they come; read for the log after the end
-                            received.append(chunk)
-                            yield chunk
-                        timing["ms"] = (time.perf_counter() - t0) * 1000.0
-                    finally:
-                        await r.aclose()
-                        state["sem"].release()
-
-                def log_stream() -> None:  # after the response is sent: costs the client nothing
-                    if "ms" not in timing:
-                        return  # the stream broke off: nothing whole to log
-                    assembler = ChunkAssembler()
-                    for line in b"".join(received).decode("utf-8", "replace").splitlines():
-                        assembler.feed(line)
-                    if assembler.done:
-                        log_call(body, assembler.completion(), timing["ms"], {**served, "streamed": True}, session)
-
-                return StreamingResponse(llm_events(), media_type="text/event-stream", headers=headers,
-                                         background=BackgroundTask(log_stream))
+                    async def slm_events():
+                        for c in chunks:
+                            yield c
+                    return StreamingResponse(slm_events(), media_type="text/event-stream", headers=headers)
+                return JSONResponse(out, headers=headers)
+        reason = "proxy mode" if decision is None else decision.reason
+        headers = headers_for(decision, "llm", reason)
+        served = {"by": "llm", "reason": reason, "site": decision.site if decision else None}
+        if decision is not None and "engine_call_for_refused_request" in decision.extra:  # never sent, called off, answered
+            served["engine_call"] = decision.extra["engine_call_for_refused_request"]
+        if stream:
             try:
-                status, payload, upstream_ms = await upstream_call(raw)
+                r = await open_upstream(raw, stream=True)
             except UpstreamError as e:
                 state["errors"] += 1
                 return openai_error(e.status, e.message, "upstream_error", code=e.code)
-            if status == 200:
-                state["llm"] += 1
-                log_call(body, payload, upstream_ms, served, session)
-            return JSONResponse(payload, status_code=status, headers=headers)
-        finally:
-            if not released:
-                state["sem"].release()
+            if r.status_code != 200 or "text/event-stream" not in r.headers.get("content-type", ""):
+                data = await r.aread()
+                await r.aclose()
+                try:
+                    payload = json.loads(data)
+                except ValueError:
+                    state["errors"] += 1
+                    return openai_error(502, f"the upstream LLM at {settings.upstream} answered HTTP {r.status_code} without JSON",
+                                        "upstream_error", code="upstream_unavailable")
+                if r.status_code == 200 and isinstance(payload, dict):  # a non-streaming answer: pass it on as one
+                    state["llm"] += 1
+                    log_call(body, payload, (time.perf_counter() - t0) * 1000.0, served, session)
+                return JSONResponse(payload, status_code=r.status_code, headers=headers)
+            state["llm"] += 1
+            slot["streaming"] = True  # the stream releases the slot when it ends
+
+            received: list[bytes] = []
+            timing: dict[str, float] = {}
+
+            async def llm_events():
+                try:
+                    async for chunk in r.aiter_raw():  # bytes on as they come; read for the log after the end
+                        received.append(chunk)
+                        yield chunk
+                    timing["ms"] = (time.perf_counter() - t0) * 1000.0
+                finally:
+                    await r.aclose()
+                    state["sem"].release()
+
+            def log_stream() -> None:  # after the response is sent: costs the client nothing
+                if "ms" not in timing:
+                    return  # the stream broke off: nothing whole to log
+                assembler = ChunkAssembler()
+                for line in b"".join(received).decode("utf-8", "replace").splitlines():
+                    assembler.feed(line)
+                if assembler.done:
+                    log_call(body, assembler.completion(), timing["ms"], {**served, "streamed": True}, session)
+
+            return StreamingResponse(llm_events(), media_type="text/event-stream", headers=headers,
+                                     background=BackgroundTask(log_stream))
+        try:
+            status, payload, upstream_ms = await upstream_call(raw)
+        except UpstreamError as e:
+            state["errors"] += 1
+            return openai_error(e.status, e.message, "upstream_error", code=e.code)
+        if status == 200:
+            state["llm"] += 1
+            log_call(body, payload, upstream_ms, served, session)
+        return JSONResponse(payload, status_code=status, headers=headers)
 
     app.state.stats = state
     return app

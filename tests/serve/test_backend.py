@@ -313,3 +313,99 @@ def test_token_log_probabilities_are_read_in_every_shape_engines_answer_completi
     for payload in (legacy, chat_shaped):
         assert _openai_answer(payload) == (" Ada.", 2, [-0.5, -0.25], [" Ada", "."])
     assert _openai_answer({"choices": [{"text": "x", "logprobs": None}]}) == ("x", 0, None, None)  # none asked: no confidence
+
+
+def disconnect_aware_llm(events: list, delay: dict):
+    """An upstream LLM that takes delay["s"] per answer and notices its client going away, as an HTTP server does."""
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+
+    app = FastAPI()
+
+    @app.post("/chat/completions")
+    async def chat(request: Request):
+        await request.json()
+        events.append("llm started")
+        deadline = time.monotonic() + delay["s"]
+        while time.monotonic() < deadline:
+            if await request.is_disconnected():
+                events.append("llm's client went away")
+                return Response(status_code=499)
+            await asyncio.sleep(0.02)
+        events.append("llm answered")
+        return {"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "The LLM answered."}, "finish_reason": "stop"}]}
+
+    return app
+
+
+def _hang_up_once(url: str, payload: dict, started) -> None:
+    """POST `payload` to serve's chat endpoint on a raw socket and close it, unanswered, once `started()` is true."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    data = json.dumps(payload).encode()
+    with socket.create_connection((u.hostname, u.port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: serve\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(data) + data)
+        deadline = time.monotonic() + 20
+        while not started() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert started(), "the call never reached the engine"
+
+
+def _wait_for(events: list, what: str, within_s: float = 10) -> float:
+    t = time.monotonic()
+    while what not in events and time.monotonic() - t < within_s:
+        time.sleep(0.02)
+    assert what in events, events
+    return time.monotonic() - t
+
+
+def test_a_client_that_hangs_up_leaves_nothing_working_for_it(tuned_ws, tmp_path):
+    """An agent that gives up on a call (its own timeout, a cancelled run) closes the connection. serve then calls off
+    the engine call (the engine stops generating, as vLLM and llama-server do when their client goes away) or drops
+    the LLM call (its connection closed), frees the request's slot, and logs nothing, since no answer was given."""
+    from slmconvert.evaluate.stage import run as evaluate
+    from slmconvert.serve.engine import SlmEngine
+    from slmconvert.store import load_invocations
+    from tests.evaluate.conftest import copy_ws
+    import pyarrow.parquet as pq
+
+    ws, cfg = copy_ws(tuned_ws, tmp_path)
+    evaluate(cfg, Workspace(ws))
+    assignments = pq.read_table(ws / "clusters" / "assignments.parquet").to_pylist()
+    slm_site = sorted({a["site"] for a in assignments} - {a["site"] for a in assignments if a["task"].startswith("tool")})[0]
+    policy = json.loads((ws / "eval" / "policy.json").read_text())
+    policy["rules"] = {slm_site: {"text": {"action": "slm", "min_confidence": None, "reason": "set by hand"}}}
+    policy["requests"][slm_site]["min_similarity"] = None
+    (ws / "eval" / "policy.json").write_text(json.dumps(policy))
+    by_id = {i.id: i for i in load_invocations(Workspace(ws), "collect")}
+    ours = next(by_id[a["invocation_id"]] for a in assignments if a["split"] == "test" and a["site"] == slm_site)
+    payload = {"model": "gpt-4o", "messages": ours.request.messages}
+
+    events: list = []
+    delay = {"s": 30.0}
+    with Uvicorn(disconnect_aware_backend(events, delay)) as backend, Uvicorn(disconnect_aware_llm(events, delay)) as llm:
+        engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1")
+        logger = CallLogger(Workspace(ws), cfg, scrub=False)
+        settings = ServeSettings(upstream=llm.url, mode="convert", no_auth=True, max_concurrency=1, queue_timeout_s=2)
+        with Uvicorn(create_app(settings, engine=engine, logger=logger)) as srv:
+            _hang_up_once(srv.url, payload, lambda: "started" in events)
+            assert _wait_for(events, "client went away") < 10  # the engine stopped: not the 30 s answer
+            health = httpx.get(f"{srv.url}/health").json()
+            assert health["client_gone"] == 1 and health["slm"] == 0
+            delay["s"] = 0.0  # the one slot is free again, and the engine's pool still answers
+            r = httpx.post(f"{srv.url}/v1/chat/completions", json=payload, timeout=60)
+            assert r.status_code == 200 and r.headers["x-slmconvert-answered-by"] == "slm"
+        # the LLM's call is dropped the same way (proxy mode: every request goes upstream)
+        delay["s"] = 30.0
+        proxy = ServeSettings(upstream=llm.url, mode="proxy", no_auth=True)
+        with Uvicorn(create_app(proxy, logger=logger)) as srv:
+            _hang_up_once(srv.url, payload, lambda: "llm started" in events)
+            assert _wait_for(events, "llm's client went away") < 10
+            assert httpx.get(f"{srv.url}/health").json()["client_gone"] == 1
+        logger.close()
+    logged = [json.loads(line) for f in (ws / "serve").glob("calls-*.jsonl") for line in open(f)]
+    assert [rec["served_by"]["by"] for rec in logged] == ["slm"]  # only the call that was answered
