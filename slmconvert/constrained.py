@@ -24,7 +24,9 @@ classes all of them had, none they never had), standing where the LLM's copies s
 role's free text, a JSON tool result's field or an object's keys there, an earlier call's argument; those
 holding at least COPY_SOURCE_SHARE of the copies). A 135M model that gets the tool right still garbles a
 six-character reservation id; under this it can only pick one of the request's, and not a flight number of
-the same shape.
+the same shape. A tool called too rarely in training to show this of its own (a write the LLM made
+twice) whose values were all copies borrows the evidence of the site's other tools that take an argument of the
+same name (`_borrow_copies`).
 
 A lookup is not repeated. A small model whose window shows its last call and that call's result tends to
 make the same call again (on tau-bench, 56 of a 135M adapter's 200 test answers repeated the call just
@@ -177,6 +179,34 @@ def _mark_copied(bounds: dict[str, int], copy_share: float | None) -> None:
             bounds[path + "#copy"] = 1
 
 
+def _borrow_copies(out: dict[str, dict[str, int]], copy_share: float) -> None:
+    """A tool with too few training calls of its own (fewer than COPY_MIN_VALUES values at an argument path) whose
+    values there were all copied, where the site's other tools wrote at least COPY_MIN_VALUES values at the same path
+    and copied at least `copy_share` of them, is decoded as a copy too (`#copy`; `#copy_borrowed`: the other tools'
+    copies it leans on), in the shape of all those copies, standing where they stood. An agent's tools that share an argument's name
+    (`reservation_id`, `user_id`) pass it the same kind of value; a rarely called write then copies the id the
+    frequent lookups copied, instead of inventing one."""
+    for tool, b in out.items():
+        for key in [k for k in b if k.endswith("#strings")]:
+            path, n = key[: -len("#strings")], b[key]
+            if n >= COPY_MIN_VALUES or b.get(path + "#copied", 0) < n:
+                continue  # its own evidence decides, or it wrote a value it did not copy
+            others = [o for t, o in out.items() if t != tool and o.get(path + "#strings", 0)]
+            total = sum(o[path + "#strings"] for o in others)
+            if total < COPY_MIN_VALUES or sum(o.get(path + "#copied", 0) for o in others) < copy_share * total:
+                continue
+            for o in others:
+                if not o.get(path + "#copied"):
+                    continue
+                b[path + "#copy_min"] = min(b.get(path + "#copy_min", o[path + "#copy_min"]), o[path + "#copy_min"])
+                b[path + "#copy_max"] = max(b.get(path + "#copy_max", 0), o[path + "#copy_max"])
+                b[path + "#copy_need"] = b.get(path + "#copy_need", o[path + "#copy_need"]) & o[path + "#copy_need"]
+                b[path + "#copy_allow"] = b.get(path + "#copy_allow", 0) | o[path + "#copy_allow"]
+                for k in [k for k in o if k.startswith(path + "#copy_src:")]:
+                    b[k] = b.get(k, 0) + o[k]
+            b[path + "#copy"], b[path + "#copy_borrowed"] = 1, sum(o.get(path + "#copied", 0) for o in others)
+
+
 GRAMMAR_FORMAT = 1  # raised when the same (name, schema) specs would compile to another grammar (the tag's form, its
 # whitespace): part of evaluate's generation cache key, beside each request's own specs (bounded_specs)
 
@@ -188,7 +218,8 @@ def copy_sources(bounds: dict[str, int], path: str) -> set[str] | None:
     counts = {k[len(prefix):]: n for k, n in bounds.items() if k.startswith(prefix)}
     if not counts:
         return None
-    return {src for src, n in counts.items() if n >= COPY_SOURCE_SHARE * bounds.get(path + "#copied", 0)}
+    copies = bounds.get(path + "#copied", 0) + bounds.get(path + "#copy_borrowed", 0)
+    return {src for src, n in counts.items() if n >= COPY_SOURCE_SHARE * copies}
 
 
 def copy_candidates(tokens: dict[str, tuple[int, set[str]]], bounds: dict[str, int], path: str, schema: dict[str, Any]) -> list[str]:
@@ -222,6 +253,9 @@ def argument_bounds(invocations, copy_share: float | None = None, repeat_share: 
             b["#repeats"] = b.get("#repeats", 0) + ((call.name, canonical_json(call.arguments)) in made)
     for b in out.values():
         _mark_copied(b, copy_share)
+    if copy_share is not None:
+        _borrow_copies(out, copy_share)
+    for b in out.values():
         if repeat_share is not None and b["#calls"] >= COPY_MIN_VALUES and b["#repeats"] <= repeat_share * b["#calls"]:
             b["#norepeat"] = 1
     return {tool: dict(sorted(b.items())) for tool, b in sorted(out.items())}

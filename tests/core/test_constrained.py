@@ -317,6 +317,32 @@ def test_a_tool_whose_copied_id_has_nothing_to_copy_is_not_offered():
     assert xgr.GrammarMatcher(grammar).accept_string('<tool_call>{"name": "list_flights", "arguments": {"day": "today"}}</tool_call>')
 
 
+def test_a_rare_tool_copies_an_id_the_way_the_frequent_tools_with_that_argument_do():
+    """A write the LLM made twice in training is too little evidence of its own that its `booking_id` is copied, but the
+    lookups copied theirs in every one of 12 calls: the rare tool's id is decoded as a copy of the request's ids too (and
+    is not offered where the request holds none). A tool that once wrote an id it had not copied borrows nothing."""
+    from slmconvert.constrained import argument_bounds, bounded_specs
+
+    ids = ["QX7T2B", "M3KD9Z", "AB12CD", "ZZ9Y8X", "K2L3M4", "P0O9I8", "R5T6Y7", "U8I9O0", "W1E2R3", "N4B5V6", "C7X8Z9", "H1J2K3"]
+    tools = LOOKUP + [{"type": "function", "function": {"name": n, "parameters": {
+        "type": "object", "properties": {"booking_id": {"type": "string"}, "seat": {"type": "string"}},
+        "required": ["booking_id", "seat"]}}} for n in ("change_seat", "guess_seat")]
+    train = [_inv({"booking_id": b}, f"my booking is {b}, thanks", tools, "get_booking") for b in ids]
+    train += [_inv({"booking_id": b, "seat": "14C"}, f"move {b} to an aisle seat", tools, "change_seat") for b in ids[:2]]
+    train += [_inv({"booking_id": "NEW001", "seat": "2A"}, f"move {ids[2]} forward", tools, "guess_seat")]  # not a copy
+    bounds = argument_bounds(train, copy_share=0.9)  # 12 of the other tools' 13 values were copies
+    assert bounds["change_seat"]["/booking_id#copy"] == 1 and bounds["change_seat"]["/booking_id#copy_borrowed"] == 12
+    assert "/seat#copy" not in bounds["change_seat"]  # no other tool has a seat to lean on
+    assert "/booking_id#copy" not in bounds["guess_seat"]
+    assert "/booking_id#copy" not in argument_bounds(train[:8] + train[12:], copy_share=0.9)["change_seat"]  # too little to borrow
+    assert "/booking_id#copy" not in argument_bounds(train, copy_share=0.95)["change_seat"]  # the others copied too rarely
+
+    specs = dict(bounded_specs(tools, bounds, [{"role": "user", "content": "put booking 7GH2KQ in seat 3B"}]))
+    assert specs["change_seat"]["properties"]["booking_id"]["enum"] == ["7GH2KQ"]
+    assert "enum" not in specs["change_seat"]["properties"]["seat"] and "enum" not in specs["guess_seat"]["properties"]["booking_id"]
+    assert "change_seat" not in dict(bounded_specs(tools, bounds, [{"role": "user", "content": "any seat by a window?"}]))
+
+
 def test_external_engines_are_sent_the_same_copy_constraint():
     """vLLM's structural tag and llama-server's GBNF carry the request's copyable tokens as the in-process grammar does."""
     import xgrammar as xgr
