@@ -42,24 +42,28 @@ def fake_backend(seen: list, status: int = 200, delay_s: float = 0.0):
     return app
 
 
-def disconnect_aware_backend(events: list, delay: dict):
-    """An engine that takes delay["s"] per answer and, as vLLM does, stops generating when its client goes away."""
+def disconnect_aware_backend(events: list, delay: dict, path: str = "/v1/completions", label: str = ""):
+    """An engine (or, at `path` /chat/completions, an LLM) that takes delay["s"] per answer and, as vLLM does, stops
+    generating when its client goes away; `events` says what happened, each prefixed with `label`."""
     from fastapi import FastAPI
     from fastapi.responses import Response
 
     app = FastAPI()
 
-    @app.post("/v1/completions")
+    @app.post(path)
     async def completions(request: Request):
         await request.json()
-        events.append("started")
+        events.append(label + "started")
         deadline = time.monotonic() + delay["s"]
         while time.monotonic() < deadline:
             if await request.is_disconnected():
-                events.append("client went away")
+                events.append(label + "client went away")
                 return Response(status_code=499)
             await asyncio.sleep(0.02)
-        events.append("answered")
+        events.append(label + "answered")
+        if path.endswith("/chat/completions"):
+            return {"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "The LLM answered."}, "finish_reason": "stop"}]}
         return {"choices": [{"index": 0, "text": "Ticket filed.", "finish_reason": "stop"}]}
 
     return app
@@ -315,30 +319,6 @@ def test_token_log_probabilities_are_read_in_every_shape_engines_answer_completi
     assert _openai_answer({"choices": [{"text": "x", "logprobs": None}]}) == ("x", 0, None, None)  # none asked: no confidence
 
 
-def disconnect_aware_llm(events: list, delay: dict):
-    """An upstream LLM that takes delay["s"] per answer and notices its client going away, as an HTTP server does."""
-    from fastapi import FastAPI
-    from fastapi.responses import Response
-
-    app = FastAPI()
-
-    @app.post("/chat/completions")
-    async def chat(request: Request):
-        await request.json()
-        events.append("llm started")
-        deadline = time.monotonic() + delay["s"]
-        while time.monotonic() < deadline:
-            if await request.is_disconnected():
-                events.append("llm's client went away")
-                return Response(status_code=499)
-            await asyncio.sleep(0.02)
-        events.append("llm answered")
-        return {"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "The LLM answered."}, "finish_reason": "stop"}]}
-
-    return app
-
-
 def _hang_up_once(url: str, payload: dict, started) -> None:
     """POST `payload` to serve's chat endpoint on a raw socket and close it, unanswered, once `started()` is true."""
     import socket
@@ -387,7 +367,7 @@ def test_a_client_that_hangs_up_leaves_nothing_working_for_it(tuned_ws, tmp_path
 
     events: list = []
     delay = {"s": 30.0}
-    with Uvicorn(disconnect_aware_backend(events, delay)) as backend, Uvicorn(disconnect_aware_llm(events, delay)) as llm:
+    with Uvicorn(disconnect_aware_backend(events, delay)) as backend, Uvicorn(disconnect_aware_backend(events, delay, "/chat/completions", "llm: ")) as llm:
         engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1")
         logger = CallLogger(Workspace(ws), cfg, scrub=False)
         settings = ServeSettings(upstream=llm.url, mode="convert", no_auth=True, max_concurrency=1, queue_timeout_s=2)
@@ -403,8 +383,8 @@ def test_a_client_that_hangs_up_leaves_nothing_working_for_it(tuned_ws, tmp_path
         delay["s"] = 30.0
         proxy = ServeSettings(upstream=llm.url, mode="proxy", no_auth=True)
         with Uvicorn(create_app(proxy, logger=logger)) as srv:
-            _hang_up_once(srv.url, payload, lambda: "llm started" in events)
-            assert _wait_for(events, "llm's client went away") < 10
+            _hang_up_once(srv.url, payload, lambda: "llm: started" in events)
+            assert _wait_for(events, "llm: client went away") < 10
             assert httpx.get(f"{srv.url}/health").json()["client_gone"] == 1
         logger.close()
     logged = [json.loads(line) for f in (ws / "serve").glob("calls-*.jsonl") for line in open(f)]
