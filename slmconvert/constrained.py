@@ -36,8 +36,7 @@ arguments of a call already in the conversation; a tool of one argument that it 
 `repeat_share` of its calls (COPY_MIN_VALUES calls at least) gets `#norepeat`, and for such a tool the
 grammar takes the values the conversation already called it with out of that argument's enum (a copied
 argument's, or the schema's own). A tool left with no value to call it with is not offered, unless no
-tool would be left. A free string (an expression to work out, a query) has no enum: it gets a `pattern` of
-every string but those values (`_other_than`), so the SLM cannot work the same sum out twice.
+tool would be left.
 """
 
 from __future__ import annotations
@@ -286,57 +285,16 @@ def made_values(messages: list[dict] | None) -> dict[str, dict[str, set]]:
     return out
 
 
-NOT_AGAIN_MAX_CHARS = 256  # free-string values a pattern keeps a tool from repeating, in all: longer ones compile slowly
-_PLAIN = r'"\\\x00-\x1f'  # what a JSON string holds only escaped: a quote, a backslash, control characters
-_REGEX_SPECIAL = set("\\.^$|?*+()[]{}/-")
-
-
-def _literal(c: str) -> str:
-    return "\\" + c if c in _REGEX_SPECIAL else c
-
-
-def _other_than(values: set[str]) -> str:
-    """An anchored regex of the strings that hold no quote, backslash or control character, other than `values`: a
-    JSON schema `pattern` for a free string that must not take them. Written over a character trie of the values: at
-    each depth, end here (unless a value ends here), go on with a character no value goes on with (then anything), or
-    follow a value. Unbounded: a bounded repeat in each branch costs xgrammar seconds to compile, per request."""
-    trie: dict = {}
-    for v in values:
-        if not re.search("[" + _PLAIN + "]", v):  # a value it could not write anyway
-            node = trie
-            for c in v:
-                node = node.setdefault(c, {})
-            node[""] = {}  # a value ends here
-
-    def walk(node: dict) -> str:
-        taken = "".join("\\" + c if c in "\\]^-" else c for c in sorted(node) if c)
-        alts = ([] if "" in node else [""]) + [f"[^{taken}{_PLAIN}][^{_PLAIN}]*"]  # the control range last: a letter after \x1f would read as a hex digit
-        alts += [_literal(c) + walk(child) for c, child in sorted(node.items()) if c]
-        return "(" + "|".join(alts) + ")"
-
-    return "^" + walk(trie) + "$"
-
-
 def not_again(schema: dict[str, Any], made: dict[str, set]) -> dict[str, Any] | None:
-    """`schema` (a copy) kept from the values the conversation already called the tool with: taken out of its
-    argument's enum (None when no value is left to call it with); a free string capped by `maxLength` (as
-    `bound_schema` leaves it) becomes a `pattern` of the strings other than those values (xgrammar ignores a maxLength
-    beside a pattern, so the cap gives way there; the loop guard still ends a runaway string), unless those values
-    run beyond NOT_AGAIN_MAX_CHARS in all. Unchanged where the argument is neither."""
+    """`schema` (a copy) with the values the conversation already called the tool with taken out of its
+    argument's enum; None when no value is left to call it with. Unchanged where the argument has no enum."""
     props = schema.get("properties")
     if len(made) != 1 or not isinstance(props, dict):
         return schema
     (arg, values), = made.items()
     p = props.get(arg)
-    if not isinstance(p, dict):
+    if not isinstance(p, dict) or not isinstance(p.get("enum"), list):
         return schema
-    if not isinstance(p.get("enum"), list):
-        strings = {v for v in values if isinstance(v, str)}
-        if not strings or sum(map(len, strings)) > NOT_AGAIN_MAX_CHARS or _types(p) != {"string"} or not isinstance(p.get("maxLength"), int) or p.get("minLength") \
-                or {"const", "pattern", "format"} & p.keys():
-            return schema
-        free = {k: v for k, v in p.items() if k != "maxLength"}  # xgrammar would ignore it, and warn on every compile
-        return {**schema, "properties": {**props, arg: {**free, "pattern": _other_than(strings)}}}
     left = [v for v in p["enum"] if v not in values]
     if len(left) == len(p["enum"]):
         return schema

@@ -430,54 +430,6 @@ def test_a_lookup_the_llm_never_repeats_cannot_be_made_again_with_the_same_id():
     assert alone["properties"]["booking_id"]["enum"] == ["7GH2KQ", "JJ81MN"]
 
 
-ADD = [{"type": "function", "function": {"name": "add", "parameters": {
-    "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}]
-
-
-def test_a_sum_the_llm_never_repeats_cannot_be_worked_out_again_with_the_same_expression():
-    """A free-string argument has no enum to take the made values out of. Where the site's LLM never worked the same
-    expression out twice, the grammar (in-process, vLLM's structural tag and llama-server's GBNF alike) refuses the
-    expression the conversation already computed, and allows any other, however close."""
-    import jsonschema
-    import xgrammar as xgr
-
-    from slmconvert.constrained import EngineGrammar, argument_bounds, bounded_specs
-    from slmconvert.invocation import Invocation, Request, ToolCall
-
-    def made(expressions: list[str]) -> list[dict]:
-        msgs = [{"role": "user", "content": "what do I owe?"}]
-        for i, e in enumerate(expressions):
-            msgs += [{"role": "assistant", "content": None, "tool_calls": [
-                         {"id": f"c{i}", "type": "function", "function": {"name": "add", "arguments": json.dumps({"expression": e})}}]},
-                     {"role": "tool", "tool_call_id": f"c{i}", "content": str(i)}]
-        return msgs
-
-    sums = [f"{i} + {i * 7}" for i in range(12)]
-    train = [Invocation(id=f"x{k}", session_id="s", source="log.jsonl", step=k, request=Request(messages=made(sums[:k]), tools=ADD),
-                        response=Response(None, [ToolCall("add", {"expression": sums[k]})])) for k in range(11)]
-    bounds = argument_bounds(train, copy_share=0.95, repeat_share=0.02)
-    assert bounds["add"]["#norepeat"] == 1 and "/expression#copy" not in bounds["add"]  # computed, not copied
-    request = made(["158 + 141", "(122 + 127) * 2"])
-    [(_, schema)] = bounded_specs(ADD, bounds, request)
-    expression = schema["properties"]["expression"]
-    assert "pattern" in expression and "maxLength" not in expression  # xgrammar would ignore the cap beside it
-    [(_, fresh)] = bounded_specs(ADD, bounds, made([]))
-    assert fresh["properties"]["expression"]["maxLength"] >= 7 and "pattern" not in fresh["properties"]["expression"]
-
-    call = '<tool_call>{"name": "add", "arguments": {"expression": "%s"}}</tool_call>'
-    model, tok = tiny_llama()
-    grammar = ToolGrammars(tok, model.config.vocab_size).for_tools(ADD, bounds, request)
-    gbnf = EngineGrammar().fields("gbnf", ADD, bounds, request)["grammar"]
-    llama_server = xgr.GrammarCompiler(xgr.TokenizerInfo(["a"])).compile_grammar(xgr.Grammar.from_ebnf(gbnf))
-    for e, ok in [("158 + 141", False), ("(122 + 127) * 2", False), ("158 + 14", True), ("158 + 141 - 20", True),
-                  ("(122 + 127) * 3", True), ("299 - 20", True)]:
-        assert xgr.GrammarMatcher(grammar).accept_string(call % e) is ok, e
-        assert xgr.GrammarMatcher(llama_server).accept_string(call % e) is ok, e
-        assert jsonschema.Draft202012Validator(schema).is_valid({"expression": e}) is ok, e  # the pattern reads alike in Python
-    tag = json.loads(EngineGrammar().fields("structural_tag", ADD, bounds, request)["structured_outputs"]["structural_tag"])
-    assert tag["format"]["tags"][0]["content"]["json_schema"]["properties"]["expression"] == expression  # vLLM too
-
-
 def test_an_id_taken_from_an_e_mail_address_counts_as_copied():
     """An LLM that reads the user id off the e-mail's local part copied it: the id is offered to the SLM as a copy
     (an enum of the request's pieces), not left to be re-typed."""
