@@ -423,8 +423,14 @@ def create_app(settings: ServeSettings, *, engine=None, logger=None):
                 state["errors"] += 1
                 return openai_error(e.status, e.message, "upstream_error", code=e.code)
             if r.status_code != 200 or "text/event-stream" not in r.headers.get("content-type", ""):
-                data = await r.aread()
-                await r.aclose()
+                try:
+                    data = await r.aread()
+                except httpx.HTTPError as e:
+                    state["errors"] += 1
+                    return openai_error(502, f"the upstream LLM at {settings.upstream} broke off its answer ({type(e).__name__})",
+                                        "upstream_error", code="upstream_unavailable")
+                finally:  # also when the client hung up meanwhile: the connection goes back closed, not leaked
+                    await r.aclose()
                 try:
                     payload = json.loads(data)
                 except ValueError:

@@ -105,3 +105,36 @@ def test_a_stream_request_to_an_upstream_that_answers_whole(tmp_path):
         up.close()
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "whole"
     assert bad.status_code == 400 and "'stream' must be true or false" in bad.json()["error"]["message"]
+
+
+def test_an_upstream_that_breaks_off_a_whole_answer_to_a_stream_request_is_a_clear_502(tmp_path):
+    """The upstream says 200 with a JSON body of 500 bytes, sends 20 and closes: the client gets a 502 naming the
+    upstream, not a traceback, and serve's slot is free for the next request."""
+    import socket
+    import threading
+
+    srv_sock = socket.socket()
+    srv_sock.bind(("127.0.0.1", 0))
+    srv_sock.listen(4)
+
+    def answer_halfway():
+        while True:
+            try:
+                conn, _ = srv_sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                             b'{"id": "x", "object"')
+
+    threading.Thread(target=answer_halfway, daemon=True).start()
+    try:
+        app = create_app(ServeSettings(upstream=f"http://127.0.0.1:{srv_sock.getsockname()[1]}", mode="proxy", no_auth=True,
+                                       max_concurrency=1, queue_timeout_s=2))
+        with Uvicorn(app) as srv:
+            for _ in range(2):  # the second finds the one slot free again
+                r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True}, timeout=30)
+                assert r.status_code == 502 and "broke off its answer" in r.json()["error"]["message"], r.text
+    finally:
+        srv_sock.close()
