@@ -184,15 +184,18 @@ def _borrow_copies(out: dict[str, dict[str, int]], copy_share: float) -> None:
     and copied at least `copy_share` of them, is decoded as a copy too (`#copy`; `#copy_borrowed`: the other tools'
     copies it leans on), in the shape of all those copies, standing where they stood. An agent's tools that share an argument's name
     (`reservation_id`, `user_id`) pass it the same kind of value; a rarely called write then copies the id the
-    frequent lookups copied, instead of inventing one."""
+    frequent lookups copied, instead of inventing one. Each tool borrows from the others' own evidence, never from what
+    another borrowed, so the order of the log does not matter."""
+    own = {tool: dict(b) for tool, b in out.items()}
     for tool, b in out.items():
         for key in [k for k in b if k.endswith("#strings")]:
             path, n = key[: -len("#strings")], b[key]
             if n >= COPY_MIN_VALUES or b.get(path + "#copied", 0) < n:
                 continue  # its own evidence decides, or it wrote a value it did not copy
-            others = [o for t, o in out.items() if t != tool and o.get(path + "#strings", 0)]
+            others = [o for t, o in own.items() if t != tool and o.get(path + "#strings", 0)]
             total = sum(o[path + "#strings"] for o in others)
-            if total < COPY_MIN_VALUES or sum(o.get(path + "#copied", 0) for o in others) < copy_share * total:
+            copied = sum(o.get(path + "#copied", 0) for o in others)
+            if total < COPY_MIN_VALUES or copied < copy_share * total:
                 continue
             for o in others:
                 if not o.get(path + "#copied"):
@@ -203,7 +206,7 @@ def _borrow_copies(out: dict[str, dict[str, int]], copy_share: float) -> None:
                 b[path + "#copy_allow"] = b.get(path + "#copy_allow", 0) | o[path + "#copy_allow"]
                 for k in [k for k in o if k.startswith(path + "#copy_src:")]:
                     b[k] = b.get(k, 0) + o[k]
-            b[path + "#copy"], b[path + "#copy_borrowed"] = 1, sum(o.get(path + "#copied", 0) for o in others)
+            b[path + "#copy"], b[path + "#copy_borrowed"] = 1, copied
 
 
 GRAMMAR_FORMAT = 1  # raised when the same (name, schema) specs would compile to another grammar (the tag's form, its

@@ -200,7 +200,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
         # the grammar follows the request's own tools, not the compacted prompt's (compaction may drop their docs)
         specs = ([bounded_specs(s.inv.request.tools, bounds.get(site), s.inv.request.messages) for s in sample]
                  if grammars is not None else None)
-        constraints = [grammars.for_specs(sp) for sp in specs] if grammars is not None and specs is not None else None
+        constraints = [grammars.for_specs(sp) for sp in specs] if specs is not None else None
         for s in sample:
             msgs, tools = make_messages(s.inv)
             fitted = fit_prompt(msgs, tools, tok, budget, native)

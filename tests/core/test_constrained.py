@@ -331,6 +331,12 @@ def test_a_rare_tool_copies_an_id_the_way_the_frequent_tools_with_that_argument_
     train += [_inv({"booking_id": b, "seat": "14C"}, f"move {b} to an aisle seat", tools, "change_seat") for b in ids[:2]]
     train += [_inv({"booking_id": "NEW001", "seat": "2A"}, f"move {ids[2]} forward", tools, "guess_seat")]  # not a copy
     bounds = argument_bounds(train, copy_share=0.9)  # 12 of the other tools' 13 values were copies
+    # two rare tools borrow from the same evidence, not from each other's borrowings: the order of the log is no matter
+    rare = train + [_inv({"booking_id": ids[5]}, f"cancel {ids[5]}", tools + [{"type": "function", "function": {
+        "name": "cancel_booking", "parameters": {"type": "object", "properties": {"booking_id": {"type": "string"}}}}}],
+        "cancel_booking")]
+    assert argument_bounds(rare, copy_share=0.9) == argument_bounds(rare[::-1], copy_share=0.9)
+    assert argument_bounds(rare, copy_share=0.9)["cancel_booking"]["/booking_id#copy"] == 1
     assert bounds["change_seat"]["/booking_id#copy"] == 1 and bounds["change_seat"]["/booking_id#copy_borrowed"] == 12
     assert "/seat#copy" not in bounds["change_seat"]  # no other tool has a seat to lean on
     assert "/booking_id#copy" not in bounds["guess_seat"]
