@@ -328,9 +328,27 @@ class OnnxEncoder:
                               opset_version=ONNX_OPSET, dynamo=False)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors of `texts`. Texts of one token length run as one pass, each length its own, so no pass
+        computes padding: the gate's batches are the requests that arrived together, of any lengths, and padding
+        them to the longest cost 1.6x (batches of 4) to 2.2x (of 8) the CPU of one pass per text on
+        quickstart's requests (46 tokens on average, 156 at most). The tokens, the mask and the vectors are as
+        in a padded pass (the mask keeps padding out of attention and pooling)."""
         if not texts:
             return np.zeros((0, self.session.get_outputs()[0].shape[-1] or 0), dtype=np.float32)
         feats = _features(self.model, list(texts))
+        lengths = feats["attention_mask"].sum(axis=1)
+        if not (feats["attention_mask"] == (np.arange(feats["attention_mask"].shape[1]) < lengths[:, None])).all():
+            return self._pooled(feats)  # padded on the left: one pass as it is
+        out = np.zeros((len(texts), 0), dtype=np.float32)
+        for n in np.unique(lengths):
+            rows = np.flatnonzero(lengths == n)
+            vecs = self._pooled({k: v[rows, :n] for k, v in feats.items()})
+            if not out.shape[1]:
+                out = np.zeros((len(texts), vecs.shape[1]), dtype=np.float32)
+            out[rows] = vecs
+        return out
+
+    def _pooled(self, feats: dict[str, np.ndarray]) -> np.ndarray:
         mask = feats["attention_mask"]
         hidden = self.session.run(None, {k: feats[k] for k in self.inputs})[0]
         if self.pooling == "cls":

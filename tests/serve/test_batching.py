@@ -137,6 +137,42 @@ def test_the_onnx_gate_gives_torch_vectors_and_without_onnxruntime_serve_says_so
         SlmEngine(cfg, Workspace(ws), max_new_tokens=4, gate_runtime="onnx")
 
 
+def test_the_onnx_gate_computes_no_padding_for_requests_of_different_lengths():
+    """Requests that arrive together are embedded together, but each token length runs as its own pass: padding a
+    short request to a long one's length doubled the gate's CPU under load. The vectors are torch's, in order."""
+    import numpy as np
+
+    from slmconvert import embeddings
+
+    pytest.importorskip("onnxruntime")
+    embedder = embeddings.Embedder(embeddings.DEFAULT_EMBEDDING_MODEL)
+    encoder, why = embeddings.OnnxEncoder.build(embedder)
+    assert encoder is not None, why
+    texts = ["n1", "Where is my order ORD-1234? It was due on Monday.", "n2", "a long tool result ORD-1234 " * 80,
+             "Zoë's résumé 🙂", "Where is my order ORD-9999? It was due on Friday."]
+    passes = []
+    real = encoder.session
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def run(self, outputs, feeds):
+            passes.append(feeds["attention_mask"].copy())
+            return real.run(outputs, feeds)
+
+    encoder.session = Spy()
+    try:
+        got = encoder.encode(texts)
+    finally:
+        encoder.session = real
+    lengths = [int(m.sum()) for m in embeddings._features(embedder.load(), texts)["attention_mask"][:, None]]
+    assert len(passes) == len(set(lengths)) < len(texts)  # the two short ones and the two orders share a pass each
+    assert all(m.all() for m in passes)  # no padding computed
+    assert np.abs(got - embedder.encode(texts)).max() < 1e-4
+    assert np.abs(got - np.vstack([encoder.encode([t]) for t in texts])).max() < 1e-5
+
+
 def test_the_onnx_export_is_kept_per_weights_and_a_bad_kept_file_is_exported_again(tmp_path, monkeypatch):
     """serve starts without re-exporting the gate's model when the same weights were exported before (the
     user cache folder); a kept file that no longer loads is replaced, not trusted; other weights get their own."""
