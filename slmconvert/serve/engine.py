@@ -118,7 +118,7 @@ class SlmEngine:
             # Overlapped with an external engine, the gate embeds in the engine's time, in threads of idle priority
             # that take only CPU nothing else wants (`_gate_beside`); `_gate` is the fallback when the engine is back first.
             if backend and gate_overlap:
-                self._gate_spare = MicroBatcher(embed, GATE_BATCH, 0.0, GATE_WORKERS, low_priority=True)
+                self._gate_spare = MicroBatcher(embed, GATE_BATCH, 0.0, SPARE_GATE_WORKERS, low_priority=True)
         self.batch_size, self.batch_wait_s = batch_size, batch_wait_ms / 1000.0
         self._grammars: dict[str, Any] = {}  # model ref -> ToolGrammars, when the policy was verified constrained
         # An external OpenAI-compatible engine (vLLM, llama-server, Ollama) generates instead of this process:
@@ -424,6 +424,10 @@ class SlmEngine:
 _BATCHERS_LOCK = threading.Lock()
 GATE_BATCH = 32  # request-gate texts embedded in one forward pass at most
 GATE_WORKERS = 2  # forward passes at once
+# The idle-priority gate beside an external engine: one pass at a time. Two idle threads on serve's core shared its
+# spare time between them, each pass taking twice as long, and more requests waited for the gate once the engine was
+# back: serve's added p95 +4.6 to +6.2 ms with two, +3.8 with one (benchmarks/serve_load.py --pin).
+SPARE_GATE_WORKERS = 1
 
 
 class MicroBatcher:
