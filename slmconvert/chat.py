@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -230,14 +231,17 @@ def parse_completion(text: str, special_tokens: list[str] | None = None) -> tupl
 
 def n_tokens(tokenizer: Any, text: str) -> int:
     """The tokens of `text` (no special tokens added), as `tokenizer(text)` counts them."""
-    count = getattr(tokenizer, "_slmconvert_count", None)
+    try:
+        count = _COUNTERS.get(tokenizer)
+    except TypeError:  # a tokenizer that takes no weak reference: built each time (cheap), counted whole or by pieces
+        return _token_counter(tokenizer)(text)
     if count is None:
-        count = _token_counter(tokenizer)
-        try:
-            tokenizer._slmconvert_count = count
-        except Exception:  # noqa: BLE001 - a tokenizer that takes no attributes: built again next time (cheap)
-            pass
+        count = _COUNTERS[tokenizer] = _token_counter(tokenizer)
     return count(text)
+
+
+# Per tokenizer, kept beside it rather than on it: a tokenizer still pickles (worker processes) after it has counted.
+_COUNTERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
 SEGMENT_CACHE = 4096  # pieces of prompts between special tokens whose counts are kept, per tokenizer

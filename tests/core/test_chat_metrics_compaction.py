@@ -283,3 +283,6 @@ def test_prompt_token_counts_are_the_tokenizers_own():
     for tok in (smol, minilm, tiny_tokenizer(), first_only):
         for text in texts * 2:  # the second pass counts from kept pieces
             assert n_tokens(tok, text) == len(tok(text, add_special_tokens=False)["input_ids"]), (tok, text[:80])
+    import pickle
+
+    assert pickle.loads(pickle.dumps(smol))("<|im_start|>hi")["input_ids"][0] == smol.convert_tokens_to_ids("<|im_start|>")  # still pickles
