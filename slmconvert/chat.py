@@ -234,13 +234,14 @@ def n_tokens(tokenizer: Any, text: str) -> int:
     try:
         count = _COUNTERS.get(tokenizer)
     except TypeError:  # a tokenizer that takes no weak reference: built each time (cheap), counted whole or by pieces
-        return _token_counter(tokenizer)(text)
+        return _token_counter(tokenizer)(tokenizer, text)
     if count is None:
         count = _COUNTERS[tokenizer] = _token_counter(tokenizer)
-    return count(text)
+    return count(tokenizer, text)
 
 
 # Per tokenizer, kept beside it rather than on it: a tokenizer still pickles (worker processes) after it has counted.
+# A counter holds no reference to its tokenizer (it is handed one), so a tokenizer no longer used is freed with it.
 _COUNTERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
@@ -251,7 +252,7 @@ _COUNT_PROBES = ("<|im_start|>system\nYou are a helpful agent.<|im_end|>\n<|im_s
 
 
 def _token_counter(tokenizer: Any):
-    """Counts tokens as `tokenizer(text, add_special_tokens=False)` does, fast where that is exact.
+    """count(tokenizer, text): tokens as `tokenizer(text, add_special_tokens=False)` counts them, fast where that is exact.
 
     A rendered prompt is mostly what the site's previous prompts held too: the instructions, the tool schemas, the
     earlier turns of the conversation. A fast (Rust) tokenizer splits its input at its added tokens (<|im_start|>,
@@ -264,8 +265,8 @@ def _token_counter(tokenizer: Any):
     special tokens not split, and the sum equal to the whole count on probe texts. Elsewhere: the whole text, each time."""
     import functools
 
-    def whole(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    def whole(tok: Any, text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
 
     try:
         backend = tokenizer.backend_tokenizer
@@ -283,7 +284,7 @@ def _token_counter(tokenizer: Any):
     def piece(text: str) -> int:
         return len(backend.encode(text, add_special_tokens=False).ids)
 
-    def by_pieces(text: str) -> int:
+    def by_pieces(_tok: Any, text: str) -> int:
         n, last = 0, 0
         for m in splitter.finditer(text):
             if m.start() > last:
@@ -292,7 +293,7 @@ def _token_counter(tokenizer: Any):
         return n + (piece(text[last:]) if last < len(text) else 0)
 
     probes = [*_COUNT_PROBES, *(f"{a.content}x {a.content}\n{a.content}" for a in added[:8])]
-    if any(by_pieces(p) != whole(p) for p in probes):
+    if any(by_pieces(tokenizer, p) != whole(tokenizer, p) for p in probes):
         return whole
     return by_pieces
 

