@@ -233,8 +233,8 @@ def n_tokens(tokenizer: Any, text: str) -> int:
     """The tokens of `text` (no special tokens added), as `tokenizer(text)` counts them."""
     try:
         count = _COUNTERS.get(tokenizer)
-    except TypeError:  # a tokenizer that takes no weak reference: built each time (cheap), counted whole or by pieces
-        return _token_counter(tokenizer)(tokenizer, text)
+    except TypeError:  # a tokenizer that takes no weak reference: no counter kept, the whole text counted
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
     if count is None:
         count = _COUNTERS[tokenizer] = _token_counter(tokenizer)
     return count(tokenizer, text)

@@ -339,12 +339,10 @@ class OnnxEncoder:
         lengths = feats["attention_mask"].sum(axis=1)
         if not (feats["attention_mask"] == (np.arange(feats["attention_mask"].shape[1]) < lengths[:, None])).all():
             return self._pooled(feats)  # padded on the left: one pass as it is
-        out = np.zeros((len(texts), 0), dtype=np.float32)
-        for n in np.unique(lengths):
-            rows = np.flatnonzero(lengths == n)
-            vecs = self._pooled({k: v[rows, :n] for k, v in feats.items()})
-            if not out.shape[1]:
-                out = np.zeros((len(texts), vecs.shape[1]), dtype=np.float32)
+        groups = [(n, np.flatnonzero(lengths == n)) for n in np.unique(lengths)]
+        passes = [(rows, self._pooled({k: v[rows, :n] for k, v in feats.items()})) for n, rows in groups]
+        out = np.empty((len(texts), passes[0][1].shape[1]), dtype=np.float32)
+        for rows, vecs in passes:
             out[rows] = vecs
         return out
 
