@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -150,6 +151,15 @@ async def load(url: str, body: dict | list[dict], clients: int, total: int, head
     return lat, wall, errors
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads (Linux /proc; 0.0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], p: float) -> float:
     v = sorted(values)
     return v[min(len(v) - 1, int(round(p * (len(v) - 1))))]
@@ -199,7 +209,6 @@ def wait_up(url: str, proc, timeout: float = 120.0) -> None:
 
 def proxy_benchmark(clients: int, total: int, rate: float | None, malformed: float = 0.0, stream: bool = False) -> None:
     """Upstream, proxy and clients in three processes (one Python process each: no shared GIL)."""
-    import os
     import signal
     import subprocess
 
@@ -274,7 +283,6 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
                       serve_sets: list[str] = (), busy_procs: int = 0, pin: bool = False, rounds: int = 1) -> None:
     """serve (convert mode, external SLM engine) vs the engine alone, separate processes; `rounds` > 1 alternates
     the two in that many blocks each, so a drift of the machine's load falls on both alike."""
-    import os
     import signal
     import subprocess
 
@@ -353,13 +361,15 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
         asyncio.run(load(serve_url, body, clients, min(100, total), {}, tag=False))
         # --busy: processes that want the CPU all the time, at normal priority (an engine on serve's cores, say)
         busy += [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=on(own)) for _ in range(busy_procs)]
-        direct, via, d_err, s_err = [], [], 0, 0
+        direct, via, d_err, s_err, cpu_s = [], [], 0, 0, 0.0
         for k in range(rounds):
             n = total // rounds + (k < total % rounds)
             lat, _, err = asyncio.run(load(direct_url, direct_body, clients, n, {}, rate))
             direct, d_err = direct + lat, d_err + err
+            before = cpu_seconds(serve.pid)
             lat, _, err = asyncio.run(load(serve_url, body, clients, n, {}, rate, tag=False))
             via, s_err = via + lat, s_err + err
+            cpu_s += cpu_seconds(serve.pid) - before
     finally:
         for p in busy:
             p.kill()
@@ -389,6 +399,9 @@ def backend_benchmark(workspace: str, clients: int, total: int, rate: float | No
     if own_ms:
         print(f"  serve's own time per request, from its call log (latency minus the engine call): p50 "
               f"{statistics.median(own_ms):.2f} ms  p95 {pct(own_ms, .95):.2f} ms")
+    if cpu_s > 0:
+        print(f"  serve's CPU per request while timed: {cpu_s * 1000 / total:.2f} ms (all its threads: request handling, "
+              "the gate's embedding, the call log's scrubbing; from /proc)")
     waits = [r["served_by"]["gate_wait_ms"] for r in timed if "gate_wait_ms" in r.get("served_by", {})]
     if waits:
         late = sorted(w for w in waits if w > 0)

@@ -218,6 +218,11 @@ _PROBES = ("n12", "  Where is my order? It was due on Monday.  ",
 ONNX_OPSET = 17
 ONNX_EXPORT_VERSION = 1  # raise when _export changes what it writes: cached exports of the old form are not reused
 ONNX_TOLERANCE = 1e-4  # largest difference in any vector component accepted between ONNX Runtime and torch
+# int8: the exported model with its weights quantized to int8 per output channel, activations at run time (ONNX
+# Runtime's dynamic quantization): about half the CPU per request of float (benchmarks/gate_encoder.py). Its vectors
+# are not torch's (cosine 0.97-0.995 for MiniLM), so a gate fitted with them is served with them (GateEncoder, Familiarity).
+INT8_MIN_COSINE = 0.98  # below this on any probe text, the quantized model is not used
+INT8_PROBE_TOLERANCE = 2e-3  # serve's int8 vectors vs the ones evaluate fitted with (another CPU, another kernel)
 _ONNX: dict[str, tuple] = {}
 _ONNX_LOCK = threading.Lock()
 
@@ -231,12 +236,14 @@ class OnnxEncoder:
     model is not a plain transformer + pooling (+ normalisation) stack, the export fails, or the exported
     model's vectors differ from torch's on probe texts by more than ONNX_TOLERANCE: the caller keeps torch."""
 
-    def __init__(self, session, model, pooling: str):
+    def __init__(self, session, model, pooling: str, digest: str | None = None):
         self.session, self.model, self.pooling = session, model, pooling
         self.inputs = [i.name for i in session.get_inputs()]
+        self.digest = digest  # int8: sha256 of the quantized file (which vectors these are); float: None (torch's)
 
     @classmethod
-    def build(cls, embedder: "Embedder") -> tuple["OnnxEncoder | None", str]:
+    def build(cls, embedder: "Embedder", precision: str = "float") -> tuple["OnnxEncoder | None", str]:
+        """(encoder, what it is) or (None, why not). float: torch's vectors; int8: quantized (see INT8_MIN_COSINE)."""
         try:
             import onnx  # noqa: F401  (torch.onnx's exporter needs it)
             import onnxruntime as ort
@@ -245,7 +252,64 @@ class OnnxEncoder:
         with _ONNX_LOCK:  # one export per embedding model and process (each engine of a test, every reload)
             if embedder.key not in _ONNX:
                 _ONNX[embedder.key] = cls._build(embedder, ort)
-            return _ONNX[embedder.key]
+            if precision == "float":
+                return _ONNX[embedder.key]
+            if (embedder.key, precision) not in _ONNX:
+                _ONNX[(embedder.key, precision)] = cls._build_int8(embedder, ort, _ONNX[embedder.key])
+            return _ONNX[(embedder.key, precision)]
+
+    @classmethod
+    def _build_int8(cls, embedder: "Embedder", ort, built: tuple) -> tuple["OnnxEncoder | None", str]:
+        """The float export quantized (kept in the cache beside it, per ONNX Runtime version: the quantizer's output
+        may change between versions) and checked against torch on the probe texts."""
+        import hashlib
+        import logging
+        import tempfile
+
+        base, why = built
+        if base is None:
+            return None, why
+        model = base.model
+        cached = _onnx_cache_path(model)
+        kept = cached.with_name(f"{cached.stem}-int8-ort{ort.__version__}.onnx") if cached is not None else None
+        with tempfile.TemporaryDirectory(prefix="slmconvert-onnx-") as folder:
+            path = kept if kept is not None and kept.exists() else None
+            reused = path is not None
+            if path is None:
+                try:
+                    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                    source = cached if cached is not None and cached.exists() else Path(folder) / "float.onnx"
+                    if not source.exists():
+                        cls._export(model, source)
+                    path = Path(folder) / "int8.onnx"
+                    quiet = logging.getLogger().level
+                    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice to pre-process: not the user's concern
+                    try:
+                        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, per_channel=True)
+                    finally:
+                        logging.getLogger().setLevel(quiet)
+                    if kept is not None:
+                        try:
+                            tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+                            tmp.write_bytes(path.read_bytes())
+                            os.replace(tmp, kept)
+                        except OSError:  # a read-only or full cache folder: used from the temporary folder only
+                            _discard(tmp)
+                except Exception as e:  # noqa: BLE001 — any quantizer failure means: no int8 gate
+                    return None, f"the int8 quantization of {embedder.name} failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+            try:
+                data = path.read_bytes()
+                encoder = cls(cls._session(ort, path), model, base.pooling, hashlib.sha256(data).hexdigest()[:16])
+                got, want = encoder.encode(list(_PROBES)), embedder.encode(list(_PROBES))
+            except Exception as e:  # noqa: BLE001 — an unreadable kept file: quantize afresh next time
+                _discard(kept)
+                return None, f"the int8 model of {embedder.name} could not be run ({type(e).__name__})"
+        cosine = float((got * want).sum(axis=1).min())
+        if not cosine >= INT8_MIN_COSINE:
+            return None, f"the int8 model's vectors are too far from torch's (cosine {cosine:.3f} < {INT8_MIN_COSINE})"
+        return encoder, (f"ONNX Runtime {ort.__version__}, int8{' (kept model)' if reused else ''} "
+                         f"(cosine to torch's vectors >= {cosine:.3f} on probe texts)")
 
     @classmethod
     def _build(cls, embedder: "Embedder", ort) -> tuple["OnnxEncoder | None", str]:
@@ -346,6 +410,9 @@ class OnnxEncoder:
             out[rows] = vecs
         return out
 
+    def probe_vectors(self) -> np.ndarray:
+        return self.encode(list(_PROBES))
+
     def _pooled(self, feats: dict[str, np.ndarray]) -> np.ndarray:
         mask = feats["attention_mask"]
         hidden = self.session.run(None, {k: feats[k] for k in self.inputs})[0]
@@ -356,6 +423,52 @@ class OnnxEncoder:
             vecs = (hidden * w).sum(axis=1) / np.clip(w.sum(axis=1), 1e-9, None)
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         return (vecs / np.clip(norms, 1e-12, None)).astype(np.float32)
+
+
+class GateEncoder:
+    """What embeds the request gate's texts, in evaluate (which fits the gate) and in serve (which applies it):
+    the embedding model as it is (`float`: torch, or ONNX Runtime with torch's vectors) or its int8 ONNX model.
+    `id` is saved with the gate's references, so that serve embeds as evaluate did. Embedder-like for
+    `embed_texts` (key, encode, checkpoint_texts)."""
+
+    def __init__(self, embedder: Embedder, onnx: OnnxEncoder | None, why: str):
+        self.embedder, self.onnx, self.why = embedder, onnx, why
+
+    @classmethod
+    def choose(cls, embedder: Embedder, wanted: str) -> "GateEncoder":
+        """wanted: int8 (an error when it cannot be built), float, or auto (int8 when it can be built)."""
+        from slmconvert.errors import StageError
+
+        if wanted == "float":
+            return cls(embedder, None, "float (evaluate.gate_encoder)")
+        encoder, why = OnnxEncoder.build(embedder, "int8")
+        if encoder is None and wanted == "int8":
+            raise StageError(f"evaluate.gate_encoder is int8, but {why}; set it to auto or float")
+        return cls(embedder, encoder, why) if encoder is not None else cls(embedder, None, f"float ({why})")
+
+    @property
+    def id(self) -> str:
+        return "float" if self.onnx is None else f"onnx-int8:{self.onnx.digest}"
+
+    @property
+    def key(self) -> str:
+        return self.embedder.key if self.onnx is None else f"{self.embedder.key}-int8-{self.onnx.digest[:12]}"
+
+    def checkpoint_texts(self, n: int) -> int:
+        return self.embedder.checkpoint_texts(n)
+
+    def encode(self, texts: Sequence[str], progress: Progress = NULL_PROGRESS) -> np.ndarray:
+        if self.onnx is None:
+            return self.embedder.encode(texts, progress)
+        out = []
+        for s in range(0, len(texts), 256):
+            out.append(self.onnx.encode(texts[s:s + 256]))
+            progress.advance(len(out[-1]))
+        return np.vstack(out) if out else np.zeros((0, self.embedder.dim), dtype=np.float32)
+
+    def probe(self) -> np.ndarray:
+        """Its vectors of the probe texts: saved with the gate, compared by serve before it embeds this way."""
+        return self.encode(list(_PROBES))
 
 
 def _onnx_cache_path(model) -> Path | None:

@@ -184,12 +184,18 @@ def request_text(messages: list[dict]) -> str:
 
 class Familiarity:
     """Per site, unit embeddings of its training requests' prompting turns; a request's familiarity is its
-    cosine similarity to the nearest of them. Saved beside the policy (familiarity.npz)."""
+    cosine similarity to the nearest of them. Saved beside the policy (familiarity.npz), with what embedded them
+    (`encoder`: slmconvert.embeddings.GateEncoder.id) and that encoder's vectors of the probe texts, so that serve
+    embeds requests as the thresholds were fitted. References are kept at float16 (the saved precision) from the start:
+    evaluate scores calls with exactly the references serve loads."""
 
     MAX_REFERENCES = 3000
 
-    def __init__(self, refs: dict[str, Any]):
-        self.refs = refs
+    def __init__(self, refs: dict[str, Any], encoder: str = "float", probe: Any = None):
+        import numpy as np
+
+        self.refs = {k: np.asarray(v, dtype=np.float16).astype(np.float32) for k, v in refs.items()}
+        self.encoder, self.probe = encoder, probe
 
     def score(self, site: str, vecs) -> list[float | None]:
         import numpy as np
@@ -206,14 +212,21 @@ class Familiarity:
         from slmconvert.io import atomic_path
 
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, **{f"site:{k}": v.astype(np.float16) for k, v in self.refs.items()})
+            meta = {"meta:encoder": np.array(self.encoder)}
+            if self.probe is not None:
+                meta["meta:probe"] = np.asarray(self.probe, dtype=np.float32)
+            np.savez_compressed(f, **{f"site:{k}": v.astype(np.float16) for k, v in self.refs.items()}, **meta)
 
     @classmethod
     def load(cls, path) -> "Familiarity":
+        """A file from before `encoder` was saved was embedded by the model as it is: float."""
         import numpy as np
 
         with np.load(path) as z:
-            return cls({k.split(":", 1)[1]: z[k].astype(np.float32) for k in z.files})
+            refs = {k.split(":", 1)[1]: z[k].astype(np.float32) for k in z.files if k.startswith("site:")}
+            encoder = str(z["meta:encoder"]) if "meta:encoder" in z.files else "float"
+            probe = z["meta:probe"].astype(np.float32) if "meta:probe" in z.files else None
+        return cls(refs, encoder, probe)
 
 
 def conformal_floor(scores: Sequence[float], alpha: float) -> tuple[float | None, float | None]:

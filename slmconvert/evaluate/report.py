@@ -148,6 +148,9 @@ def policy_sections(summary: dict[str, Any]) -> list[str]:
                    f"<td class='n'>{pct(v['share_calls'])} {_iv(v['share_calls_interval'])}</td>"
                    f"<td class='n'>{num(gate.get('min_similarity'))}</td></tr>")
     out.append("</table>")
+    if pol.get("gate_encoder"):
+        out.append(f"<p>The request gate's similarities are embedded by {e(pol['gate_encoder']['what'])}; serve embeds "
+                   f"requests with the same encoder ({e(pol['gate_encoder']['id'])}).</p>")
     if pol.get("at_targets"):
         out.append("<p>What another target would move (each policy fitted on the calibration sessions, verified on the same "
                    "verification calls; serve applies only the target marked). Choosing the target by this table uses the "

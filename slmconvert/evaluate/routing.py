@@ -19,10 +19,10 @@ import numpy as np
 from slmconvert.progress import NULL_PROGRESS, Progress
 
 
-def familiarity_references(router, train_by_site: dict[str, list], seed: int, cache=None,
+def familiarity_references(gate, train_by_site: dict[str, list], seed: int, cache=None,
                            progress: Progress = NULL_PROGRESS):
     """Per site, unit embeddings of (at most Familiarity.MAX_REFERENCES, seeded) training requests'
-    prompting turns, embedded by the router's own encoder (the one serve has loaded)."""
+    prompting turns, embedded by `gate` (slmconvert.embeddings.GateEncoder: what serve will embed requests with)."""
     from slmconvert.embeddings import embed_texts
     from slmconvert.policy import Familiarity, request_text
 
@@ -33,14 +33,16 @@ def familiarity_references(router, train_by_site: dict[str, list], seed: int, ca
         if len(texts) > Familiarity.MAX_REFERENCES:
             texts = rng.sample(texts, Familiarity.MAX_REFERENCES)
         if texts:
-            vecs, _ = embed_texts(texts, router.embedder, cache, progress, f"embedding {site}'s training requests")
+            vecs, _ = embed_texts(texts, gate, cache, progress, f"embedding {site}'s training requests")
             refs[site] = np.asarray(vecs, dtype=np.float32)
-    return Familiarity(refs)
+    return Familiarity(refs, gate.id, gate.probe())
 
 
-def policy_rows(rows, chosen, by_id, site_tasks, router, familiarity, prices, llm_models, cache=None) -> list[dict[str, Any]]:
+def policy_rows(rows, chosen, by_id, site_tasks, router, familiarity, prices, llm_models, cache=None,
+                gate=None) -> list[dict[str, Any]]:
     """The chosen adapters' answers as the policy sees them: answer key, validity, confidence, the request's
-    familiarity and routed site, and what the call weighs (traffic, LLM tokens, LLM cost)."""
+    familiarity (embedded by `gate`, as the references were; default: the router's model) and routed site, and
+    what the call weighs (traffic, LLM tokens, LLM cost)."""
     from slmconvert.embeddings import embed_texts
     from slmconvert.policy import answer_key, invalid_reason, request_text
 
@@ -63,7 +65,7 @@ def policy_rows(rows, chosen, by_id, site_tasks, router, familiarity, prices, ll
                     "invalid": invalid_reason(r["response"], tools, r["well_formed"])})
     if out:
         texts = [request_text(p["messages"]) for p in out]
-        vecs, _ = embed_texts(texts, router.embedder, cache)
+        vecs, _ = embed_texts(texts, gate or router.embedder, cache)
         by_site: dict[str, list[int]] = defaultdict(list)
         for i, p in enumerate(out):
             by_site[p["site"]].append(i)

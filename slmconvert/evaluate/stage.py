@@ -54,7 +54,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
     from slmconvert.cluster.router import load_router
     from slmconvert.cluster.stage import load_assignments, load_tasks
     from slmconvert.constrained import argument_bounds
-    from slmconvert.embeddings import EmbeddingCache
+    from slmconvert.embeddings import EmbeddingCache, GateEncoder
     from slmconvert.evaluate.generate import GenerationCache, generate_all, test_sample
     from slmconvert.evaluate.prices import load_prices
     from slmconvert.evaluate.report import write_report
@@ -128,15 +128,17 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         with timer.step("policy_s"):
             chosen = choose_adapters(rows)
             router = load_router(workspace.stage_dir("cluster"))
-            emb_cache = EmbeddingCache(stage_dir / "cache", router.embedder.key)
-            familiarity = familiarity_references(router, {s: v for s, v in train_by_site.items() if s in chosen}, ec.seed,
+            gate = GateEncoder.choose(router.embedder, ec.gate_encoder)
+            emb_cache = EmbeddingCache(stage_dir / "cache", gate.key)
+            familiarity = familiarity_references(gate, {s: v for s, v in train_by_site.items() if s in chosen}, ec.seed,
                                                  emb_cache, progress)
             llm_models = {site: ec.llm_model or (sd.get("models") or [None])[0] for site, sd in tasks_doc["sites"].items()}
             prows = policy_rows(rows, chosen, by_id, {site: [t["task"] for t in sd["tasks"]] for site, sd in tasks_doc["sites"].items()},
-                                router, familiarity, load_prices(ec.prices), llm_models, emb_cache)
+                                router, familiarity, load_prices(ec.prices), llm_models, emb_cache, gate)
             policy, check = fit_routing_policy(config, tasks_doc, prows,
                                                {s: int(len(v)) for s, v in familiarity.refs.items()})
             policy["argument_bounds"] = {s: b for s, b in bounds.items() if s in chosen}
+            policy["gate_encoder"] = {"id": gate.id, "what": gate.why}  # serve embeds requests as these thresholds were fitted
         summary = summarise(config, tasks_doc, rows, adapters, chosen, problems, judge_stats, by_id, policy, check)
         summary["generation"] = gen_counts
         summary["timings"] = timer.total()

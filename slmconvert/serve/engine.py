@@ -155,10 +155,38 @@ class SlmEngine:
                 self.backend_grammar[site] = kind if self.policy.doc.get("constrained_decoding") else "none"
 
     def _gate_encoder(self, runtime: str):
-        """(encode, what it is and why) for the request gate, by serve.gate_runtime."""
-        from slmconvert.embeddings import OnnxEncoder
+        """(encode, what it is and why) for the request gate: the encoder evaluate fitted the gate's thresholds with
+        (Familiarity.encoder), checked on the probe texts against the vectors evaluate saved. A gate fitted with float
+        vectors embeds by serve.gate_runtime (ONNX Runtime's equal vectors, or torch). One fitted with int8 vectors
+        embeds with the same int8 model; where that cannot be built or gives other vectors (another ONNX Runtime),
+        auto falls back to float and says that the gate then judges requests near its thresholds not quite as fitted,
+        and onnx makes it an error."""
+        from slmconvert.embeddings import INT8_PROBE_TOLERANCE, OnnxEncoder
 
         embedder = self.router.embedder
+        fitted = self.familiarity.encoder
+        if fitted.startswith("onnx-int8:"):
+            encoder, why = OnnxEncoder.build(embedder, "int8")
+            if encoder is not None and self.familiarity.probe is not None:
+                diff = float(abs(encoder.probe_vectors() - self.familiarity.probe).max())
+                if diff <= INT8_PROBE_TOLERANCE:
+                    return encoder.encode, f"onnx int8, as evaluate fitted the gate: {why}; probe vectors within {diff:.1g} of evaluate's"
+                why = f"this int8 model's vectors differ from evaluate's by {diff:.2g} on probe texts (> {INT8_PROBE_TOLERANCE:g})"
+            elif encoder is not None:
+                why = "the gate's saved probe vectors are missing"
+            if runtime == "onnx":
+                raise StageError(f"the request gate was fitted with int8 ONNX vectors, but {why}; re-run `slmconvert evaluate "
+                                 f"--workspace {self.workspace.root} --set evaluate.gate_encoder=float --force` to fit it with float "
+                                 "vectors, or set serve.gate_runtime to auto")
+            fallback = f"the gate was fitted with int8 vectors, but {why}: float vectors here, so requests near its thresholds may be judged otherwise"
+            encode, what = self._float_gate(embedder, "torch" if runtime == "torch" else "auto")
+            return encode, f"{what} — {fallback}"
+        return self._float_gate(embedder, runtime)
+
+    @staticmethod
+    def _float_gate(embedder, runtime: str):
+        from slmconvert.embeddings import OnnxEncoder
+
         if runtime == "torch":
             return embedder.encode, "torch (serve.gate_runtime)"
         encoder, why = OnnxEncoder.build(embedder)

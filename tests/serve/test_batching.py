@@ -117,6 +117,7 @@ def test_the_onnx_gate_gives_torch_vectors_and_without_onnxruntime_serve_says_so
 
     pytest.importorskip("onnxruntime")
     ws, cfg = copy_ws(tuned_ws, tmp_path)
+    cfg.evaluate.gate_encoder = "float"  # references of torch's vectors (int8 ones: the test below)
     evaluate(cfg, Workspace(ws))
     onnx = SlmEngine(cfg, Workspace(ws), max_new_tokens=4)
     torch_gate = SlmEngine(cfg, Workspace(ws), max_new_tokens=4, gate_runtime="torch")
@@ -134,6 +135,60 @@ def test_the_onnx_gate_gives_torch_vectors_and_without_onnxruntime_serve_says_so
     fallback = SlmEngine(cfg, Workspace(ws), max_new_tokens=4)
     assert fallback.gate_runtime.startswith("torch (onnxruntime is not installed (pip install onnxruntime onnx")
     with pytest.raises(StageError, match="serve.gate_runtime is onnx, but onnxruntime is not installed"):
+        SlmEngine(cfg, Workspace(ws), max_new_tokens=4, gate_runtime="onnx")
+
+
+def test_a_gate_fitted_with_int8_vectors_is_served_with_them_and_reproduces_its_fitted_floor(tuned_ws, tmp_path):
+    """evaluate.gate_encoder auto: the gate's references and thresholds come from the int8 ONNX model, which serve
+    then embeds with: its familiarity of every calibration call is what evaluate scored, so the fitted floor (the
+    k-th lowest calibration score) is reproduced to the rounding. Where serve's int8 vectors are not evaluate's,
+    auto says so and embeds with float vectors; onnx refuses to start."""
+    import json
+    import math
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from slmconvert.errors import StageError
+    from slmconvert.evaluate.stage import FAMILIARITY, load_summary
+    from slmconvert.evaluate.stage import run as evaluate
+    from slmconvert.policy import Familiarity, split_sessions
+    from slmconvert.serve.engine import SlmEngine
+    from slmconvert.store import load_invocations
+    from tests.evaluate.conftest import copy_ws
+
+    pytest.importorskip("onnxruntime")
+    ws, cfg = copy_ws(tuned_ws, tmp_path)
+    evaluate(cfg, Workspace(ws))
+    policy = json.loads((ws / "eval" / "policy.json").read_text())
+    fitted = Familiarity.load(ws / "eval" / FAMILIARITY)
+    assert policy["gate_encoder"]["id"] == fitted.encoder and fitted.encoder.startswith("onnx-int8:")
+    engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=4)
+    assert engine.gate_runtime.startswith("onnx int8, as evaluate fitted the gate")
+
+    results = pq.read_table(ws / "eval" / "results.parquet").to_pylist()
+    chosen = load_summary(Workspace(ws))["chosen_adapters"]
+    wsp = Workspace(ws)
+    by_id = {i.id: i for i in load_invocations(wsp, wsp.invocation_stage())}
+    calibration, _ = split_sessions({r["session"] for r in results}, policy["split"]["seed"])
+    checked = 0
+    for site, gate in policy["requests"].items():
+        rows = [r for r in results if r["site"] == site and r["variant"] == "finetuned" and r["model"] == chosen.get(site)
+                and r["session"] in calibration and r["invocation_id"] in by_id]
+        if gate["min_similarity"] is None or not rows:
+            continue
+        scores = sorted(engine.familiarity_of(site, by_id[r["invocation_id"]].request.messages) for r in rows)
+        k = max(1, math.floor(gate["alpha"] * (len(scores) + 1)))
+        assert scores[k - 1] == pytest.approx(gate["min_similarity"], abs=1e-4)
+        checked += 1
+    assert checked
+
+    drifted = Familiarity(fitted.refs, fitted.encoder, fitted.probe + np.float32(0.01))  # as from another ONNX Runtime
+    drifted.save(ws / "eval" / FAMILIARITY)
+    fallback = SlmEngine(cfg, Workspace(ws), max_new_tokens=4)
+    assert fallback.gate_runtime.startswith("onnx: ONNX Runtime") and "differ from evaluate's by 0.01" in fallback.gate_runtime
+    assert "requests near its thresholds may be judged otherwise" in fallback.gate_runtime
+    with pytest.raises(StageError, match="fitted with int8 ONNX vectors.*evaluate.gate_encoder=float"):
         SlmEngine(cfg, Workspace(ws), max_new_tokens=4, gate_runtime="onnx")
 
 
@@ -211,5 +266,15 @@ def test_the_onnx_export_is_kept_per_weights_and_a_bad_kept_file_is_exported_aga
     finally:
         with torch.no_grad():
             weights[0, 0] -= 1.0
+    monkeypatch.setattr(embeddings, "_ONNX", {})
+    int8, why = embeddings.OnnxEncoder.build(embedder, "int8")  # quantized from the kept float export, then kept too
+    assert int8 is not None and "kept" not in why, why
+    cosine = (int8.encode(texts) * embedder.encode(texts)).sum(axis=1)
+    assert cosine.min() >= embeddings.INT8_MIN_COSINE and cosine.max() < 1 - 1e-4  # close to torch's, not torch's
+    assert len(list((tmp_path / "cache" / "onnx").glob("*-int8-ort*.onnx"))) == 1
+    monkeypatch.setattr(embeddings, "_ONNX", {})
+    again, why = embeddings.OnnxEncoder.build(embedder, "int8")
+    assert "kept model" in why and again.digest == int8.digest and abs(again.encode(texts) - int8.encode(texts)).max() == 0
+
     monkeypatch.setenv("SLMCONVERT_ONNX_CACHE", "0")
     assert embeddings._onnx_cache_path(embedder.load()) is None
