@@ -262,7 +262,6 @@ class OnnxEncoder:
     def _build_int8(cls, embedder: "Embedder", ort, built: tuple) -> tuple["OnnxEncoder | None", str]:
         """The float export quantized (kept in the cache beside it, per ONNX Runtime version: the quantizer's output
         may change between versions) and checked against torch on the probe texts."""
-        import hashlib
         import logging
         import tempfile
 
@@ -272,43 +271,52 @@ class OnnxEncoder:
         model = base.model
         cached = _onnx_cache_path(model)
         kept = cached.with_name(f"{cached.stem}-int8-ort{ort.__version__}.onnx") if cached is not None else None
-        with tempfile.TemporaryDirectory(prefix="slmconvert-onnx-") as folder:
-            path = kept if kept is not None and kept.exists() else None
-            reused = path is not None
-            if path is None:
-                try:
-                    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                    source = cached if cached is not None and cached.exists() else Path(folder) / "float.onnx"
-                    if not source.exists():
-                        cls._export(model, source)
-                    path = Path(folder) / "int8.onnx"
-                    quiet = logging.getLogger().level
-                    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice to pre-process: not the user's concern
-                    try:
-                        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, per_channel=True)
-                    finally:
-                        logging.getLogger().setLevel(quiet)
-                    if kept is not None:
-                        try:
-                            tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
-                            tmp.write_bytes(path.read_bytes())
-                            os.replace(tmp, kept)
-                        except OSError:  # a read-only or full cache folder: used from the temporary folder only
-                            _discard(tmp)
-                except Exception as e:  # noqa: BLE001 — any quantizer failure means: no int8 gate
-                    return None, f"the int8 quantization of {embedder.name} failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        if kept is not None and kept.exists():
             try:
-                data = path.read_bytes()
-                encoder = cls(cls._session(ort, path), model, base.pooling, hashlib.sha256(data).hexdigest()[:16])
-                got, want = encoder.encode(list(_PROBES)), embedder.encode(list(_PROBES))
-            except Exception as e:  # noqa: BLE001 — an unreadable kept file: quantize afresh next time
+                encoder, got = cls._int8_session(ort, kept, model, base.pooling)
+                return cls._checked_int8(encoder, got, embedder, ort, "kept model")
+            except Exception:  # noqa: BLE001 — unreadable (half-copied, another onnxruntime): quantized afresh below
                 _discard(kept)
-                return None, f"the int8 model of {embedder.name} could not be run ({type(e).__name__})"
+        with tempfile.TemporaryDirectory(prefix="slmconvert-onnx-") as folder:
+            try:
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                source = cached if cached is not None and cached.exists() else Path(folder) / "float.onnx"
+                if not source.exists():
+                    cls._export(model, source)
+                path = Path(folder) / "int8.onnx"
+                quiet = logging.getLogger().level
+                logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice to pre-process: not the user's concern
+                try:
+                    quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, per_channel=True)
+                finally:
+                    logging.getLogger().setLevel(quiet)
+                encoder, got = cls._int8_session(ort, path, model, base.pooling)
+            except Exception as e:  # noqa: BLE001 — any quantizer or runtime failure means: no int8 gate
+                return None, f"the int8 quantization of {embedder.name} failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+            if kept is not None:
+                tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+                try:
+                    tmp.write_bytes(path.read_bytes())
+                    os.replace(tmp, kept)
+                except OSError:  # a read-only or full cache folder: quantized again at the next start
+                    _discard(tmp)
+        return cls._checked_int8(encoder, got, embedder, ort, "")
+
+    @classmethod
+    def _int8_session(cls, ort, path: Path, model, pooling: str) -> tuple["OnnxEncoder", np.ndarray]:
+        import hashlib
+
+        encoder = cls(cls._session(ort, path), model, pooling, hashlib.sha256(path.read_bytes()).hexdigest()[:16])
+        return encoder, encoder.probe_vectors()
+
+    @staticmethod
+    def _checked_int8(encoder: "OnnxEncoder", got: np.ndarray, embedder: "Embedder", ort, note: str):
+        want = embedder.encode(list(_PROBES))
         cosine = float((got * want).sum(axis=1).min())
         if not cosine >= INT8_MIN_COSINE:
             return None, f"the int8 model's vectors are too far from torch's (cosine {cosine:.3f} < {INT8_MIN_COSINE})"
-        return encoder, (f"ONNX Runtime {ort.__version__}, int8{' (kept model)' if reused else ''} "
+        return encoder, (f"ONNX Runtime {ort.__version__}, int8{f' ({note})' if note else ''} "
                          f"(cosine to torch's vectors >= {cosine:.3f} on probe texts)")
 
     @classmethod

@@ -168,7 +168,8 @@ class SlmEngine:
         if fitted.startswith("onnx-int8:"):
             encoder, why = OnnxEncoder.build(embedder, "int8")
             if encoder is not None and self.familiarity.probe is not None:
-                diff = float(abs(encoder.probe_vectors() - self.familiarity.probe).max())
+                got, saved = encoder.probe_vectors(), self.familiarity.probe
+                diff = float(abs(got - saved).max()) if got.shape == saved.shape else float("inf")
                 if diff <= INT8_PROBE_TOLERANCE:
                     return encoder.encode, f"onnx int8, as evaluate fitted the gate: {why}; probe vectors within {diff:.1g} of evaluate's"
                 why = f"this int8 model's vectors differ from evaluate's by {diff:.2g} on probe texts (> {INT8_PROBE_TOLERANCE:g})"

@@ -275,6 +275,11 @@ def test_the_onnx_export_is_kept_per_weights_and_a_bad_kept_file_is_exported_aga
     monkeypatch.setattr(embeddings, "_ONNX", {})
     again, why = embeddings.OnnxEncoder.build(embedder, "int8")
     assert "kept model" in why and again.digest == int8.digest and abs(again.encode(texts) - int8.encode(texts)).max() == 0
+    kept_int8 = next((tmp_path / "cache" / "onnx").glob("*-int8-ort*.onnx"))
+    kept_int8.write_bytes(b"half a file")  # a kept model that no longer loads is quantized again, not trusted
+    monkeypatch.setattr(embeddings, "_ONNX", {})
+    redone, why = embeddings.OnnxEncoder.build(embedder, "int8")
+    assert redone is not None and "kept" not in why and redone.digest == int8.digest and kept_int8.stat().st_size > 1_000_000
 
     monkeypatch.setenv("SLMCONVERT_ONNX_CACHE", "0")
     assert embeddings._onnx_cache_path(embedder.load()) is None
