@@ -166,7 +166,7 @@ class SlmEngine:
         embedder = self.router.embedder
         fitted = self.familiarity.encoder
         if fitted.startswith("onnx-int8:"):
-            encoder, why = OnnxEncoder.build(embedder, "int8")
+            encoder, why = OnnxEncoder.build(embedder, "int8") if runtime != "torch" else (None, "serve.gate_runtime is torch")
             if encoder is not None and self.familiarity.probe is not None:
                 got, saved = encoder.probe_vectors(), self.familiarity.probe
                 diff = float(abs(got - saved).max()) if got.shape == saved.shape else float("inf")

@@ -165,6 +165,8 @@ def test_a_gate_fitted_with_int8_vectors_is_served_with_them_and_reproduces_its_
     assert policy["gate_encoder"]["id"] == fitted.encoder and fitted.encoder.startswith("onnx-int8:")
     engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=4)
     assert engine.gate_runtime.startswith("onnx int8, as evaluate fitted the gate")
+    asked_torch = SlmEngine(cfg, Workspace(ws), max_new_tokens=4, gate_runtime="torch")
+    assert asked_torch.gate_runtime.startswith("torch (serve.gate_runtime) — the gate was fitted with int8 vectors, but serve.gate_runtime is torch")
 
     results = pq.read_table(ws / "eval" / "results.parquet").to_pylist()
     chosen = load_summary(Workspace(ws))["chosen_adapters"]
