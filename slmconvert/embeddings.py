@@ -263,7 +263,10 @@ class OnnxEncoder:
         """The float export quantized (kept in the cache beside it, per ONNX Runtime version: the quantizer's output
         may change between versions) and checked against torch on the probe texts."""
         import logging
+        import shutil
         import tempfile
+
+        from slmconvert.io import atomic_path
 
         base, why = built
         if base is None:
@@ -295,12 +298,11 @@ class OnnxEncoder:
             except Exception as e:  # noqa: BLE001 — any quantizer or runtime failure means: no int8 gate
                 return None, f"the int8 quantization of {embedder.name} failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
             if kept is not None:
-                tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
                 try:
-                    tmp.write_bytes(path.read_bytes())
-                    os.replace(tmp, kept)
+                    with atomic_path(kept) as tmp:
+                        shutil.copyfile(path, tmp)
                 except OSError:  # a read-only or full cache folder: quantized again at the next start
-                    _discard(tmp)
+                    pass
         return cls._checked_int8(encoder, got, embedder, ort, "")
 
     @classmethod
