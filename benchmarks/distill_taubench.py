@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=520,
                     help="evaluate.max_new_tokens: τ-bench's longest gpt-4o call (book_reservation) is 515 SmolLM2 tokens; "
                          "at 160 every book_reservation answer was cut off and counted as broken JSON")
+    ap.add_argument("--tool-choice", choices=["greedy", "whole_name"], default=None,
+                    help="evaluate.tool_choice: which tool a call names (whole_name: the likeliest whole name among those offered)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--compare-before", action="store_true",
                     help="also train and evaluate the before-issue-17 recipe (BEFORE) in a sibling workspace that shares this one's "
@@ -96,6 +98,8 @@ def main() -> None:
             f"evaluate.confidence_signal={args.signal}",
             f"evaluate.max_prompt_tokens={max(args.max_length, 4096)}", f"finetune.balance={args.balance}",
             f"evaluate.constrained_decoding={'false' if args.unconstrained else 'true'}"]
+    if args.tool_choice is not None:
+        sets.append(f"evaluate.tool_choice={args.tool_choice}")
     if args.carry_values is not None:
         sets.append(f"compaction.carry_values={args.carry_values}")
     if args.device:

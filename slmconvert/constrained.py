@@ -366,9 +366,14 @@ def _tool_specs(tools: list[dict] | None) -> list[tuple[str, dict]]:
     return out
 
 
+def opening_text(name: str) -> str:
+    """How a call to `name` opens, up to its arguments: the grammar's tag begins with it."""
+    return TRIGGER + json.dumps({"name": name})[:-1] + ', "arguments": '
+
+
 def structural_tag(tools: list[tuple[str, dict]]) -> dict[str, Any]:
     """The xgrammar structural tag for these (name, JSON schema) tools."""
-    tags = [{"type": "tag", "begin": TRIGGER + json.dumps({"name": name})[:-1] + ', "arguments": ',
+    tags = [{"type": "tag", "begin": opening_text(name),
              "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_WHITESPACE},
              "end": "}</tool_call>"} for name, schema in tools]
     return {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": [TRIGGER], "tags": tags,

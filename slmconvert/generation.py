@@ -102,13 +102,108 @@ class RepeatGuard:
         return scores
 
 
+class WholeNameChoice:
+    """A logits processor, after the grammar: where greedy decoding opens a tool call, the answer writes the offered
+    tool whose whole opening (`<tool_call>{"name": "X", "arguments": `) the model itself finds most probable
+    (`choose_openings`), not the name greedy decoding reaches one token at a time. Token by token, greedy decoding
+    goes into the group of names sharing a prefix (`update_reservation_…`) when their summed probability beats a
+    single likelier name (`get_user_details`). Only the first call's opening is chosen; the arguments, and any
+    text, are decoded greedily as before. A token the grammar forbids is never forced."""
+
+    VERSION = "whole-name-v1"  # part of evaluate's generation cache key
+
+    def __init__(self, openings: Sequence[list[int] | None]):
+        self.openings = list(openings)
+        self.start: int | None = None
+        self.forced = 0
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        n = input_ids.shape[1] - self.start
+        for row, opening in enumerate(self.openings):
+            if opening is None or n == 0 or n >= len(opening):
+                continue  # at the first token greedy itself decides between a tool call and a text reply
+            if input_ids[row, self.start:].tolist() != opening[:n]:
+                self.openings[row] = None  # this row went another way
+                continue
+            keep = opening[n]
+            if not torch.isfinite(scores[row, keep]):
+                self.openings[row] = None
+                continue
+            if int(scores[row].argmax()) != keep:
+                self.forced += 1
+            value = scores[row, keep].clone()
+            scores[row] = float("-inf")
+            scores[row, keep] = value
+        return scores
+
+
+def _cache_argument(model: Any) -> str:
+    """The forward argument that takes a KV cache: `cache` in recent transformers, `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def choose_openings(model: Any, tokenizer: Any, enc: dict, names: Sequence[Sequence[str] | None]) -> list[list[int] | None]:
+    """Per batch row, the token ids of the opening of the offered tool (`names`, None: no tools) the model finds
+    most probable as a whole, for rows whose greedy first token opens a tool call; None elsewhere.
+
+    One forward pass over the (left-padded) prompts, then one over each such row's candidate openings on a copy of
+    its cached prompt. Scored on the model's own probabilities (before any grammar)."""
+    import copy
+
+    import torch
+
+    from slmconvert.constrained import opening_text
+
+    out: list[list[int] | None] = [None] * len(names)
+    rows = [r for r, n in enumerate(names) if n and len(set(n)) > 1]
+    if not rows:
+        return out
+    mask = enc["attention_mask"]
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        first = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    prompt_cache = getattr(first, "cache", None) or first.past_key_values  # transformers 5.x renamed it `cache`
+    cache_arg = _cache_argument(model)
+    step0 = torch.log_softmax(first.logits[:, -1].float(), dim=-1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for r in rows:
+        cands = [tokenizer(opening_text(n), add_special_tokens=False)["input_ids"] for n in dict.fromkeys(names[r])]
+        top = int(step0[r].argmax())
+        keep = [c for c in cands if c and c[0] == top]
+        if len(keep) < 2:
+            out[r] = keep[0] if keep else None
+            continue
+        width = max(len(c) for c in keep)
+        ids = torch.tensor([c + [pad] * (width - len(c)) for c in keep], device=mask.device)
+        cache = copy.deepcopy(prompt_cache)
+        cache.batch_select_indices(torch.tensor([r] * len(keep), device=mask.device))
+        m = torch.cat([mask[[r] * len(keep)], torch.ones(len(keep), width, dtype=mask.dtype, device=mask.device)], dim=1)
+        p = (pos[r, -1] + 1 + torch.arange(width, device=mask.device)).unsqueeze(0).expand(len(keep), -1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=m, position_ids=p, use_cache=False, **{cache_arg: cache}).logits
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        totals = [float(step0[r, c[0]]) + sum(float(lp[i, j - 1, c[j]]) for j in range(1, len(c))) for i, c in enumerate(keep)]
+        out[r] = keep[max(range(len(keep)), key=totals.__getitem__)]
+        del cache, logits, lp
+    return out
+
+
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 8,
              max_prompt_tokens: int | None = None, progress: Progress = NULL_PROGRESS,
-             grammars: Any = None, constraints: Sequence[Any] | None = None) -> list[Generation]:
+             grammars: Any = None, constraints: Sequence[Any] | None = None,
+             tool_names: Sequence[Sequence[str] | None] | None = None) -> list[Generation]:
     """Greedy answers, one per prompt, in input order. Prompts are batched by length (left padding).
 
     With `grammars` (slmconvert.constrained.ToolGrammars) and `constraints` (one compiled grammar or None
-    per prompt), decoding follows each prompt's grammar."""
+    per prompt), decoding follows each prompt's grammar. With `tool_names` (per prompt, the offered tools' names,
+    or None), a tool call opens with the name the model finds most probable as a whole (`WholeNameChoice`)."""
     import torch
 
     from slmconvert.constrained import logits_processor
@@ -128,13 +223,15 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_toke
                         truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens)
         enc = {k: v.to(device) for k, v in enc.items()}
         lp = logits_processor(grammars, [constraints[i] for i in idx]) if grammars is not None and constraints else None
+        choice = (WholeNameChoice(choose_openings(model, tokenizer, enc, [tool_names[i] for i in idx]))
+                  if tool_names is not None else None)
         raw = RawLogprobs()  # the model's own probability of each chosen token: a grammar's mask does not make it certain
         t = time.perf_counter()
         with torch.no_grad():
             res = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id,
                                  return_dict_in_generate=True,
-                                 logits_processor=[raw] + ([lp] if lp is not None else []) + [RepeatGuard()])
+                                 logits_processor=[raw] + ([lp] if lp is not None else []) + ([choice] if choice is not None else []) + [RepeatGuard()])
         dt = time.perf_counter() - t
         new = res.sequences[:, enc["input_ids"].shape[1]:]
         scores = raw.collect(new)

@@ -93,6 +93,11 @@ def serve(
                               "routing policy was verified with: invalid calls still go to the LLM, but the SLM may agree with it "
                               "less often than verified. vLLM takes it as --set serve.slm_backend_grammar=structural_tag, llama-server as gbnf "
                               "(or pass the export's sites.json: --slm-backend-sites)", highlight=False)
+        if sc.slm_backend and engine.policy.doc.get("tool_choice") == "whole_name":
+            err_console.print("[yellow]warning:[/] the routing policy was verified with each call's tool chosen by its whole name's "
+                              "probability (evaluate.tool_choice: whole_name); the SLM backend decodes names greedily, so the SLM may "
+                              "agree with the LLM less often than verified (evaluate with tool_choice: greedy to verify what it does)",
+                              highlight=False)
         if not sc.upstream:
             err_console.print("[yellow]warning:[/] no --upstream: requests the SLM may not answer get HTTP 502")
     logger = CallLogger(ws, cfg) if sc.log_calls else None

@@ -120,11 +120,12 @@ class GenerationCache:
 
 def generate_cached(model, tok, prompts: list[str], variant_key: str, cache: GenerationCache, ec, budget: int,
                     progress: Progress, grammars=None, constraints: list | None = None,
-                    specs: list | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+                    specs: list | None = None, whole_name: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
     """The generations for `prompts` (cached ones read back) and their cache keys; `constraints`: one compiled
     grammar (or None) per prompt, applied with `grammars` (slmconvert.constrained), built from `specs` (per prompt,
     the tools and schemas it was compiled from: part of that prompt's key, so a change of the decoding rules
-    generates again only the answers whose grammar it changed)."""
+    generates again only the answers whose grammar it changed); `whole_name`: a call's tool is chosen by its whole
+    name's probability (slmconvert.generation.WholeNameChoice) among each prompt's `specs`."""
     from slmconvert.generation import generate
 
     keys = [sha256_obj({"v": variant_key, "p": p} if specs is None else {"v": variant_key, "p": p, "g": specs[i]})
@@ -136,7 +137,8 @@ def generate_cached(model, tok, prompts: list[str], variant_key: str, cache: Gen
         idx = missing[start:start + chunk]
         gens = generate(model, tok, [prompts[i] for i in idx], max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
                         max_prompt_tokens=budget, progress=progress, grammars=grammars,
-                        constraints=[constraints[i] for i in idx] if constraints else None)
+                        constraints=[constraints[i] for i in idx] if constraints else None,
+                        tool_names=[[n for n, _ in specs[i]] for i in idx] if whole_name and specs is not None else None)
         cache.add([{"key": keys[i], **g.as_dict(), "seconds": round(g.seconds, 4)} for i, g in zip(idx, gens)])
     return [cache.rows[k] for k in keys], keys
 
@@ -162,7 +164,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
     from slmconvert.chat import answer_text, render_prompt, special_tokens, supports_native_tools
     from slmconvert.compaction import CompactionRecipe
     from slmconvert.constrained import GRAMMAR_FORMAT, bounded_specs, tool_grammars
-    from slmconvert.generation import RepeatGuard
+    from slmconvert.generation import RepeatGuard, WholeNameChoice
     from slmconvert.finetune.stage import COMPLETE, load_artefact
     from slmconvert.finetune.trainer import pick_device
     from slmconvert.models.adapters import adapter_name, attach, load_full
@@ -193,7 +195,8 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
                             + (f"; {', '.join(f'{t} {k}' for t, k in tools.most_common(3))}" if tools else "")
                             + "): an SLM answer is cut off there and counts as broken; raise evaluate.max_new_tokens")
 
-    def run_variant(model, tok, site, sample, make_messages, variant, variant_key, budget, model_name, grammars) -> None:
+    def run_variant(model, tok, site, sample, make_messages, variant, variant_key, budget, model_name, grammars,
+                    whole_name) -> None:
         native = supports_native_tools(tok)
         prompts, lengths = [], []
         check_budget(tok, site, sample)
@@ -210,7 +213,8 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
             prompts.append(fitted[0])
             lengths.append(fitted[1])
         before = len(cache.rows)
-        gens, keys = generate_cached(model, tok, prompts, variant_key, cache, ec, budget, progress, grammars, constraints, specs)
+        gens, keys = generate_cached(model, tok, prompts, variant_key, cache, ec, budget, progress, grammars, constraints, specs,
+                                     whole_name)
         counts["new"] += len(cache.rows) - before
         counts["cached"] += len(prompts) - (len(cache.rows) - before)
         out.append(Answers(site, model_name, variant, sample, gens, lengths, keys, special_tokens(tok)))
@@ -228,6 +232,9 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
                     "constrained": grammars is not None, "grammar": GRAMMAR_FORMAT if grammars is not None else None,
                     "logprobs": "raw-v1",
                     "guard": RepeatGuard.VERSION}
+        whole_name = grammars is not None and ec.tool_choice == "whole_name"
+        if whole_name:  # only then part of the key: the greedy answers cached before stay valid
+            settings["choice"] = WholeNameChoice.VERSION
         todo = []
         for a in ads:
             sample = samples.get(a["site"]) or []
@@ -240,7 +247,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
             for a, d, sample, recipe, fp in todo:
                 run_variant(model, tok, a["site"], sample, lambda inv, r=recipe: base_messages(inv, r), "base",
                             sha256_obj({**settings, "adapter": None, "budget": ec.max_prompt_tokens}),
-                            ec.max_prompt_tokens, entry.name, grammars)
+                            ec.max_prompt_tokens, entry.name, grammars, whole_name)
         peft_model = None
         for a, d, sample, recipe, fp in todo:
             key = sha256_obj({**settings, "adapter": fp, "budget": ft_budget})
@@ -250,7 +257,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
             else:  # full fine-tuning saved a whole model
                 tuned = load_full(weights, device)
             run_variant(tuned, tok, a["site"], sample, lambda inv, r=recipe: tuned_messages(inv, r), "finetuned",
-                        key, ft_budget, entry.name, grammars)
+                        key, ft_budget, entry.name, grammars, whole_name)
             del tuned
         del model, peft_model
     return out, counts

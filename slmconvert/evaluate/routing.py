@@ -107,6 +107,7 @@ def fit_routing_policy(config, tasks_doc, prows, familiar_refs: int) -> tuple[di
     doc["confidence_signal"] = signal
     doc["signal_auroc"] = auroc
     doc["constrained_decoding"] = ec.constrained_decoding
+    doc["tool_choice"] = ec.tool_choice if ec.constrained_decoding else "greedy"
     policy = Policy(doc)
     ver_rows = [r for r in prows if r["session"] in ver]
     verification = verify(policy, prows, ver, ec.confidence_level)

@@ -311,13 +311,17 @@ class SlmEngine:
                 return d
             return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
         grammars = self._grammars.get(adapter["model_key"])
-        constraint = grammars.for_tools(tools, self.argument_bounds.get(site), messages) if grammars is not None else None
+        from slmconvert.constrained import bounded_specs
+
+        specs = bounded_specs(tools, self.argument_bounds.get(site), messages) if grammars is not None else []
+        constraint = grammars.for_specs(specs) if grammars is not None else None
+        names = [n for n, _ in specs] if constraint is not None and self.policy.doc.get("tool_choice") == "whole_name" else None
         batcher = self._batchers.get(adapter["model_key"])
         if batcher is None:
             with _BATCHERS_LOCK:
                 batcher = self._batchers.setdefault(adapter["model_key"], MicroBatcher(
                     lambda items, key=adapter["model_key"]: self._generate_batch(key, items), self.batch_size, self.batch_wait_s))
-        g = batcher.submit(adapter["name"] if adapter["kind"] == "adapter" else None, (prompt, constraint, budget)).result()
+        g = batcher.submit(adapter["name"] if adapter["kind"] == "adapter" else None, (prompt, constraint, budget, names)).result()
         return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
 
     def _grammar_fields(self, site: str, tools, messages: list[dict]) -> dict[str, Any]:
@@ -434,10 +438,12 @@ class SlmEngine:
         if adapter_name is not None:
             model.set_adapter(adapter_name)
         grammars = self._grammars.get(model_key)
-        prompts = [p for _, (p, _, _) in items]
-        constraints = [c for _, (_, c, _) in items]
+        prompts = [p for _, (p, _, _, _) in items]
+        constraints = [c for _, (_, c, _, _) in items]
+        names = [n for _, (_, _, _, n) in items]
         return generate(model, tok, prompts, max_new_tokens=self.max_new_tokens, batch_size=len(prompts),
-                        max_prompt_tokens=items[0][1][2], grammars=grammars, constraints=constraints if grammars is not None else None)
+                        max_prompt_tokens=items[0][1][2], grammars=grammars, constraints=constraints if grammars is not None else None,
+                        tool_names=names if grammars is not None and any(n is not None for n in names) else None)
 
     def _decide(self, d: "Decision", g, tok, site: str, messages: list[dict], tools, text_agent: bool, t0: float) -> "Decision":
         from slmconvert.chat import parse_completion, special_tokens
