@@ -141,6 +141,22 @@ class WholeNameChoice:
         return scores
 
 
+def name_tokens(tokenizer: Any, name: str) -> list[int]:
+    """The token ids that open a call to `name`, as the adapters were trained to write it, up to the first token that
+    holds the name's closing quote: a token after it may merge with the arguments (` {"`), which greedy decoding
+    writes on its own."""
+    import json
+
+    from slmconvert.constrained import TRIGGER, opening_text
+
+    upto = len(TRIGGER + json.dumps({"name": name})[:-1])  # through the name's closing quote
+    ids = tokenizer(opening_text(name), add_special_tokens=False)["input_ids"]
+    for k in range(len(ids)):
+        if len(tokenizer.decode(ids[:k + 1])) >= upto:
+            return ids[:k + 1]
+    return ids
+
+
 def _cache_argument(model: Any) -> str:
     """The forward argument that takes a KV cache: `cache` in recent transformers, `past_key_values` before."""
     import inspect
@@ -159,8 +175,6 @@ def choose_openings(model: Any, tokenizer: Any, enc: dict, names: Sequence[Seque
 
     import torch
 
-    from slmconvert.constrained import opening_text
-
     out: list[list[int] | None] = [None] * len(names)
     rows = [r for r, n in enumerate(names) if n and len(set(n)) > 1]
     if not rows:
@@ -174,7 +188,7 @@ def choose_openings(model: Any, tokenizer: Any, enc: dict, names: Sequence[Seque
     step0 = torch.log_softmax(first.logits[:, -1].float(), dim=-1)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for r in rows:
-        cands = [tokenizer(opening_text(n), add_special_tokens=False)["input_ids"] for n in dict.fromkeys(names[r])]
+        cands = [name_tokens(tokenizer, n) for n in dict.fromkeys(names[r])]
         top = int(step0[r].argmax())
         keep = [c for c in cands if c and c[0] == top]
         if len(keep) < 2:

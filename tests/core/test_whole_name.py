@@ -7,7 +7,7 @@ import torch
 
 from slmconvert.chat import parse_completion
 from slmconvert.constrained import ToolGrammars, opening_text
-from slmconvert.generation import choose_openings, generate
+from slmconvert.generation import choose_openings, generate, name_tokens
 from tests.conftest import tiny_llama
 
 TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}
@@ -72,13 +72,14 @@ def test_the_choice_is_the_same_in_a_left_padded_batch_as_alone_and_matches_scor
         # by hand: the whole opening's log-probability, one full forward pass per tool, no cache
         scores = {}
         for n in names[i]:
-            ids = tok(p + opening_text(n), return_tensors="pt", add_special_tokens=False)["input_ids"]
+            ids = tok(p + tok.decode(name_tokens(tok, n)), return_tensors="pt", add_special_tokens=False)["input_ids"]
             start = len(tok(p, add_special_tokens=False)["input_ids"])
             with torch.no_grad():
                 lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
             scores[n] = sum(float(lp[j - 1, ids[0, j]]) for j in range(start, ids.shape[1]))
         best = max(scores, key=scores.get)
-        assert both[i] == tok(opening_text(best), add_special_tokens=False)["input_ids"], (scores, i)
+        assert both[i] == name_tokens(tok, best), (scores, i)
+        assert tok.decode(both[i]).endswith(f'"{best}"')  # forced through the name's closing quote, no further
 
 
 def test_a_text_reply_and_a_single_tool_are_left_to_greedy_decoding(trained):
@@ -89,5 +90,5 @@ def test_a_text_reply_and_a_single_tool_are_left_to_greedy_decoding(trained):
     # a prompt the model answers in text (its first token is not the call's): no opening is forced
     other = tok(["<|im_start|>user\nxyz<|im_end|>\n"], return_tensors="pt", add_special_tokens=False)
     first = int(model(**other).logits[0, -1].argmax())
-    if first != tok(opening_text("get"), add_special_tokens=False)["input_ids"][0]:
+    if first != name_tokens(tok, "get")[0]:
         assert choose_openings(model, tok, other, [["get", "up_a"]]) == [None]
