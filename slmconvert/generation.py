@@ -104,18 +104,18 @@ class RepeatGuard:
 
 class WholeNameChoice:
     """A logits processor, after the grammar: where greedy decoding opens a tool call, the answer writes the offered
-    tool whose whole opening (`<tool_call>{"name": "X", "arguments": `) the model itself finds most probable
+    tool whose whole opening (`<tool_call>{"name": "X"`, `name_tokens`) the model itself finds most probable
     (`choose_openings`), not the name greedy decoding reaches one token at a time. Token by token, greedy decoding
     goes into the group of names sharing a prefix (`update_reservation_…`) when their summed probability beats a
-    single likelier name (`get_user_details`). Only the first call's opening is chosen; the arguments, and any
-    text, are decoded greedily as before. A token the grammar forbids is never forced."""
+    single likelier name. Only the first call's opening is chosen; the arguments, and any text, are decoded greedily
+    as before. A token the grammar forbids is never forced. Off by default (evaluate.tool_choice): on τ-bench it
+    was no better than greedy decoding (README)."""
 
     VERSION = "whole-name-v1"  # part of evaluate's generation cache key
 
     def __init__(self, openings: Sequence[list[int] | None]):
         self.openings = list(openings)
         self.start: int | None = None
-        self.forced = 0
 
     def __call__(self, input_ids, scores):
         import torch
@@ -133,8 +133,6 @@ class WholeNameChoice:
             if not torch.isfinite(scores[row, keep]):
                 self.openings[row] = None
                 continue
-            if int(scores[row].argmax()) != keep:
-                self.forced += 1
             value = scores[row, keep].clone()
             scores[row] = float("-inf")
             scores[row, keep] = value
@@ -237,10 +235,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_toke
                         truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens)
         enc = {k: v.to(device) for k, v in enc.items()}
         lp = logits_processor(grammars, [constraints[i] for i in idx]) if grammars is not None and constraints else None
+        t = time.perf_counter()
         choice = (WholeNameChoice(choose_openings(model, tokenizer, enc, [tool_names[i] for i in idx]))
                   if tool_names is not None else None)
         raw = RawLogprobs()  # the model's own probability of each chosen token: a grammar's mask does not make it certain
-        t = time.perf_counter()
         with torch.no_grad():
             res = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id,
