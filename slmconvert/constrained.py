@@ -366,9 +366,14 @@ def _tool_specs(tools: list[dict] | None) -> list[tuple[str, dict]]:
     return out
 
 
+def name_text(name: str) -> str:
+    """How a call to `name` opens, through the name's closing quote."""
+    return TRIGGER + json.dumps({"name": name})[:-1]
+
+
 def opening_text(name: str) -> str:
     """How a call to `name` opens, up to its arguments: the grammar's tag begins with it."""
-    return TRIGGER + json.dumps({"name": name})[:-1] + ', "arguments": '
+    return name_text(name) + ', "arguments": '
 
 
 def structural_tag(tools: list[tuple[str, dict]]) -> dict[str, Any]:

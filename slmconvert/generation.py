@@ -143,11 +143,9 @@ def name_tokens(tokenizer: Any, name: str) -> list[int]:
     """The token ids that open a call to `name`, as the adapters were trained to write it, up to the first token that
     holds the name's closing quote: a token after it may merge with the arguments (` {"`), which greedy decoding
     writes on its own."""
-    import json
+    from slmconvert.constrained import name_text, opening_text
 
-    from slmconvert.constrained import TRIGGER, opening_text
-
-    upto = len(TRIGGER + json.dumps({"name": name})[:-1])  # through the name's closing quote
+    upto = len(name_text(name))
     ids = tokenizer(opening_text(name), add_special_tokens=False)["input_ids"]
     for k in range(len(ids)):
         if len(tokenizer.decode(ids[:k + 1])) >= upto:

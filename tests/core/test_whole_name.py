@@ -1,7 +1,5 @@
 """evaluate.tool_choice=whole_name: a call names the offered tool the model finds most probable as a whole."""
 
-import json
-
 import pytest
 import torch
 
@@ -14,16 +12,17 @@ TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "ob
          for n in ("get", "up_a", "up_b")]
 PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 LONGER = "<|im_start|>user\nhello there, please<|im_end|>\n<|im_start|>assistant\n"
+TEXT = "<|im_start|>user\nbye<|im_end|>\n<|im_start|>assistant\n"  # answered in text
 
 
 @pytest.fixture(scope="module")
 def trained():
-    """A tiny model taught that this prompt is answered by `get` 40% of the time, `up_a` 30%, `up_b` 30%: token by
+    """A tiny model taught that `TEXT` is answered in text, and that this prompt is answered by `get` 40% of the time, `up_a` 30%, `up_b` 30%: token by
     token `u` (60%) beats `g` (40%), so greedy decoding goes into the `up_…` group, though `get` is the likeliest tool."""
     model, tok = tiny_llama(seed=3, hidden=48)
     tok.padding_side = "left"
     texts = [p + opening_text(n) + "{}}</tool_call><|im_end|>" for p in (PROMPT, LONGER)
-             for n in ["get"] * 8 + ["up_a"] * 6 + ["up_b"] * 6]
+             for n in ["get"] * 8 + ["up_a"] * 6 + ["up_b"] * 6] + [TEXT + "ok, bye<|im_end|>"] * 10
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -88,7 +87,8 @@ def test_a_text_reply_and_a_single_tool_are_left_to_greedy_decoding(trained):
     assert choose_openings(model, tok, enc, [None]) == [None]  # no tools offered
     assert choose_openings(model, tok, enc, [["get"]]) == [None]  # one tool: nothing to choose
     # a prompt the model answers in text (its first token is not the call's): no opening is forced
-    other = tok(["<|im_start|>user\nxyz<|im_end|>\n"], return_tensors="pt", add_special_tokens=False)
-    first = int(model(**other).logits[0, -1].argmax())
-    if first != name_tokens(tok, "get")[0]:
-        assert choose_openings(model, tok, other, [["get", "up_a"]]) == [None]
+    other = tok([TEXT], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        first = int(model(**other).logits[0, -1].argmax())
+    assert first != name_tokens(tok, "get")[0]  # the premise: greedy decoding does not open a call here
+    assert choose_openings(model, tok, other, [["get", "up_a"]]) == [None]
