@@ -79,6 +79,8 @@ def main() -> None:
                          "at 160 every book_reservation answer was cut off and counted as broken JSON")
     ap.add_argument("--tool-choice", choices=["greedy", "whole_name"], default=None,
                     help="evaluate.tool_choice: which tool a call names (whole_name: the likeliest whole name among those offered)")
+    ap.add_argument("--history-loss", action="store_true",
+                    help="finetune.history_loss: the loss also on the LLM's earlier answers each example's history window shows")
     ap.add_argument("--device", default=None)
     ap.add_argument("--compare-before", action="store_true",
                     help="also train and evaluate the before-issue-17 recipe (BEFORE) in a sibling workspace that shares this one's "
@@ -105,6 +107,8 @@ def main() -> None:
             f"evaluate.constrained_decoding={'false' if args.unconstrained else 'true'}"]
     if args.tool_choice is not None:
         sets.append(f"evaluate.tool_choice={args.tool_choice}")
+    if args.history_loss:
+        sets.append("finetune.history_loss=true")
     if args.carry_values is not None:
         sets.append(f"compaction.carry_values={args.carry_values}")
     if args.device:
@@ -189,6 +193,8 @@ def arm(cfg, ws, finetune, evaluate, load_summary, t0: float) -> dict:
     eval_s = time.perf_counter() - t1
     s = load_summary(ws)
     print(f"workspace: {ws.root}")
+    data = json.loads((ws.root / adapter["path"] / "train_stats.json").read_text())["data"]
+    print(f"training data: {data}")
     print(f"train: {adapter['examples']} examples, loss {adapter['first_loss']} -> {adapter['last_loss']}, "
           f"{adapter['tokens_per_s']} tokens/s; collect+cluster+finetune {train_s / 60:.1f} min; evaluate {eval_s / 60:.1f} min")
     o = s["overall"]

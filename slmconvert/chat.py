@@ -122,6 +122,13 @@ def render_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None
     return tokenizer.apply_chat_template(fallback_messages(messages, tools), tokenize=False, add_generation_prompt=True)
 
 
+def render_conversation(tokenizer: Any, messages: list[dict], tools: list[dict] | None, native: bool) -> str:
+    """The conversation as the template shows it, without a generation prompt (its last turn closed)."""
+    if native:
+        return tokenizer.apply_chat_template(native_messages(messages), tools=tools or None, tokenize=False)
+    return tokenizer.apply_chat_template(fallback_messages(messages, tools), tokenize=False)
+
+
 def response_message(response: Response) -> dict:
     return {"role": "assistant", "content": response.content or "",
             "tool_calls": [{"type": "function", "id": c.id, "function": {"name": c.name, "arguments": c.arguments}}
@@ -140,10 +147,7 @@ def render_completion(tokenizer: Any, messages: list[dict], tools: list[dict] | 
     if not msg["tool_calls"]:
         msg.pop("tool_calls")
     prompt = render_prompt(tokenizer, messages, tools, native)
-    if native:
-        full = tokenizer.apply_chat_template(native_messages(messages + [msg]), tools=tools or None, tokenize=False)
-    else:
-        full = tokenizer.apply_chat_template(fallback_messages(messages + [msg], tools), tokenize=False)
+    full = render_conversation(tokenizer, messages + [msg], tools, native)
     if full.startswith(prompt):
         return full[len(prompt):]
     # A template that rewrites earlier turns (e.g. drops reasoning) breaks the prefix property:
@@ -315,8 +319,15 @@ def _keep_carried(dropped: dict, after: list[dict]) -> list[dict]:
 
 def fit_prompt(messages: list[dict], tools: list[dict] | None, tokenizer: Any, budget: int,
                native: bool, stats: Counter | None = None) -> tuple[str, int] | None:
-    """The rendered prompt and its token count, fitted into `budget` tokens. Training, evaluation and
-    serving share it, so a call is cut the same way everywhere.
+    """The rendered prompt and its token count, fitted into `budget` tokens (`fit_messages`)."""
+    fitted = fit_messages(messages, tools, tokenizer, budget, native, stats)
+    return None if fitted is None else (fitted[2], fitted[3])
+
+
+def fit_messages(messages: list[dict], tools: list[dict] | None, tokenizer: Any, budget: int, native: bool,
+                 stats: Counter | None = None) -> tuple[list[dict], list[dict] | None, str, int] | None:
+    """The messages and tools as fitted into `budget` tokens, their rendered prompt and its token count.
+    Training, evaluation and serving share it, so a call is cut the same way everywhere.
 
     1. Older non-system turns are dropped (the last message always stays; values compaction carried
        move on to the next message).
@@ -360,4 +371,4 @@ def fit_prompt(messages: list[dict], tools: list[dict] | None, tokenizer: Any, b
         p_len = n_tokens(tokenizer, prompt)
     if stats is not None:
         stats.update(done)
-    return (prompt, p_len) if p_len <= budget else None
+    return (msgs, tools, prompt, p_len) if p_len <= budget else None

@@ -150,6 +150,7 @@ class FinetuneConfig(StrictModel):
     max_length: int = Field(2048, ge=64, description="Tokens per example (prompt + answer); older turns are dropped to fit.")
     max_train_examples: int | None = Field(None, ge=1, description="Cap on training examples per site (seeded sample, see `balance`).")
     balance: Literal["sqrt", "none"] = Field("sqrt", description="How a site's training examples are drawn over its tasks: sqrt gives each task a share in proportion to the square root of its size (rare tools up-weighted, at most `max_upweight` times their traffic share; the tool-call vs text-reply mix kept as in traffic); none samples uniformly.")
+    history_loss: bool = Field(False, description="Also train on the LLM's earlier answers that each example's history window shows (the loss on every assistant turn of the prompt, not only the answer): more supervised answers per forward pass at the same cost.")
     max_upweight: float = Field(4.0, ge=1.0, description="A rare task gets at most this many times its traffic share of the training examples (repeats allowed when it has too few).")
     packing: bool = Field(True, description="Padding-free packing where the attention kernel supports it (flash-attn on CUDA); length-grouped batches otherwise.")
     activation_checkpointing: bool = Field(True, description="Recompute activations in the backward pass: ~30% slower, far less memory (on CPU, sdpa keeps every attention matrix otherwise: 4 x 2k-token examples of SmolLM2-135M exceed 24 GB).")

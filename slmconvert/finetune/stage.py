@@ -76,6 +76,8 @@ def plan(config: PipelineConfig, workspace: Workspace) -> dict[str, list[str]]:
 
 def _fingerprint(ids: list[str], entry, fc, recipe) -> str:
     cfg = fc.model_dump(mode="json", exclude={"device", "merge", "checkpoint_steps", "models", "candidates_per_site"})
+    if not cfg.get("history_loss"):  # off: adapters trained before the option existed stay valid
+        cfg.pop("history_loss", None)
     return sha256_obj({"ids": sorted(ids), "model": entry.model_dump(mode="json"), "config": cfg,
                        "recipe": recipe.to_dict(), "version": TRAINING_VERSION})
 
@@ -106,6 +108,8 @@ def model_card(site: str, entry, fc, recipe, data_stats: dict, stats: dict, info
              f"- {data_stats['examples']} training examples (train split of the site), "
              f"{data_stats['prompt_tokens']:,} prompt and {data_stats['completion_tokens']:,} completion tokens",
              *_mix_lines(mix),
+             *([f"- loss also on the {data_stats['history_turns']:,} earlier LLM answers the prompts' history windows show "
+                f"({data_stats['history_tokens']:,} tokens; finetune.history_loss)"] if "history_turns" in data_stats else []),
              *[f"- dropped ({k[8:]}): {v}" for k, v in data_stats.items() if k.startswith("dropped_")],
              *[f"- prompts fitted ({k[7:].replace('_', ' ')}): {v}" for k, v in data_stats.items() if k.startswith("fitted_")],
              f"- prompt compaction: {json.dumps(recipe.to_dict())}",
@@ -148,7 +152,7 @@ def train_one(workspace: Workspace, config: PipelineConfig, site: str, model_nam
                                   dtype="bfloat16" if device.startswith("cuda") else "float32",
                                   quantization="4bit" if fc.method == "qlora" else None, for_training=True)
     native = supports_native_tools(tok)
-    rows, data_stats = build_examples(train_invs, recipe, tok, fc.max_length, native)
+    rows, data_stats = build_examples(train_invs, recipe, tok, fc.max_length, native, fc.history_loss)
     if not rows:
         raise StageError(f"finetune: no training example of site {site!r} fits finetune.max_length={fc.max_length} "
                          f"({data_stats})")

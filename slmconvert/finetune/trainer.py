@@ -168,7 +168,10 @@ def train_adapter(model, tokenizer, rows: list[dict[str, Any]], output_dir: Path
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     log: list[dict[str, Any]] = []
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    if rows and "input_ids" in rows[0]:  # tokenized here (finetune.history_loss): trl builds labels from the mask
+        dataset = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows])
+    else:
+        dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     with warnings.catch_warnings():  # transformers 5 renamed gradient -> activation checkpointing; peft still asks the old name
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,

@@ -192,3 +192,75 @@ def test_the_training_sample_is_recorded_and_reused(tiny_ws, monkeypatch):
     assert {s: [i.id for i in d["train"]] for s, d in again.items()} == {s: r["ids"] for s, r in record.items()}
     other = ft.site_data(ft_config(ws, folder, "finetune.max_train_examples=10"), Workspace(ws))
     assert all(d["balance"] == {"method": "changed"} for d in other.values())  # new settings: drawn again
+
+
+def _session_call():
+    """A third call of one session: the LLM's two earlier answers (a tool call, a text reply) are in its history."""
+    from slmconvert.invocation import Invocation, Request, Response, Source, ToolCall
+
+    msgs = [{"role": "system", "content": "You help."},
+            {"role": "user", "content": "find order 7"},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_order", "arguments": '{"id": "7"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": '{"status": "sent"}'},
+            {"role": "assistant", "content": "It was sent."},
+            {"role": "user", "content": "cancel it"}]
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {"id": {"type": "string"}}}}}
+             for n in ("get_order", "cancel_order")]
+    return Invocation(id="i3", source=Source("f", "p", "1"), session_id="s", step=2, request=Request(messages=msgs, tools=tools),
+                      response=Response(None, tool_calls=[ToolCall("cancel_order", {"id": "7"}, "c2")]))
+
+
+def test_history_loss_trains_every_answer_the_window_shows_exactly_as_it_was_answered():
+    from trl import SFTTrainer
+
+    from slmconvert.chat import render_completion
+    from slmconvert.compaction import CompactionRecipe
+    from slmconvert.finetune.data import end_at_eos, example_for
+    from slmconvert.finetune.trainer import sft_config
+    from slmconvert.invocation import Response, ToolCall
+
+    model, tok = tiny_llama()
+    inv = _session_call()
+    plain, _ = example_for(inv, CompactionRecipe(), tok, 2048, native=False)
+    ex, why = example_for(inv, CompactionRecipe(), tok, 2048, native=False, history_loss=True)
+    assert why is None and "input_ids" not in plain
+    assert (ex["prompt"], ex["completion"]) == (plain["prompt"], plain["completion"])  # the same example, more of it taught
+    assert ex["history_turns"] == 2
+    msgs = inv.request.messages
+    earlier = [end_at_eos(render_completion(tok, msgs[:2], inv.request.tools, Response(None, tool_calls=[ToolCall("get_order", {"id": "7"}, "c1")])), tok),
+               end_at_eos(render_completion(tok, msgs[:4], inv.request.tools, Response("It was sent.")), tok)]
+    assert "get_order" in earlier[0] and earlier[1] == "It was sent.<|im_end|>"
+    args, _ = sft_config(FinetuneConfig(max_steps=1), "/tmp/unused-ckpt", "cpu", 1)
+    trainer = SFTTrainer(model=model, args=args, processing_class=tok, train_dataset=__import__("datasets").Dataset.from_list(
+        [{"input_ids": ex["input_ids"], "completion_mask": ex["completion_mask"]}]))
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert tok.decode(ids) == ex["prompt"] + ex["completion"]
+    taught, run = [], []
+    for i, lab in zip(ids, labels):  # the labelled runs of tokens, in order
+        if lab != -100:
+            run.append(i)
+        elif run:
+            taught.append(tok.decode(run))
+            run = []
+    taught.append(tok.decode(run))
+    assert taught == [*earlier, ex["completion"]]  # every answer through its end-of-turn token; no user text, no tool result
+    assert ex["history_tokens"] == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in earlier)
+
+
+def test_history_loss_skips_an_answer_whose_question_the_window_dropped():
+    from slmconvert.chat import fit_messages
+    from slmconvert.compaction import CompactionRecipe
+    from slmconvert.finetune.data import earlier_turns, example_for
+
+    tok = tiny_llama()[1]
+    inv = _session_call()
+    full, _ = example_for(inv, CompactionRecipe(), tok, 2048, native=False, history_loss=True)
+    # A budget that keeps the tool result but not the first question (nor the tool call answering it)
+    tight = full["prompt_tokens"] + full["completion_tokens"] - 20
+    ex, why = example_for(inv, CompactionRecipe(), tok, tight, native=False, history_loss=True)
+    assert why is None and "find order" not in ex["prompt"]
+    assert ex["history_turns"] == 0 and "It was sent." in ex["prompt"]  # shown, but nothing it answers is: not taught
+    msgs, tools, prompt, _ = fit_messages(inv.request.messages, inv.request.tools, tok, 2048, False)
+    assert len(earlier_turns(tok, msgs, tools, False, prompt)) == 2
