@@ -85,6 +85,9 @@ def main() -> None:
     ap.add_argument("--compare-before", action="store_true",
                     help="also train and evaluate the before-issue-17 recipe (BEFORE) in a sibling workspace that shares this one's "
                          "collect and cluster: same sessions, same split, same test calls, same budget; prints both side by side")
+    ap.add_argument("--before-set", action="append", default=None, metavar="KEY=VALUE",
+                    help="with --compare-before: the before arm's settings instead of the before-issue-17 recipe (repeatable), "
+                         "e.g. --history-loss --before-set finetune.history_loss=false measures that one option")
     args = ap.parse_args()
 
     from slmconvert.cluster.stage import run as cluster
@@ -123,13 +126,35 @@ def main() -> None:
     if args.compare_before:
         before_path = ws_path + "-before"
         shared_stages(Path(ws_path), Path(before_path))
-        before_cfg = load_config(None, [*sets, f"workspace={json.dumps(before_path)}", *(f"{k}={v}" for k, v in BEFORE.items())])
+        before = dict(kv.split("=", 1) for kv in args.before_set) if args.before_set else BEFORE
+        before_cfg = load_config(None, [*sets, f"workspace={json.dumps(before_path)}", *(f"{k}={v}" for k, v in before.items())])
         write_pipeline(before_cfg, before_path)
-        print(f"before arm ({', '.join(f'{k}={v}' for k, v in BEFORE.items())}): {before_path}")
+        print(f"before arm ({', '.join(f'{k}={v}' for k, v in before.items())}): {before_path}")
         summaries["before"] = arm(before_cfg, Workspace(before_path), finetune, evaluate, load_summary, time.perf_counter())
     summaries["after" if args.compare_before else "run"] = arm(cfg, ws, finetune, evaluate, load_summary, t0)
     if args.compare_before:
         side_by_side(summaries["before"], summaries["after"])
+        paired(Path(before_path), Path(ws_path))
+
+
+def paired(before_ws: Path, after_ws: Path) -> None:
+    """Per test call, the fine-tuned answers of both arms: which calls each got right that the other did not
+    (function name and arguments on tool calls), with a two-sided sign test on those."""
+    import pyarrow.parquet as pq
+    from scipy.stats import binomtest
+
+    def right(ws: Path) -> dict[str, dict]:
+        rows = pq.read_table(ws / "eval" / "results.parquet").to_pylist()
+        return {r["invocation_id"]: r for r in rows if r["variant"] == "finetuned" and r["kind"] == "tool"}
+
+    b, a = right(before_ws), right(after_ws)
+    both = sorted(set(b) & set(a))
+    print(f"\nper call, the {len(both)} tool calls both arms answered:")
+    for metric in ("function_name", "arguments"):
+        gained = sum(1 for i in both if (a[i][metric] or 0) > (b[i][metric] or 0))
+        lost = sum(1 for i in both if (a[i][metric] or 0) < (b[i][metric] or 0))
+        p = binomtest(gained, gained + lost).pvalue if gained + lost else 1.0
+        print(f"  {metric:14s} after right where before was wrong: {gained}; the reverse: {lost}; sign test p = {p:.2f}")
 
 
 # The recipe before issue 17 (what --compare-before trains and evaluates beside today's defaults).
