@@ -156,7 +156,40 @@ def render_completion(tokenizer: Any, messages: list[dict], tools: list[dict] | 
     return body + (tokenizer.eos_token or "")
 
 
-_TOOL_CALL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+_OPEN_TAG, _CLOSE_TAG = "<tool_call>", "</tool_call>"
+_DECODER = json.JSONDecoder()
+
+
+def _tagged_calls(text: str) -> list[tuple[int, int, ToolCall | None]]:
+    """Each `<tool_call>` block of `text`: (start, end, the call, or None when the block holds no valid call).
+    A body that is JSON is read as JSON, so a string in it may hold anything, a `</tool_call>` included (a
+    `think` call's thought did); a body that is not runs to the next closing tag, or to the end."""
+    found, i = [], 0
+    while (start := text.find(_OPEN_TAG, i)) >= 0:
+        body = start + len(_OPEN_TAG)
+        at = len(text) - len(text[body:].lstrip())
+        try:
+            value, end = _DECODER.raw_decode(text, at)
+        except json.JSONDecodeError:
+            value, end = None, -1
+        call = _as_call(value) if end >= 0 else None
+        if call is not None:
+            after = len(text) - len(text[end:].lstrip())
+            close = text.find(_CLOSE_TAG, after)
+            nxt = text.find(_OPEN_TAG, after)
+            if close >= 0 and (nxt < 0 or close < nxt):  # what follows up to the closing tag belongs to the block
+                end = close + len(_CLOSE_TAG)
+            found.append((start, end, call))
+            i = end
+            continue
+        close = text.find(_CLOSE_TAG, body)
+        stop = len(text) if close < 0 else close
+        objs = _json_objects(text[body:stop])
+        found.append((start, len(text) if close < 0 else close + len(_CLOSE_TAG), _as_call(objs[0][2]) if objs else None))
+        i = stop + (len(_CLOSE_TAG) if close >= 0 else 0)
+        if close < 0:
+            break
+    return found
 
 
 def _json_objects(text: str) -> list[tuple[int, int, Any]]:
@@ -210,14 +243,12 @@ def parse_completion(text: str, special_tokens: list[str] | None = None) -> tupl
     calls: list[ToolCall] = []
     well_formed = True
     spans = []
-    for m in _TOOL_CALL_TAG.finditer(text):
-        objs = _json_objects(m.group(1))
-        call = _as_call(objs[0][2]) if objs else None
+    for start, end, call in _tagged_calls(text):
         if call is None:
             well_formed = False
         else:
             calls.append(call)
-        spans.append((m.start(), m.end()))
+        spans.append((start, end))
     if not spans:
         for start, end, value in _json_objects(text):
             call = _as_call(value)

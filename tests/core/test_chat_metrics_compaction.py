@@ -67,6 +67,22 @@ def test_parse_text_and_broken_calls():
     assert not ok and resp.tool_calls == []
 
 
+def test_a_closing_tag_inside_a_string_argument_does_not_end_the_call():
+    # A `think` call an SLM wrote under the grammar (τ-bench, session 19): valid JSON whose string held the tag
+    thought = 'Let me know. Thank you!</tool_call></tool_call><tool>{'
+    text = '<tool_call>{"name": "think", "arguments": {"thought": ' + json.dumps(thought) + '\t}}</tool_call>'
+    resp, ok = parse_completion(text + "<|im_end|>", ["<|im_end|>"])
+    assert ok and resp.tool_calls == [ToolCall("think", {"thought": thought})] and resp.content is None
+    # two calls, text around them, and junk before a closing tag still parse as before
+    two = ('Checking. <tool_call>{"name": "f", "arguments": {"x": "</tool_call>"}}</tool_call>\n'
+           '<tool_call> {"name": "g", "arguments": {}} ok</tool_call> Done.')
+    resp, ok = parse_completion(two)
+    assert ok and resp.tool_calls == [ToolCall("f", {"x": "</tool_call>"}), ToolCall("g", {})]
+    assert resp.content == "Checking. \n Done."
+    resp, ok = parse_completion('<tool_call>{"name": "f", "arguments": {"x": 1}}')  # cut before its closing tag
+    assert ok and resp.tool_calls == [ToolCall("f", {"x": 1})]
+
+
 @pytest.mark.parametrize("a,b,same", [
     (3, 3.0, True), ("Paris ", "paris", True), ("a  b", "a b", True), ([1, "X"], [1.0, "x"], True),
     ({"k": 1}, {"k": 1.0}, True), (3, "3", False), (True, 1, False), ([1, 2], [2, 1], False), (None, None, True),
