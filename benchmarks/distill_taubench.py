@@ -79,15 +79,15 @@ def main() -> None:
                          "at 160 every book_reservation answer was cut off and counted as broken JSON")
     ap.add_argument("--tool-choice", choices=["greedy", "whole_name"], default=None,
                     help="evaluate.tool_choice: which tool a call names (whole_name: the likeliest whole name among those offered)")
-    ap.add_argument("--history-loss", action="store_true",
-                    help="finetune.history_loss: the loss also on the LLM's earlier answers each example's history window shows")
+    ap.add_argument("--history-loss", choices=["true", "false"], default=None,
+                    help="finetune.history_loss (default true): the loss also on the LLM's earlier answers each example's history window shows")
     ap.add_argument("--device", default=None)
     ap.add_argument("--compare-before", action="store_true",
                     help="also train and evaluate the before-issue-17 recipe (BEFORE) in a sibling workspace that shares this one's "
                          "collect and cluster: same sessions, same split, same test calls, same budget; prints both side by side")
     ap.add_argument("--before-set", action="append", default=None, metavar="KEY=VALUE",
                     help="with --compare-before: the before arm's settings instead of the before-issue-17 recipe (repeatable), "
-                         "e.g. --history-loss --before-set finetune.history_loss=false measures that one option")
+                         "e.g. --before-set finetune.history_loss=false measures that one option against today's defaults")
     args = ap.parse_args()
 
     from slmconvert.cluster.stage import run as cluster
@@ -110,8 +110,8 @@ def main() -> None:
             f"evaluate.constrained_decoding={'false' if args.unconstrained else 'true'}"]
     if args.tool_choice is not None:
         sets.append(f"evaluate.tool_choice={args.tool_choice}")
-    if args.history_loss:
-        sets.append("finetune.history_loss=true")
+    if args.history_loss is not None:
+        sets.append(f"finetune.history_loss={args.history_loss}")
     if args.carry_values is not None:
         sets.append(f"compaction.carry_values={args.carry_values}")
     if args.device:
@@ -158,7 +158,7 @@ def paired(before_ws: Path, after_ws: Path) -> None:
 
 
 # The recipe before issue 17 (what --compare-before trains and evaluates beside today's defaults).
-BEFORE = {"finetune.balance": "none", "evaluate.constrained_decoding": "false", "evaluate.confidence_signal": "mean_logprob",
+BEFORE = {"finetune.balance": "none", "finetune.history_loss": "false", "evaluate.constrained_decoding": "false", "evaluate.confidence_signal": "mean_logprob",
           "compaction.carry_values": "0", "evaluate.copy_arguments": "null", "evaluate.no_repeat_share": "null"}
 
 

@@ -76,7 +76,7 @@ def plan(config: PipelineConfig, workspace: Workspace) -> dict[str, list[str]]:
 
 def _fingerprint(ids: list[str], entry, fc, recipe) -> str:
     cfg = fc.model_dump(mode="json", exclude={"device", "merge", "checkpoint_steps", "models", "candidates_per_site"})
-    if not cfg.get("history_loss"):  # off: adapters trained before the option existed stay valid
+    if not cfg.get("history_loss"):  # off: adapters trained before the option existed (the answer-only loss) stay valid
         cfg.pop("history_loss", None)
     return sha256_obj({"ids": sorted(ids), "model": entry.model_dump(mode="json"), "config": cfg,
                        "recipe": recipe.to_dict(), "version": TRAINING_VERSION})
@@ -109,7 +109,9 @@ def model_card(site: str, entry, fc, recipe, data_stats: dict, stats: dict, info
              f"{data_stats['prompt_tokens']:,} prompt and {data_stats['completion_tokens']:,} completion tokens",
              *_mix_lines(mix),
              *([f"- loss also on the {data_stats['history_turns']:,} earlier LLM answers the prompts' history windows show "
-                f"({data_stats['history_tokens']:,} tokens; finetune.history_loss)"] if "history_turns" in data_stats else []),
+                f"({data_stats['history_tokens']:,} tokens; finetune.history_loss): the same forward passes teach more answers; "
+                "on τ-bench a small model then replied in text where the LLM did far more often, at no cost to its tool calls"]
+               if "history_turns" in data_stats else ["- loss on each example's answer only (finetune.history_loss: false)"]),
              *[f"- dropped ({k[8:]}): {v}" for k, v in data_stats.items() if k.startswith("dropped_")],
              *[f"- prompts fitted ({k[7:].replace('_', ' ')}): {v}" for k, v in data_stats.items() if k.startswith("fitted_")],
              f"- prompt compaction: {json.dumps(recipe.to_dict())}",
