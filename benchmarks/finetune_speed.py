@@ -46,7 +46,8 @@ def child(mode: str, n: int, batch: int, out: str) -> None:
         else CompactionRecipe(max_history_tokens=10**9, max_tool_result_chars=10**9)
     model, tok, _ = load_model(load_catalogue().get("smollm2-135m-instruct"), dtype="float32", for_training=True)
     fc = FinetuneConfig(epochs=1, batch_size=batch, max_length=8192, checkpoint_steps=10**6)
-    rows, stats = build_examples(invs[:n], recipe, tok, fc.max_length, supports_native_tools(tok))
+    rows, stats = build_examples(invs[:n], recipe, tok, fc.max_length, supports_native_tools(tok),
+                                 fc.history_loss and mode == "ours")  # plain: the answer-only loss
     t = time.perf_counter()
     if mode == "ours":
         res = train_adapter(model, tok, rows, Path(out).parent / mode, fc, device="cpu", target_modules=None)

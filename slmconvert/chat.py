@@ -116,17 +116,18 @@ def native_messages(messages: list[dict]) -> list[dict]:
 
 def render_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None, native: bool | None = None) -> str:
     native = supports_native_tools(tokenizer) if native is None else native
+    return render_conversation(tokenizer, messages, tools, native, add_generation_prompt=True)
+
+
+def render_conversation(tokenizer: Any, messages: list[dict], tools: list[dict] | None, native: bool,
+                        add_generation_prompt: bool = False) -> str:
+    """The conversation as the template shows it: its last turn closed, or (`add_generation_prompt`) a prompt
+    for the next answer."""
     if native:
         return tokenizer.apply_chat_template(native_messages(messages), tools=tools or None, tokenize=False,
-                                             add_generation_prompt=True)
-    return tokenizer.apply_chat_template(fallback_messages(messages, tools), tokenize=False, add_generation_prompt=True)
-
-
-def render_conversation(tokenizer: Any, messages: list[dict], tools: list[dict] | None, native: bool) -> str:
-    """The conversation as the template shows it, without a generation prompt (its last turn closed)."""
-    if native:
-        return tokenizer.apply_chat_template(native_messages(messages), tools=tools or None, tokenize=False)
-    return tokenizer.apply_chat_template(fallback_messages(messages, tools), tokenize=False)
+                                             add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(fallback_messages(messages, tools), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
 def response_message(response: Response) -> dict:
@@ -185,10 +186,8 @@ def _tagged_calls(text: str) -> list[tuple[int, int, ToolCall | None]]:
         close = text.find(_CLOSE_TAG, body)
         stop = len(text) if close < 0 else close
         objs = _json_objects(text[body:stop])
-        found.append((start, len(text) if close < 0 else close + len(_CLOSE_TAG), _as_call(objs[0][2]) if objs else None))
-        i = stop + (len(_CLOSE_TAG) if close >= 0 else 0)
-        if close < 0:
-            break
+        i = len(text) if close < 0 else close + len(_CLOSE_TAG)
+        found.append((start, i, _as_call(objs[0][2]) if objs else None))
     return found
 
 
