@@ -51,21 +51,32 @@ class RawLogprobs:
 
 
 class RepeatGuard:
-    """A logits processor, last in line, that breaks verbatim loops. Greedy decoding of a small model can fall
-    into writing the same span again and again (the same passenger appended to a list until the token budget
-    runs out inside the call: broken JSON). When a row's answer ends in the same span of p tokens written
-    `copies` times in a row (a run of at least `min_span` tokens), the span's token-to-token steps are
-    remembered for that row, and from then on a token that would take one of those steps again is banned,
-    whatever the phase: the model (and the grammar) must go another way — close the list, end the string,
-    stop. A row's last allowed token is never banned, so a grammar's answer stays valid."""
+    """A logits processor, last in line, that breaks loops. Greedy decoding of a small model can fall into writing
+    the same span again and again (the same passenger appended to a list until the token budget runs out inside
+    the call: broken JSON). When a row's answer ends in the same span of p tokens written `copies` times in a row
+    (a run of at least `min_span` tokens), the span's token-to-token steps are remembered for that row, and from
+    then on a token that would take one of those steps again is banned, whatever the phase: the model (and the
+    grammar) must go another way — close the list, end the string, stop. A row's last allowed token is never
+    banned, so a grammar's answer stays valid.
 
-    VERSION = "repeat-v2"  # part of evaluate's generation cache key
+    A counting loop is caught too (with `digits`, the tokenizer's digit tokens: `digit_tokens`): the same span
+    with its numbers counting up by one ("28. The reservation ID is 12372. 29. The reservation ID is 12373. …"),
+    which no verbatim check sees. Its numbers are read as one unit each; when the span has come
+    `counting_copies` times in a row and a number at the same place in it went up by exactly one each time, the
+    span's steps between tokens that are not digits are banned as above. A list whose items differ only in
+    their numbers (flights, amounts) is not a counting loop unless one of its numbers counts, and it gets
+    `counting_copies` items (five) before anything is banned."""
 
-    def __init__(self, copies: int = 3, min_span: int = 24, max_period: int = 64):
+    VERSION = "repeat-v3"  # part of evaluate's generation cache key
+
+    def __init__(self, copies: int = 3, min_span: int = 24, max_period: int = 64,
+                 digits: dict[int, str] | None = None, counting_copies: int = 5):
         self.copies, self.min_span, self.max_period = copies, min_span, max_period
+        self.digits, self.counting_copies = digits or {}, counting_copies
         self.start: int | None = None
         self.steps: dict[int, dict[int, set[int]]] = {}  # row -> token -> the tokens that followed it in a loop
         self.fired = 0
+        self.counting = 0  # counting loops found (rows x times)
 
     def period(self, tail: list[int]) -> int | None:
         """The shortest period whose last `copies` repetitions end the sequence, spanning min_span or more."""
@@ -78,6 +89,49 @@ class RepeatGuard:
                 return p
         return None
 
+    def units(self, tail: list[int]) -> tuple[list[int], dict[int, int]]:
+        """The tail with each run of digit tokens as one unit (-1), and the number each such unit holds (by unit index)."""
+        units: list[int] = []
+        numbers: dict[int, int] = {}
+        run = ""
+        for t in tail:
+            d = self.digits.get(t)
+            if d is not None:
+                run += d
+                continue
+            if run:
+                numbers[len(units)] = int(run[-18:])
+                units.append(-1)
+                run = ""
+            units.append(t)
+        if run:
+            numbers[len(units)] = int(run[-18:])
+            units.append(-1)
+        return units, numbers
+
+    def counting_period(self, tail: list[int]) -> list[int] | None:
+        """The tokens of a counting loop's span (digit units as -1) when the tail ends in one, else None."""
+        units, numbers = self.units(tail)
+        if units and units[-1] == -1:
+            return None  # a number still being written: judge the span once it is whole
+        c = self.counting_copies
+        for p in range(2, self.max_period + 1):
+            need = max(c * p, self.min_span)
+            if need > len(units):
+                return None
+            base = len(units) - need
+            if not all(units[i] == units[i + p] for i in range(base, len(units) - p)):
+                continue
+            first = len(units) - c * p
+            for j in range(p):
+                if units[first + j] != -1:
+                    continue
+                vals = [numbers.get(first + j + k * p) for k in range(c)]
+                if all(v is not None for v in vals) and all(b - a == 1 for a, b in zip(vals, vals[1:])):
+                    return units[-p:]
+            return None  # the shortest period repeats, but nothing in it counts
+        return None
+
     def __call__(self, input_ids, scores):
         import torch
 
@@ -87,19 +141,49 @@ class RepeatGuard:
         if gen.shape[1] < 2:
             return scores
         window = self.copies * self.max_period + self.min_span
+        wide = 2 * self.counting_copies * self.max_period if self.digits else 0  # numbers take several tokens each
         for row in range(gen.shape[0]):
-            tail = gen[row, -window:].tolist()
-            p = self.period(tail) if len(tail) >= self.min_span else None
+            tail = gen[row, -max(window, wide):].tolist()
+            short = tail[-window:]
+            p = self.period(short) if len(short) >= self.min_span else None
             if p is not None:
-                cycle = tail[-p:]
-                known = self.steps.setdefault(row, {})
-                for k in range(p):
-                    known.setdefault(cycle[k - 1], set()).add(cycle[k])
+                self._remember(row, short[-p:])
+            elif self.digits and tail[-1] not in self.digits:
+                cycle = self.counting_period(tail)
+                if cycle is not None:
+                    self.counting += 1
+                    self._remember(row, cycle)
             for nxt in self.steps.get(row, {}).get(tail[-1], ()):
                 if torch.isfinite(scores[row, nxt]) and torch.isfinite(scores[row]).sum() > 1:
                     scores[row, nxt] = float("-inf")
                     self.fired += 1
         return scores
+
+    def _remember(self, row: int, cycle: list[int]) -> None:
+        """The cycle's steps (its last token to its first included), except those to or from a number (-1)."""
+        known = self.steps.setdefault(row, {})
+        for k in range(len(cycle)):
+            a, b = cycle[k - 1], cycle[k]
+            if a != -1 and b != -1:
+                known.setdefault(a, set()).add(b)
+
+
+def digit_tokens(tokenizer: Any) -> dict[int, str]:
+    """The tokenizer's tokens that are a number's digits (with at most surrounding spaces): token id -> digits.
+    Read once per tokenizer."""
+    cached = getattr(tokenizer, "_slmconvert_digits", None)
+    if cached is not None:
+        return cached
+    out: dict[int, str] = {}
+    for i in range(len(tokenizer)):
+        s = tokenizer.decode([i]).strip()
+        if s.isascii() and s.isdigit():
+            out[i] = s
+    try:
+        tokenizer._slmconvert_digits = out
+    except AttributeError:  # a tokenizer that takes no attributes: read again next time
+        pass
+    return out
 
 
 class WholeNameChoice:
@@ -241,7 +325,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_toke
             res = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id,
                                  return_dict_in_generate=True,
-                                 logits_processor=[raw] + ([lp] if lp is not None else []) + ([choice] if choice is not None else []) + [RepeatGuard()])
+                                 logits_processor=[raw] + ([lp] if lp is not None else []) + ([choice] if choice is not None else []) + [RepeatGuard(digits=digit_tokens(tokenizer))])
         dt = time.perf_counter() - t
         new = res.sequences[:, enc["input_ids"].shape[1]:]
         scores = raw.collect(new)

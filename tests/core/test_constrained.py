@@ -468,3 +468,60 @@ def test_a_copy_comes_from_where_the_llm_copied_it_from():
     before = {"get_booking": {k: v for k, v in bounds["get_booking"].items() if "#copy_src:" not in k}}
     [(_, anywhere)] = bounded_specs(LOOKUP, before, request)
     assert anywhere["properties"]["booking_id"]["enum"] == ["bo_chan_7070", "cy_dale_1234", "gift_card_7344"]
+
+
+class Prefer:
+    """A logits processor that makes one character a little likelier everywhere: the way out a model takes when
+    its first choice is banned."""
+
+    def __init__(self, tok, char, boost=10.0):
+        self.id, self.boost = tok.convert_tokens_to_ids(char), boost
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.id] += self.boost
+        return scores
+
+
+def test_a_counting_loop_is_broken_and_the_call_closes_within_the_budget():
+    """A loop whose numbers count up ("7. The id is 12307. 8. The id is 12308. …") is never verbatim, so the plain
+    guard lets it run to the budget: broken JSON. With the tokenizer's digits the guard reads each number as one unit,
+    sees the span come five times with a number going up by one, and bans the span's steps: the string closes and the
+    call is valid, with what came before the loop and the five counted copies kept."""
+    from slmconvert.generation import RepeatGuard, digit_tokens
+
+    tools = [{"type": "function", "function": {"name": "note", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"], "additionalProperties": False}}}]
+    model, tok = tiny_llama(seed=1)
+    prefix = '<tool_call>{"name": "note", "arguments": {"text": "Seen: '
+    loop = "".join(f"{i}. The id is {12300 + i}. " for i in range(1, 80))
+    grammars = ToolGrammars(tok, model.config.vocab_size)
+
+    def run(guard):
+        return _scripted(model, tok, prefix + loop, len(prefix) + 300,
+                         [Prefer(tok, '"'), logits_processor(grammars, [grammars.for_tools(tools)]), guard])
+
+    plain = RepeatGuard()
+    loose = run(plain)
+    assert loose.startswith(prefix + loop[:250]) and not parse_completion(loose)[1] and not plain.fired  # cut off
+    guard = RepeatGuard(digits=digit_tokens(tok))
+    text = run(guard)
+    resp, ok = parse_completion(text)
+    assert guard.counting and guard.fired and ok and resp.tool_calls and invalid_reason(resp, tools) is None, text
+    assert resp.tool_calls[0].arguments["text"] == "Seen: " + loop[: loop.index(" 6. ")]  # closed after the fifth
+
+
+def test_the_counting_guard_leaves_lists_whose_numbers_do_not_count_alone():
+    """Items that differ only in their numbers (flights, amounts) are a list, not a loop, unless a number counts up by
+    one through five copies in a row; a counting list of four items is left alone too."""
+    from slmconvert.generation import RepeatGuard, digit_tokens
+
+    _, tok = tiny_llama()
+    g = RepeatGuard(digits=digit_tokens(tok))
+    ids = lambda s: [tok.convert_tokens_to_ids(c) for c in s]  # noqa: E731 — the character tokenizer
+    flights = "".join(f'{{"flight": "HAT{n:03d}", "date": "2024-05-{d:02d}"}}, ' for n, d in
+                      [(80, 28), (76, 28), (255, 30), (123, 30), (17, 2), (305, 4), (42, 4)])
+    assert g.counting_period(ids(flights)) is None
+    assert g.counting_period(ids("".join(f"{i}. The id is {12300 + i}. " for i in range(1, 5)))) is None  # four copies
+    cycle = g.counting_period(ids("".join(f"{i}. The id is {12300 + i}. " for i in range(1, 6))))
+    assert cycle is not None and cycle.count(-1) == 2  # five copies: the span, its two numbers as units
+    assert g.counting_period(ids("".join(f"{i}. The id is {12300 + i}. " for i in range(1, 6)))[:-1]) is None  # unfinished
