@@ -208,6 +208,11 @@ def side_by_side(before: dict, after: dict) -> None:
               f"[{v['share_calls_interval'][0]:.1%}–{v['share_calls_interval'][1]:.1%}] of {v['calls']} verification calls "
               f"({split['verification_sessions']} sessions); fitted on {split['calibration_calls']} calls of "
               f"{split['calibration_sessions']} sessions")
+        ev = s["policy"].get("evidence") or {}
+        if ev:
+            print(f"    evidence ceiling (an SLM agreeing on every call): {ev['share_calls']:.1%} with these test calls, "
+                  f"{ev['share_calls_all_test']:.1%} with all of them (a kind needs >= {ev['agreeing_needed_per_kind']} "
+                  "agreeing calibration answers)")
         targets = s["policy"].get("at_targets") or []
         if targets:
             print("    moved at each target: " + ", ".join(f"{t['target']:.0%} → {t['share_calls']:.1%}" for t in targets))
@@ -253,7 +258,7 @@ def arm(cfg, ws, finetune, evaluate, load_summary, t0: float) -> dict:
     print(Text.from_markup(targets_text(s)).plain)  # evaluate.compare_targets: at 95% a kind needs >= 59 agreeing answers
     print(f"config for benchmarks/serve_replay.py: {pipeline_path(ws.root)}")
     print(json.dumps({"overall": o, "headline": h, "copying": s.get("copying"), "invented_tools": s.get("invented_tools"),
-                      "policy": {k: s["policy"].get(k) for k in ("split", "verification", "requests", "rules", "confidence_signal", "at_targets")}},
+                      "policy": {k: s["policy"].get(k) for k in ("split", "verification", "requests", "rules", "confidence_signal", "at_targets", "evidence")}},
                      default=str))
     return s
 

@@ -76,7 +76,19 @@ def headline_text(summary: dict) -> str:
     return (f"[bold]Moves to SLMs[/] (the routing policy serve applies): {pct(h['share_calls'])} {_iv(h['share_calls_interval'])} "
             f"of calls, {pct(h['share_tokens'])} of tokens{cost}, {agree}. Target {pct(pol['target_agreement'])} at a "
             f"{pct(pol['confidence_level'])} lower bound. [dim]Measured on {h['measured_on']}; traffic-weighted; paper: "
-            f"{h['paper_estimate']}[/]")
+            f"{h['paper_estimate']}[/]" + ceiling_text(h.get("evidence_ceiling")))
+
+
+def ceiling_text(c: dict | None) -> str:
+    """What the test sample could show at all, when that is less than the whole traffic (an SLM agreeing on every call)."""
+    from slmconvert.evaluate.report import pct
+
+    if not c or c.get("share_calls") is None or c["share_calls"] >= 0.999:
+        return ""
+    return (f"\n[bold]Evidence ceiling[/]: with the calls evaluated, even an SLM that agreed on every call could move at most "
+            f"{pct(c['share_calls'])} of the traffic at this target ({pct(c['share_calls_all_test'])} with every test call "
+            f"evaluated): a kind of answer needs >= {c['agreeing_needed_per_kind']} agreeing calibration answers."
+            + (f" To show more: {c['advice']}." if c.get("advice") else ""))
 
 
 def targets_text(summary: dict) -> str:
@@ -88,7 +100,9 @@ def targets_text(summary: dict) -> str:
         return ""
     parts = [f"{pct(r['target'])}: {pct(r['share_calls'])} {_iv(r['share_calls_interval'])}"
              + (f", agreeing {pct(r['agreement'])} {_iv(r['agreement_interval'])}" if r["answered"] else "")
-             + f" [dim](a kind needs >= {r['agreeing_needed_per_kind']} agreeing calibration answers)[/]" for r in rows]
+             + f" [dim](a kind needs >= {r['agreeing_needed_per_kind']} agreeing calibration answers"
+             + (f"; at most {pct(r['ceiling_share_calls'])} could show" if r.get("ceiling_share_calls") is not None else "")
+             + ")[/]" for r in rows]
     return ("[bold]At other targets[/] (each policy fitted on the calibration sessions and verified on the same calls; "
             "serve applies only the one above): " + "; ".join(parts))
 

@@ -156,14 +156,26 @@ def policy_sections(summary: dict[str, Any]) -> list[str]:
                    "verification calls; serve applies only the target marked). Choosing the target by this table uses the "
                    "verification sessions, so the interval of the target picked is somewhat optimistic.</p>"
                    "<table id='at-targets'><tr><th>target agreement</th><th>share of traffic moved</th><th>agreement of what moves</th>"
-                   "<th>kinds of answer to the SLM</th><th>agreeing calibration answers a kind needs</th></tr>")
+                   "<th>kinds of answer to the SLM</th><th>agreeing calibration answers a kind needs</th>"
+                   "<th>most an SLM agreeing on every call could move (calls evaluated / all test calls)</th></tr>")
         for r in pol["at_targets"]:
             mark = (" class='applied'", " (applied)") if r["applied"] else ("", "")
             out.append(f"<tr{mark[0]}><td class='n'>{pct(r['target'])}{mark[1]}</td>"
                        f"<td class='n'>{pct(r['share_calls'])} {_iv(r['share_calls_interval'])}</td>"
                        f"<td class='n'>{pct(r['agreement']) if r['answered'] else 'n/a'} {_iv(r['agreement_interval']) if r['answered'] else ''}</td>"
-                       f"<td class='n'>{r['kinds_to_slm']}</td><td class='n'>{r['agreeing_needed_per_kind']}</td></tr>")
+                       f"<td class='n'>{r['kinds_to_slm']}</td><td class='n'>{r['agreeing_needed_per_kind']}</td>"
+                       f"<td class='n'>{pct(r.get('ceiling_share_calls'))} / {pct(r.get('ceiling_share_calls_all_test'))}</td></tr>")
         out.append("</table>")
+    ev = pol.get("evidence") or {}
+    if ev.get("kinds"):
+        out.append(f"<p id='evidence'>Evidence ceiling at the applied target: a kind of answer goes to the SLM only when at least "
+                   f"{ev['agreeing_needed_per_kind']} of its calibration answers agree, so even an SLM that agreed on every call "
+                   f"could move at most {pct(ev['share_calls'])} of the traffic with the calls evaluated "
+                   f"({pct(ev['share_calls_all_test'])} with every test call evaluated)."
+                   + (f" To show more: {e(ev['advice'])}." if ev.get("advice") else "")
+                   + " Largest kinds (calibration calls sampled / in the whole test split): "
+                   + ", ".join(f"{e(k['key'])} {k['calibration_sampled']} / {k['calibration_in_test_split']}" for k in ev["kinds"])
+                   + ".</p>")
     sig = pol.get("confidence_signal") or {}
     if sig.get("auroc_on_calibration"):
         aur = sig["auroc_on_calibration"]

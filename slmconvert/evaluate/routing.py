@@ -96,7 +96,7 @@ def pick_signal(config, prows, calibration: set[str]) -> tuple[str, dict[str, di
 
 def fit_routing_policy(config, tasks_doc, prows, familiar_refs: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The policy document (policy.json) and its verification (summary.json's "policy")."""
-    from slmconvert.policy import Policy, fit_policy, split_sessions, verify
+    from slmconvert.policy import Policy, agreeing_needed, fit_policy, split_sessions, verify
 
     ec = config.evaluate
     site_tasks = {site: [t["task"] for t in sd["tasks"]] for site, sd in tasks_doc["sites"].items()}
@@ -113,7 +113,10 @@ def fit_routing_policy(config, tasks_doc, prows, familiar_refs: int) -> tuple[di
     verification = verify(policy, prows, ver, ec.confidence_level)
     at_targets = [{**(target_row(doc, verification["all"], ec.confidence_level) if t == ec.target_agreement else
                       at_target(prows, cal, ver, target=t, level=ec.confidence_level, seed=ec.seed, sites=site_tasks,
-                                novelty_alpha=ec.novelty_alpha)), "applied": t == ec.target_agreement}
+                                novelty_alpha=ec.novelty_alpha)), "applied": t == ec.target_agreement,
+                   **{f"ceiling_{k}": v for k, v in evidence_ceiling(prows, cal, ver, agreeing_needed(t, ec.confidence_level),
+                                                                      ec.confidence_level).items()
+                      if k in ("share_calls", "share_calls_all_test")}}
                   for t in sorted({*ec.compare_targets, ec.target_agreement})]
     check = {"split": {"calibration_sessions": len(cal), "verification_sessions": len(ver),
                        "calibration_calls": sum(r["session"] in cal for r in prows), "verification_calls": len(ver_rows)},
@@ -122,6 +125,9 @@ def fit_routing_policy(config, tasks_doc, prows, familiar_refs: int) -> tuple[di
              "familiarity_references": familiar_refs,
              "confidence_signal": {"chosen": signal, "auroc_on_calibration": auroc},
              "at_targets": at_targets,
+             "evidence": {"target": ec.target_agreement,
+                          **evidence_ceiling(prows, cal, ver, agreeing_needed(ec.target_agreement, ec.confidence_level),
+                                             ec.confidence_level)},
              "confusion": confusion(prows),
              "risk_coverage": {site: risk_coverage([r for r in ver_rows if r["site"] == site])
                                for site in sorted({r["site"] for r in ver_rows})}}
@@ -148,6 +154,45 @@ def target_row(doc: dict[str, Any], v: dict[str, Any], level: float) -> dict[str
             "answered": v["answered"], "agree": v["agree"], "calls": v["calls"],
             "kinds_to_slm": sum(r["action"] == "slm" for rules in doc["rules"].values() for r in rules.values()),
             "agreeing_needed_per_kind": agreeing_needed(target, level)}
+
+
+def evidence_ceiling(prows, cal: set[str], ver: set[str], need: int, level: float, top: int = 5) -> dict[str, Any]:
+    """What the test sample could show moving at all. A kind of answer goes to the SLM only when at least `need` of its
+    calibration answers agree, so even an SLM that agreed with the LLM on every call would leave the kinds with fewer
+    calibration calls than that to the LLM; such an SLM's answer has the kind of the LLM's task (a tool task), or is
+    a text reply (all text tasks: one kind, as the policy keys them). `share_calls`: the traffic-weighted share of the
+    verification calls such an SLM could move with the calls evaluated; `share_calls_all_test`: had every test call
+    been evaluated (a sampled call stands for `weight` test calls of its task). The request gate is left out: both are
+    upper bounds. `kinds`: the largest kinds, their calibration calls sampled and in the whole test split; `advice`:
+    what would let more of the traffic qualify, when something is short."""
+    from slmconvert.policy import TEXT_KEY, weighted_share
+
+    def kind(r) -> tuple[str, str]:
+        return r["site"], (r["task"] if str(r["task"]).startswith("tool:") else TEXT_KEY)
+
+    sampled: dict[tuple[str, str], int] = defaultdict(int)
+    in_split: dict[tuple[str, str], float] = defaultdict(float)
+    for r in prows:
+        if r["session"] in cal:
+            sampled[kind(r)] += 1
+            in_split[kind(r)] += float(r.get("weight") or 1.0)
+    ver_rows = [r for r in prows if r["session"] in ver]
+    w = [float(r.get("weight") or 1.0) for r in ver_rows]
+    now, _ = weighted_share([sampled[kind(r)] >= need for r in ver_rows], w, level)
+    full, _ = weighted_share([in_split[kind(r)] >= need - 1e-9 for r in ver_rows], w, level)
+    kinds = [{"site": s, "key": t, "calibration_sampled": sampled[(s, t)], "calibration_in_test_split": round(in_split[(s, t)]),
+              "qualifies": sampled[(s, t)] >= need}
+             for s, t in sorted(in_split, key=lambda k: (-in_split[k], k))[:top]]
+    out = {"agreeing_needed_per_kind": need, "share_calls": now or 0.0, "share_calls_all_test": full or 0.0,
+           "kinds": kinds, "advice": None}
+    if kinds and (now or 0.0) < (full or 0.0):
+        out["advice"] = "evaluate more of the test calls (evaluate.max_test_examples; null: all of them)"
+    elif kinds and not kinds[0]["qualifies"] and kinds[0]["calibration_in_test_split"] < need:
+        big = kinds[0]
+        out["advice"] = (f"the test split is too small for this target: its largest kind, {big['key']} at {big['site']}, has "
+                         f"about {big['calibration_in_test_split']} calibration calls in all and a kind needs {need} agreeing ones; "
+                         "hold out more sessions (cluster.test_fraction), collect more logs, or lower evaluate.target_agreement")
+    return out
 
 
 def confusion(prows) -> dict[str, dict[str, int]]:

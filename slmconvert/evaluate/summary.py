@@ -53,6 +53,8 @@ def policy_headline(check: dict[str, Any], per_task_view: dict[str, Any], tasks_
         "measured_on": f"{v['calls']} sampled calls of {sp['verification_sessions']} verification sessions; policy fitted on "
                        f"{sp['calibration_calls']} calls of {sp['calibration_sessions']} other held-out sessions",
         "not_answered_because": v.get("not_answered_because", {}),
+        "evidence_ceiling": {k: (check.get("evidence") or {}).get(k)
+                             for k in ("share_calls", "share_calls_all_test", "agreeing_needed_per_kind", "advice")},
         "verdicts": per_task_view["verdicts"], "paper_estimate": PAPER_ESTIMATE,
     }
 

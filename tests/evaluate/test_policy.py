@@ -171,3 +171,42 @@ def test_traffic_weighting_moves_the_headline_to_the_real_mix():
     assert len(test_sample(by_task, None, seed=0)) == 910
     many = {f"t{i}": [f"{i}-{j}" for j in range(5)] for i in range(8)}  # floors (8 x 3) above the limit
     assert len(test_sample(many, 6, seed=0, min_per_task=3)) == 6
+
+
+def test_the_evidence_ceiling_says_what_the_test_sample_could_show_at_all():
+    """0% moved can mean a poor SLM or a sample too small to show anything: at a 95% target a kind needs 59 agreeing
+    calibration answers, whatever the SLM. The ceiling is what an SLM agreeing on every call could move, with the calls
+    evaluated and with every test call evaluated, and it says which of the two is short."""
+    from slmconvert.evaluate.routing import evidence_ceiling
+    from slmconvert.policy import agreeing_needed
+
+    need = agreeing_needed(0.95, 0.95)
+
+    def rows(n):
+        return [{"site": "a", "task": ("text:1", "text:2")[i % 16 == 0] if i % 8 == 0 else "tool:get_user", "session": f"s{i}", "weight": 1.0}
+                for i in range(n)]
+
+    def share_of_big(rs, sessions):
+        mine = [r for r in rs if r["session"] in sessions]  # traffic-weighted
+        return round(sum(r["weight"] for r in mine if r["task"].startswith("tool:")) / sum(r["weight"] for r in mine), 4)
+
+    full = rows(480)  # every test call: ~210 calibration calls of the big kind, ~30 text replies (of two text tasks)
+    cal, ver = split_sessions((r["session"] for r in full), seed=0)
+    c = evidence_ceiling(full, cal, ver, need, 0.95)
+    big, small = c["kinds"]
+    assert big["key"] == "tool:get_user" and big["qualifies"] and big["calibration_sampled"] >= need
+    assert not small["qualifies"] and small["calibration_in_test_split"] < need
+    assert c["share_calls"] == c["share_calls_all_test"] == share_of_big(full, ver) and c["advice"] is None
+    # a sample of a quarter of the big kind's calls, each standing for four: nothing can show with it, the big kind could
+    sample = [{**r, "weight": 4.0} for r in full if r["task"].startswith("tool:")][::4] + [
+        r for r in full if not r["task"].startswith("tool:")]
+    c = evidence_ceiling(sample, cal, ver, need, 0.95)
+    assert c["kinds"][0]["calibration_sampled"] < need <= c["kinds"][0]["calibration_in_test_split"]
+    assert c["share_calls"] == 0.0 and c["share_calls_all_test"] == share_of_big(sample, ver)
+    assert "evaluate more of the test calls" in c["advice"]
+    # a test split too small for the target: more calls evaluated would not help
+    small = rows(100)
+    cal, ver = split_sessions((r["session"] for r in small), seed=0)
+    c = evidence_ceiling(small, cal, ver, need, 0.95)
+    assert c["share_calls"] == c["share_calls_all_test"] == 0.0 and "test split is too small" in c["advice"]
+    assert evidence_ceiling(small, cal, ver, agreeing_needed(0.8, 0.95), 0.95)["share_calls"] > 0  # 14 needed: the big kind has them

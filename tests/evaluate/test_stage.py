@@ -45,6 +45,11 @@ def test_evaluate_writes_results_summary_and_report_that_agree(tuned_ws, tmp_pat
     [applied] = [r for r in at if r["applied"]]
     assert applied["share_calls"] == h["share_calls"] and applied["answered"] == h["answered"] and applied["calls"] == h["calls"]
     assert "id='at-targets'" in page and page.count("(applied)") == 1
+    # the evidence ceiling: what an SLM agreeing on every call could show with this sample, never below what moved
+    ceiling = h["evidence_ceiling"]
+    assert ceiling["agreeing_needed_per_kind"] == applied["agreeing_needed_per_kind"]
+    assert h["share_calls"] <= ceiling["share_calls"] <= ceiling["share_calls_all_test"] <= 1.0
+    assert applied["ceiling_share_calls"] == ceiling["share_calls"] and "id='evidence'" in page
     assert f"<b id='share-tokens'>{pct(h['share_tokens'])}</b>" in page
     assert "id='tasks'" in page and page.count("data:image/png;base64,") >= 2
     assert page.count("<tr class='v-") == n_tasks
