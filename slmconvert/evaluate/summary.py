@@ -15,7 +15,7 @@ from typing import Any
 from slmconvert.evaluate.scoring import ALL_METRICS, aggregate, copy_stats, invented_tools, per_argument
 from slmconvert.io import write_parquet_atomic
 
-EVAL_VERSION = 4
+EVAL_VERSION = 5  # 5: the evidence ceiling; answers decoded under the counting-loop guard (a re-run re-evaluates)
 PAPER_ESTIMATE = "40-70% of calls (Belcak et al., 2025, §5)"
 
 
