@@ -95,7 +95,23 @@ def _over(generation: Mapping[str, Any], lo: int, hi: int) -> list[float]:
 
 
 _NAME = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"([^"]*)"')
-_ARGS = re.compile(r'"arguments"\s*:\s*(\{.*?\})\s*\}\s*(?:</tool_call>|$)', re.S)
+_ARGS_KEY = re.compile(r'"arguments"\s*:\s*')
+
+
+def _arguments_span(text: str) -> tuple[int, int] | None:
+    """Where the first tool call's arguments stand in the answer: their JSON value, read as JSON (a string in them may
+    hold braces or a `</tool_call>`), or, cut off by the budget, the rest of the answer. None without a call."""
+    import json
+
+    m = _NAME.search(text)
+    k = _ARGS_KEY.search(text, m.end()) if m else None
+    if k is None:
+        return None
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, k.end())
+    except json.JSONDecodeError:
+        end = len(text)
+    return k.end(), end
 
 
 @confidence_signals.register("mean_logprob")
@@ -129,8 +145,8 @@ def _tool_name(generation: Mapping[str, Any]) -> float | None:
 @confidence_signals.register("argument_values")
 def _argument_values(generation: Mapping[str, Any]) -> float | None:
     """The least likely token inside the arguments (a text reply: of the whole answer)."""
-    m = _ARGS.search(generation.get("text") or "")
-    vals = _over(generation, m.start(1), m.end(1)) if m else []
+    span = _arguments_span(generation.get("text") or "")
+    vals = _over(generation, *span) if span else []
     return min(vals) if vals else _min_logprob(generation)
 
 

@@ -210,3 +210,25 @@ def test_the_evidence_ceiling_says_what_the_test_sample_could_show_at_all():
     c = evidence_ceiling(small, cal, ver, need, 0.95)
     assert c["share_calls"] == c["share_calls_all_test"] == 0.0 and "test split is too small" in c["advice"]
     assert evidence_ceiling(small, cal, ver, agreeing_needed(0.8, 0.95), 0.95)["share_calls"] > 0  # 14 needed: the big kind has them
+
+
+def _generation(pieces: list[tuple[str, float]]) -> dict:
+    return {"text": "".join(t for t, _ in pieces), "tokens": [t for t, _ in pieces], "logprobs": [lp for _, lp in pieces],
+            "mean_logprob": sum(lp for _, lp in pieces) / len(pieces)}
+
+
+def test_confidence_signals_read_the_parts_of_the_answer_they_name():
+    """tool_name: the mean over the name's tokens; argument_values: the least likely token inside the arguments, read
+    as JSON — a thought holding `}}</tool_call>` does not end them early, so an unsure token after it still counts."""
+    from slmconvert.policy import all_signals
+
+    gen = _generation([("<tool_call>", -0.01), ('{"name": "', -0.02), ("think", -0.5), ('", "arguments": ', -0.01),
+                       ('{"thought": "a ', -0.03), ('}}</tool_call>', -0.04), (' b', -2.5), ('"}}', -0.02),
+                       ("</tool_call>", -0.01)])
+    s = all_signals(gen)
+    assert s["tool_name"] == -0.5 and s["first_token"] == -0.01 and s["min_logprob"] == -2.5
+    assert s["argument_values"] == -2.5  # the regex this replaced stopped at the first "}}</tool_call>": -0.04
+    text = _generation([("I can help", -0.3), (" with that.", -0.1)])
+    assert all_signals(text)["tool_name"] == text["mean_logprob"] and all_signals(text)["argument_values"] == -0.3
+    cut = _generation([('<tool_call>{"name": "note", "arguments": {"text": "', -0.1), ("and on", -1.5)])
+    assert all_signals(cut)["argument_values"] == -1.5  # cut off by the budget: the rest of the answer is its arguments
