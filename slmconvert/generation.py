@@ -77,13 +77,17 @@ class RepeatGuard:
         self.steps: dict[int, dict[int, set[int]]] = {}  # row -> token -> the tokens that followed it in a loop
         self.fired = 0
         self.counting = 0  # counting loops found (rows x times)
+        self._units: dict[int, _Units] = {}  # row -> its answer so far as units, read one new token at a time
 
     def period(self, tail: list[int]) -> int | None:
         """The shortest period whose last `copies` repetitions end the sequence, spanning min_span or more."""
+        n = len(tail)
         for p in range(1, self.max_period + 1):
             need = max(self.copies * p, self.min_span)
-            if need > len(tail):  # it only grows with p
+            if need > n:  # it only grows with p
                 return None
+            if tail[-1] != tail[-1 - p]:  # the cheap test first: the last token must come p back
+                continue
             span = tail[-need:]
             if all(span[i] == span[i + p] for i in range(len(span) - p)):
                 return p
@@ -91,38 +95,29 @@ class RepeatGuard:
 
     def units(self, tail: list[int]) -> tuple[list[int], dict[int, int]]:
         """The tail with each run of digit tokens as one unit (-1), and the number each such unit holds (by unit index)."""
-        units: list[int] = []
-        numbers: dict[int, int] = {}
-        run = ""
-        for t in tail:
-            d = self.digits.get(t)
-            if d is not None:
-                run += d
-                continue
-            if run:
-                numbers[len(units)] = int(run[-18:])
-                units.append(-1)
-                run = ""
-            units.append(t)
-        if run:
-            numbers[len(units)] = int(run[-18:])
-            units.append(-1)
-        return units, numbers
+        state = _Units()
+        state.extend(tail, self.digits)
+        return state.close()
 
     def counting_period(self, tail: list[int]) -> list[int] | None:
         """The tokens of a counting loop's span (digit units as -1) when the tail ends in one, else None."""
-        units, numbers = self.units(tail)
-        if units and units[-1] == -1:
+        if tail and tail[-1] in self.digits:
             return None  # a number still being written: judge the span once it is whole
-        c = self.counting_copies
+        units, numbers = self.units(tail)
+        return self._counting(units, numbers)
+
+    def _counting(self, units: list[int], numbers: dict[int, int]) -> list[int] | None:
+        c, n = self.counting_copies, len(units)
+        if n < 2:
+            return None
+        last = units[-1]
         for p in range(2, self.max_period + 1):
             need = max(c * p, self.min_span)
-            if need > len(units):
+            if need > n:
                 return None
-            base = len(units) - need
-            if not all(units[i] == units[i + p] for i in range(base, len(units) - p)):
+            if units[n - 1 - p] != last or not all(units[i] == units[i + p] for i in range(n - need, n - p)):
                 continue
-            first = len(units) - c * p
+            first = n - c * p
             for j in range(p):
                 if units[first + j] != -1:
                     continue
@@ -141,18 +136,20 @@ class RepeatGuard:
         if gen.shape[1] < 2:
             return scores
         window = self.copies * self.max_period + self.min_span
-        wide = 2 * self.counting_copies * self.max_period if self.digits else 0  # numbers take several tokens each
         for row in range(gen.shape[0]):
-            tail = gen[row, -max(window, wide):].tolist()
-            short = tail[-window:]
-            p = self.period(short) if len(short) >= self.min_span else None
+            tail = gen[row, -window:].tolist()
+            p = self.period(tail) if len(tail) >= self.min_span else None
             if p is not None:
-                self._remember(row, short[-p:])
-            elif self.digits and tail[-1] not in self.digits:
-                cycle = self.counting_period(tail)
-                if cycle is not None:
-                    self.counting += 1
-                    self._remember(row, cycle)
+                self._remember(row, tail[-p:])
+            elif self.digits:
+                state = self._units.setdefault(row, _Units())
+                state.extend(gen[row, state.seen:].tolist(), self.digits)
+                state.trim(2 * self.counting_copies * self.max_period)
+                if tail[-1] not in self.digits:
+                    cycle = self._counting(state.units, state.numbers)
+                    if cycle is not None:
+                        self.counting += 1
+                        self._remember(row, cycle)
             for nxt in self.steps.get(row, {}).get(tail[-1], ()):
                 if torch.isfinite(scores[row, nxt]) and torch.isfinite(scores[row]).sum() > 1:
                     scores[row, nxt] = float("-inf")
@@ -166,6 +163,42 @@ class RepeatGuard:
             a, b = cycle[k - 1], cycle[k]
             if a != -1 and b != -1:
                 known.setdefault(a, set()).add(b)
+
+
+class _Units:
+    """An answer read as units (RepeatGuard.units) as it grows: tokens seen, units, each number unit's value, the number
+    being written."""
+
+    def __init__(self):
+        self.seen, self.units, self.numbers, self.run = 0, [], {}, ""
+
+    def extend(self, tokens: list[int], digits: dict[int, str]) -> None:
+        self.seen += len(tokens)
+        for t in tokens:
+            d = digits.get(t)
+            if d is not None:
+                self.run += d
+                continue
+            if self.run:
+                self._number()
+            self.units.append(t)
+
+    def _number(self) -> None:
+        self.numbers[len(self.units)] = int(self.run[-18:])
+        self.units.append(-1)
+        self.run = ""
+
+    def trim(self, keep: int) -> None:
+        """Keep the last `keep` units (twice that held at most, so a trim is rare)."""
+        if len(self.units) > 2 * keep:
+            cut = len(self.units) - keep
+            self.units = self.units[cut:]
+            self.numbers = {i - cut: v for i, v in self.numbers.items() if i >= cut}
+
+    def close(self) -> tuple[list[int], dict[int, int]]:
+        if self.run:
+            self._number()
+        return self.units, self.numbers
 
 
 def digit_tokens(tokenizer: Any) -> dict[int, str]:
