@@ -46,6 +46,10 @@ paired (`--no-base --train-examples 300 --epochs 1 --test-calls 200 --compare-be
 finetune.history_loss=false`): function name 0.573 in both on 96 tool calls (4 gained, 4 lost), arguments 0.281 -> 0.292,
 valid JSON 0.989 in both, none invented; text replies answered in text 0.298 -> 0.433 (14 gained, 0 lost); 0.0% moved
 in both -- so it is on by default. Each arm ~30 min to train, 12-19 min to evaluate.
+Session 20, the counting-loop guard on session 19's after adapter, the same 200 test calls re-evaluated: one answer
+changed (a thought counting "1. The reservation ID is 12345. 2. ..." to the budget now closes at 173 tokens): valid JSON
+0.989 -> 1.000, function name 0.573 and arguments 0.292 unchanged; the evidence ceiling at 95% is 0% with 200 test calls
+(54% with all of them), so no recipe can show a move at this scale and target.
 On a GPU: `--device cuda --train-examples 1500 --epochs 3 --max-length 2048 --history-tokens 1536
 --tool-result-chars 2000 --batch-size 8 --test-calls 200` (minutes; not run here: no GPU was lent).
 """
