@@ -24,6 +24,28 @@ def client_keys(sc) -> list[str]:
     return keys
 
 
+def idle_policy_note(ws, policy) -> str | None:
+    """What to tell a user whose routing policy lets the SLM answer nothing: every call goes to the LLM, and, from
+    evaluate's summary, whether its sample could have shown a move at all (the evidence ceiling). None when some kind
+    of answer goes to the SLM."""
+    from slmconvert.io import read_json
+
+    sites = (policy.doc.get("rules") or {}) if policy is not None else {}
+    if policy is not None and any(policy.servable(s) for s in sites):
+        return None
+    note = ("the routing policy lets the SLM answer nothing: every call goes to the upstream LLM (no kind of SLM answer "
+            "reached evaluate.target_agreement on calibration)")
+    try:
+        ceiling = read_json(ws.stage_dir("evaluate") / "summary.json")["headline"].get("evidence_ceiling") or {}
+    except (OSError, ValueError, KeyError, TypeError):
+        ceiling = {}
+    if ceiling.get("share_calls") is not None and ceiling["share_calls"] < 0.999:
+        note += (f"; evaluate's sample could show at most {ceiling['share_calls']:.0%} of calls moving even for an SLM agreeing "
+                 f"on every call ({ceiling['share_calls_all_test']:.0%} with every test call)"
+                 + (f": {ceiling['advice']}" if ceiling.get("advice") else ""))
+    return note
+
+
 @app.command()
 @handle_errors
 def serve(
@@ -100,6 +122,11 @@ def serve(
                               highlight=False)
         if not sc.upstream:
             err_console.print("[yellow]warning:[/] no --upstream: requests the SLM may not answer get HTTP 502")
+        idle = idle_policy_note(ws, engine.policy)
+        if idle:
+            from rich.markup import escape as _escape
+
+            err_console.print(f"[yellow]note:[/] {_escape(idle)}", highlight=False)
     logger = CallLogger(ws, cfg) if sc.log_calls else None
     settings = ServeSettings(upstream=sc.upstream, mode=sc.mode, api_keys=keys, no_auth=sc.no_auth,
                              upstream_key_env=sc.upstream_key_env, max_body_bytes=sc.max_body_bytes,

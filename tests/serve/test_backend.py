@@ -102,8 +102,14 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
     from slmconvert.store import load_invocations
     from tests.evaluate.conftest import copy_ws
 
+    from slmconvert.cli.serve import idle_policy_note
+    from slmconvert.policy import load_policy
+
     ws, cfg = copy_ws(tuned_ws, tmp_path)
     evaluate(cfg, Workspace(ws))
+    # the tiny model's policy moves nothing, and serve says so at start, with what evaluate's sample could have shown
+    note = idle_policy_note(Workspace(ws), load_policy(ws / "eval" / "policy.json"))
+    assert note and "every call goes to the upstream LLM" in note and "could show at most 0%" in note
     assignments = pq.read_table(ws / "clusters" / "assignments.parquet").to_pylist()
     text_only = {a["site"] for a in assignments} - {a["site"] for a in assignments if a["task"].startswith("tool")}
     slm_site = sorted(text_only)[0]
@@ -111,6 +117,7 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
     policy["rules"] = {slm_site: {"text": {"action": "slm", "min_confidence": None, "reason": "set by hand"}}}
     policy["requests"][slm_site]["min_similarity"] = None  # no request gate: every request of the site reaches the SLM
     (ws / "eval" / "policy.json").write_text(json.dumps(policy))
+    assert idle_policy_note(Workspace(ws), load_policy(ws / "eval" / "policy.json")) is None
     by_id = {i.id: i for i in load_invocations(Workspace(ws), "collect")}
     ours = next(by_id[a["invocation_id"]] for a in assignments if a["split"] == "test" and a["site"] == slm_site)
     seen: list = []
