@@ -50,6 +50,8 @@ Session 20, the counting-loop guard on session 19's after adapter, the same 200 
 changed (a thought counting "1. The reservation ID is 12345. 2. ..." to the budget now closes at 173 tokens): valid JSON
 0.989 -> 1.000, function name 0.573 and arguments 0.292 unchanged; the evidence ceiling at 95% is 0% with 200 test calls
 (54% with all of them), so no recipe can show a move at this scale and target.
+The defaults (600 x 1) on the same collect, cluster and 200 test calls: function name 0.531, arguments 0.260, valid JSON
+1.000, none invented, text acceptable 0.173 (vs 0.106 at 300 x 1; 8 gained, 1 lost); 0% moved.
 On a GPU: `--device cuda --train-examples 1500 --epochs 3 --max-length 2048 --history-tokens 1536
 --tool-result-chars 2000 --batch-size 8 --test-calls 200` (minutes; not run here: no GPU was lent).
 """
