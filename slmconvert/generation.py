@@ -81,17 +81,7 @@ class RepeatGuard:
 
     def period(self, tail: list[int]) -> int | None:
         """The shortest period whose last `copies` repetitions end the sequence, spanning min_span or more."""
-        n = len(tail)
-        for p in range(1, self.max_period + 1):
-            need = max(self.copies * p, self.min_span)
-            if need > n:  # it only grows with p
-                return None
-            if tail[-1] != tail[-1 - p]:  # the cheap test first: the last token must come p back
-                continue
-            span = tail[-need:]
-            if all(span[i] == span[i + p] for i in range(len(span) - p)):
-                return p
-        return None
+        return _shortest_period(tail, self.copies, self.min_span, self.max_period)
 
     def units(self, tail: list[int]) -> tuple[list[int], dict[int, int]]:
         """The tail with each run of digit tokens as one unit (-1), and the number each such unit holds (by unit index)."""
@@ -107,25 +97,19 @@ class RepeatGuard:
         return self._counting(units, numbers)
 
     def _counting(self, units: list[int], numbers: dict[int, int]) -> list[int] | None:
-        c, n = self.counting_copies, len(units)
-        if n < 2:
+        """The span of the shortest period the units repeat `counting_copies` times when a number in it counts up by one."""
+        c = self.counting_copies
+        p = _shortest_period(units, c, self.min_span, self.max_period)
+        if p is None:
             return None
-        last = units[-1]
-        for p in range(2, self.max_period + 1):
-            need = max(c * p, self.min_span)
-            if need > n:
-                return None
-            if units[n - 1 - p] != last or not all(units[i] == units[i + p] for i in range(n - need, n - p)):
+        first = len(units) - c * p
+        for j in range(p):
+            if units[first + j] != -1:
                 continue
-            first = n - c * p
-            for j in range(p):
-                if units[first + j] != -1:
-                    continue
-                vals = [numbers.get(first + j + k * p) for k in range(c)]
-                if all(v is not None for v in vals) and all(b - a == 1 for a, b in zip(vals, vals[1:])):
-                    return units[-p:]
-            return None  # the shortest period repeats, but nothing in it counts
-        return None
+            vals = [numbers.get(first + j + k * p) for k in range(c)]
+            if all(v is not None for v in vals) and all(b - a == 1 for a, b in zip(vals, vals[1:])):
+                return units[-p:]
+        return None  # the shortest period repeats, but nothing in it counts
 
     def __call__(self, input_ids, scores):
         import torch
@@ -163,6 +147,20 @@ class RepeatGuard:
             a, b = cycle[k - 1], cycle[k]
             if a != -1 and b != -1:
                 known.setdefault(a, set()).add(b)
+
+
+def _shortest_period(seq: list[int], copies: int, min_span: int, max_period: int) -> int | None:
+    """The shortest period p (at most max_period) whose last `copies` repetitions end `seq`, spanning `min_span` or more."""
+    n = len(seq)
+    for p in range(1, max_period + 1):
+        need = max(copies * p, min_span)
+        if need > n:  # it only grows with p
+            return None
+        if seq[-1] != seq[-1 - p]:  # the cheap test first: the last item must come p back
+            continue
+        if all(seq[i] == seq[i + p] for i in range(n - need, n - p)):
+            return p
+    return None
 
 
 class _Units:

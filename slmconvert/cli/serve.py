@@ -66,6 +66,8 @@ def serve(
     to WS/serve/ for the next `slmconvert run`."""
     import json
 
+    from rich.markup import escape
+
     extra = []
     for key, value in (("upstream", upstream), ("mode", mode), ("host", host), ("port", port), ("slm_backend", slm_backend),
                        ("slm_backend_sites", str(slm_backend_sites) if slm_backend_sites else None)):
@@ -124,9 +126,7 @@ def serve(
             err_console.print("[yellow]warning:[/] no --upstream: requests the SLM may not answer get HTTP 502")
         idle = idle_policy_note(ws, engine.policy)
         if idle:
-            from rich.markup import escape as _escape
-
-            err_console.print(f"[yellow]note:[/] {_escape(idle)}", highlight=False)
+            err_console.print(f"[yellow]note:[/] {escape(idle)}", highlight=False)
     logger = CallLogger(ws, cfg) if sc.log_calls else None
     settings = ServeSettings(upstream=sc.upstream, mode=sc.mode, api_keys=keys, no_auth=sc.no_auth,
                              upstream_key_env=sc.upstream_key_env, max_body_bytes=sc.max_body_bytes,
@@ -134,7 +134,6 @@ def serve(
                              upstream_timeout_s=sc.upstream_timeout_s)
     application = create_app(settings, engine=engine, logger=logger)
     import uvicorn
-    from rich.markup import escape
 
     err_console.print(f"slmconvert serve ({sc.mode}) on http://{sc.host}:{sc.port}/v1 — sites: "
                       f"{', '.join(engine.sites) if engine else 'all forwarded'}; logging to {ws.root / 'serve'}"

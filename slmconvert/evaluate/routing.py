@@ -111,13 +111,15 @@ def fit_routing_policy(config, tasks_doc, prows, familiar_refs: int) -> tuple[di
     policy = Policy(doc)
     ver_rows = [r for r in prows if r["session"] in ver]
     verification = verify(policy, prows, ver, ec.confidence_level)
+    targets = sorted({*ec.compare_targets, ec.target_agreement})
+    ceilings = {t: evidence_ceiling(prows, cal, ver, agreeing_needed(t, ec.confidence_level), ec.confidence_level)
+                for t in targets}
     at_targets = [{**(target_row(doc, verification["all"], ec.confidence_level) if t == ec.target_agreement else
                       at_target(prows, cal, ver, target=t, level=ec.confidence_level, seed=ec.seed, sites=site_tasks,
                                 novelty_alpha=ec.novelty_alpha)), "applied": t == ec.target_agreement,
-                   **{f"ceiling_{k}": v for k, v in evidence_ceiling(prows, cal, ver, agreeing_needed(t, ec.confidence_level),
-                                                                      ec.confidence_level).items()
-                      if k in ("share_calls", "share_calls_all_test")}}
-                  for t in sorted({*ec.compare_targets, ec.target_agreement})]
+                   "ceiling_share_calls": ceilings[t]["share_calls"],
+                   "ceiling_share_calls_all_test": ceilings[t]["share_calls_all_test"]}
+                  for t in targets]
     check = {"split": {"calibration_sessions": len(cal), "verification_sessions": len(ver),
                        "calibration_calls": sum(r["session"] in cal for r in prows), "verification_calls": len(ver_rows)},
              "verification": verification,
@@ -125,9 +127,7 @@ def fit_routing_policy(config, tasks_doc, prows, familiar_refs: int) -> tuple[di
              "familiarity_references": familiar_refs,
              "confidence_signal": {"chosen": signal, "auroc_on_calibration": auroc},
              "at_targets": at_targets,
-             "evidence": {"target": ec.target_agreement,
-                          **evidence_ceiling(prows, cal, ver, agreeing_needed(ec.target_agreement, ec.confidence_level),
-                                             ec.confidence_level)},
+             "evidence": {"target": ec.target_agreement, **ceilings[ec.target_agreement]},
              "confusion": confusion(prows),
              "risk_coverage": {site: risk_coverage([r for r in ver_rows if r["site"] == site])
                                for site in sorted({r["site"] for r in ver_rows})}}
