@@ -88,8 +88,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=520,
                     help="evaluate.max_new_tokens: τ-bench's longest gpt-4o call (book_reservation) is 515 SmolLM2 tokens; "
                          "at 160 every book_reservation answer was cut off and counted as broken JSON")
-    ap.add_argument("--tool-choice", choices=["greedy", "whole_name"], default=None,
-                    help="evaluate.tool_choice: which tool a call names (whole_name: the likeliest whole name among those offered)")
+    ap.add_argument("--tool-choice", choices=["head", "greedy", "whole_name"], default=None,
+                    help="evaluate.tool_choice: which tool a call names (head, the default: the site's action head; greedy: the "
+                         "SLM's own; whole_name: the SLM's likeliest whole name among those offered)")
     ap.add_argument("--history-loss", choices=["true", "false"], default=None,
                     help="finetune.history_loss (default true): the loss also on the LLM's earlier answers each example's history window shows")
     ap.add_argument("--device", default=None)
@@ -249,10 +250,13 @@ def arm(cfg, ws, finetune, evaluate, load_summary, t0: float) -> dict:
     h = s["headline"]
     from rich.text import Text
 
-    from slmconvert.cli.evaluate import headline_text
+    from slmconvert.cli.evaluate import head_text, headline_text
 
     pol = s["policy"]
     print(f"invented tool names: {s.get('invented_tools') or 'none'}; copying: {s.get('copying')}")
+    head = head_text(s.get("action_head"))
+    if head:
+        print(Text.from_markup(head).plain)
     print(f"confidence signal: {pol['confidence_signal']['chosen']}; AUROC on calibration: "
           f"{ {k: v.get('all') for k, v in pol['confidence_signal']['auroc_on_calibration'].items()} }")
     print(f"per-task verdicts (a diagnosis): {h['verdicts']}")

@@ -171,11 +171,11 @@ def tiny_catalogue(path, folder, name="tiny-llama", **fields):
 class StopAfter:
     """A progress reporter that simulates Ctrl-C after n steps (for interrupted-run tests)."""
 
-    def __init__(self, n):
-        self.n, self.seen = n, 0
+    def __init__(self, n, during: str | None = None):
+        self.n, self.seen, self.during, self.label = n, 0, during, ""
 
     def start(self, label, total=None):
-        pass
+        self.label = label
 
     def stop(self):
         pass
@@ -184,6 +184,8 @@ class StopAfter:
         pass
 
     def advance(self, k=1):
+        if self.during is not None and self.during not in self.label:
+            return  # only steps of the named part count (e.g. generation, not the embeddings before it)
         self.seen += k
         if self.seen > self.n:
             raise KeyboardInterrupt

@@ -107,6 +107,21 @@ def targets_text(summary: dict) -> str:
             "serve applies only the one above): " + "; ".join(parts))
 
 
+def head_text(head: dict | None) -> str:
+    """How well each site's action head names the LLM's tool on test calls it was not fitted on."""
+    from slmconvert.evaluate.report import pct
+
+    parts = []
+    for site, m in sorted(((head or {}).get("sites") or {}).items()):
+        if not m.get("fitted"):
+            parts.append(f"{site}: none ({m['train_calls']} training tool calls of {m['tools']} tools; {m['why']}: greedy names)")
+        elif m.get("test_calls"):
+            parts.append(f"{site}: names the LLM's tool on {pct(m['accuracy'])} of {m['test_calls']} test tool calls of "
+                         f"{m['test_sessions']} held-out sessions (always the most frequent tool: {pct(m['most_frequent_accuracy'])}); "
+                         f"fitted on {m['train_calls']} calls of {m['train_sessions']} train sessions")
+    return ("[dim]Action head (which tool a call names; evaluate.tool_choice): " + "; ".join(parts) + "[/]") if parts else ""
+
+
 def print_verdicts(summary: dict, title: str) -> None:
     from rich.table import Table
 
@@ -133,5 +148,8 @@ def print_verdicts(summary: dict, title: str) -> None:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(aur.items(), key=lambda kv: -kv[1])) or "not measurable (all answers agree, or none)"
         console.print(f"[dim]Confidence signal thresholded: {sig['chosen']}; AUROC on calibration (agreeing vs not): {shown}[/]",
                       highlight=False)
+    head = head_text(summary.get("action_head"))
+    if head:
+        console.print(head, highlight=False)
     for p in summary.get("problems", []):
         console.print(f"[yellow]warning:[/] {p}", highlight=False)

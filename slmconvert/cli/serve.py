@@ -122,6 +122,11 @@ def serve(
                               "probability (evaluate.tool_choice: whole_name); the SLM backend decodes names greedily, so the SLM may "
                               "agree with the LLM less often than verified (evaluate with tool_choice: greedy to verify what it does)",
                               highlight=False)
+        if sc.slm_backend and sc.gate_overlap and engine.head is not None:
+            err_console.print("[dim]note: the action head picks each call's tool from the request gate's embedding "
+                              "(evaluate.tool_choice: head), so for requests with tools at sites with a head the gate embeds before the engine "
+                              "generates, not beside it[/]",
+                              highlight=False)
         if not sc.upstream:
             err_console.print("[yellow]warning:[/] no --upstream: requests the SLM may not answer get HTTP 502")
         idle = idle_policy_note(ws, engine.policy)

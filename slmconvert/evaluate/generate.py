@@ -156,13 +156,30 @@ class Answers:
     specials: list[str]
 
 
+def head_choices(head, gate, cache, site: str, sample: list[Sampled], specs: list[list[tuple[str, dict]]],
+                 progress: Progress) -> list[str | None]:
+    """Per sampled call, the tool the site's action head picks among those its grammar offers (None: no choice)."""
+    from slmconvert.embeddings import embed_texts
+    from slmconvert.policy import request_text
+
+    if head is None or site not in head.sites or not sample:
+        return [None] * len(sample)
+    vecs, _ = embed_texts([request_text(s.inv.request.messages) for s in sample], gate, cache, progress,
+                          f"embedding {site}'s test calls for the action head")
+    return [name for name, _ in head.choose(site, vecs, [s.inv.request.messages for s in sample],
+                                            [[n for n, _ in sp] for sp in specs])]
+
+
 def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]], cache: GenerationCache, problems: list[str],
-                 progress: Progress, bounds: dict[str, dict] | None = None) -> tuple[list[Answers], dict[str, int]]:
+                 progress: Progress, bounds: dict[str, dict] | None = None, *, head=None, gate=None,
+                 emb_cache=None) -> tuple[list[Answers], dict[str, int]]:
     """Answers of every (model, site) variant: the base model (when `evaluate.base`) and each adapter;
     and how many generations were new vs cached. `bounds`: per site, the argument bounds of its
-    constrained grammar (slmconvert.constrained.argument_bounds)."""
+    constrained grammar (slmconvert.constrained.argument_bounds). `head` (slmconvert.action_head.ActionHead,
+    requests embedded by `gate`): a call's grammar offers only the tool the head picks (a text reply stays allowed)."""
     from slmconvert.chat import answer_text, render_prompt, special_tokens, supports_native_tools
     from slmconvert.compaction import CompactionRecipe
+    from slmconvert.action_head import narrow_specs
     from slmconvert.constrained import GRAMMAR_FORMAT, bounded_specs, tool_grammars
     from slmconvert.generation import RepeatGuard, WholeNameChoice
     from slmconvert.finetune.stage import COMPLETE, load_artefact
@@ -203,6 +220,9 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
         # the grammar follows the request's own tools, not the compacted prompt's (compaction may drop their docs)
         specs = ([bounded_specs(s.inv.request.tools, bounds.get(site), s.inv.request.messages) for s in sample]
                  if grammars is not None else None)
+        if specs is not None and head is not None:
+            picked = head_choices(head, gate, emb_cache, site, sample, specs, progress)
+            specs = [narrow_specs(sp, name) for sp, name in zip(specs, picked)]
         constraints = [grammars.for_specs(sp) for sp in specs] if specs is not None else None
         for s in sample:
             msgs, tools = make_messages(s.inv)

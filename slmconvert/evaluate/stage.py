@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from slmconvert.action_head import HEAD_FILE as ACTION_HEAD_FILE
 from slmconvert.config import PipelineConfig
 from slmconvert.errors import StageError
 from slmconvert.evaluate.summary import EVAL_VERSION
@@ -30,6 +31,7 @@ POLICY = "policy.json"  # what `serve` applies (slmconvert.policy)
 FAMILIARITY = "familiarity.npz"  # the request gate's references (slmconvert.policy.Familiarity)
 REPORT = "report.html"
 GENERATIONS = "generations.jsonl"
+HEAD_FILE = ACTION_HEAD_FILE  # which tool a call names (slmconvert.action_head), when evaluate.tool_choice is head
 
 
 def _config_hash(config: PipelineConfig) -> str:
@@ -51,16 +53,18 @@ def _adapter_problem(workspace: Workspace, a: dict[str, Any]) -> str | None:
 
 
 def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, progress: Progress = NULL_PROGRESS) -> Manifest:
+    from slmconvert.action_head import VERSION as ACTION_HEAD_VERSION, fit_action_heads
     from slmconvert.cluster.router import load_router
     from slmconvert.cluster.stage import load_assignments, load_tasks
     from slmconvert.constrained import argument_bounds
-    from slmconvert.embeddings import EmbeddingCache, GateEncoder
+    from slmconvert.embeddings import EmbeddingCache, GateEncoder, embed_texts
     from slmconvert.evaluate.generate import GenerationCache, generate_all, test_sample
     from slmconvert.evaluate.prices import load_prices
     from slmconvert.evaluate.report import write_report
     from slmconvert.evaluate.routing import familiarity_references, fit_routing_policy, policy_rows
     from slmconvert.evaluate.scoring import add_judge, add_text_similarity, mark_acceptable, score_rows
     from slmconvert.evaluate.summary import choose_adapters, summarise, write_results
+    from slmconvert.policy import request_text
     from slmconvert.store import load_invocations
 
     ec = config.evaluate
@@ -109,11 +113,23 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         # how long the LLM's arguments get on each site's training calls: the grammar's caps (serve reads them from the policy)
         bounds = ({s: argument_bounds(train_by_site.get(s, []), ec.copy_arguments, ec.no_repeat_share) for s in samples}
                   if ec.constrained_decoding else {})
+        router = load_router(workspace.stage_dir("cluster"))
+        gate = GateEncoder.choose(router.embedder, ec.gate_encoder)
+        emb_cache = EmbeddingCache(stage_dir / "cache", gate.key)
+        head = None
+        if ec.constrained_decoding and ec.tool_choice == "head":  # which tool a call names: fitted before generating
+            with timer.step("action_head_s"):
+                head = fit_action_heads(gate, train_by_site, {s: [i for v in bt.values() for i in v] for s, bt in test_by_site.items()},
+                                        emb_cache, progress)
+                for site in head.sites:  # embedded now, not under generation's progress bar (then read from the cache)
+                    embed_texts([request_text(x.inv.request.messages) for x in samples.get(site, [])], gate, emb_cache, progress,
+                                f"embedding {site}'s sampled test calls for the action head")
         with timer.step("generate_s"):
             total = sum(len(samples.get(a["site"], [])) * (2 if ec.base else 1) for a in adapters)
             progress.start("evaluating on the test split", total=total)
             try:
-                answers, gen_counts = generate_all(config, workspace, adapters, samples, cache, problems, progress, bounds)
+                answers, gen_counts = generate_all(config, workspace, adapters, samples, cache, problems, progress, bounds,
+                                                   head=head, gate=gate, emb_cache=emb_cache)
             finally:
                 progress.stop()
         with timer.step("score_s"):
@@ -127,9 +143,6 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
             mark_acceptable(rows, ec)
         with timer.step("policy_s"):
             chosen = choose_adapters(rows)
-            router = load_router(workspace.stage_dir("cluster"))
-            gate = GateEncoder.choose(router.embedder, ec.gate_encoder)
-            emb_cache = EmbeddingCache(stage_dir / "cache", gate.key)
             familiarity = familiarity_references(gate, {s: v for s, v in train_by_site.items() if s in chosen}, ec.seed,
                                                  emb_cache, progress)
             llm_models = {site: ec.llm_model or (sd.get("models") or [None])[0] for site, sd in tasks_doc["sites"].items()}
@@ -139,6 +152,9 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                                                {s: int(len(v)) for s, v in familiarity.refs.items()})
             policy["argument_bounds"] = {s: b for s, b in bounds.items() if s in chosen}
             policy["gate_encoder"] = {"id": gate.id, "what": gate.why}  # serve embeds requests as these thresholds were fitted
+            if head is not None:
+                policy["action_head"] = {"version": ACTION_HEAD_VERSION, "encoder": head.encoder,
+                                         "sites": {s: m for s, m in head.meta.items() if s in chosen}}
         summary = summarise(config, tasks_doc, rows, adapters, chosen, problems, judge_stats, by_id, policy, check)
         summary["generation"] = gen_counts
         summary["timings"] = timer.total()
@@ -146,6 +162,10 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
         with timer.step("write_s"):
             write_results(stage_dir / RESULTS, rows)
             familiarity.save(stage_dir / FAMILIARITY)
+            if head is not None:
+                head.save(stage_dir / HEAD_FILE)
+            else:
+                (stage_dir / HEAD_FILE).unlink(missing_ok=True)  # serve must not apply a head this policy was not verified with
             write_json_atomic(stage_dir / POLICY, policy)
             write_json_atomic(stage_dir / SUMMARY, summary)
             write_report(stage_dir / REPORT, summary, rows, ec.examples_in_report)
@@ -156,7 +176,7 @@ def run(config: PipelineConfig, workspace: Workspace, *, force: bool = False, pr
                   "generated_new": summary["generation"]["new"], "generated_cached": summary["generation"]["cached"]}
         manifest = Manifest(stage=STAGE, config_hash=config_hash, input_hash=input_hash,
                             inputs={"cluster": cm.fingerprint(), "finetune": fm.fingerprint()}, counts=counts,
-                            timings=timer.total(), files=[RESULTS, SUMMARY, POLICY, FAMILIARITY, REPORT], status="ran" if prev is None else "updated",
+                            timings=timer.total(), files=[RESULTS, SUMMARY, POLICY, FAMILIARITY, REPORT] + ([HEAD_FILE] if head is not None else []), status="ran" if prev is None else "updated",
                             extra={"headline": h, "problems": problems,
                                    "verdicts": {f"{t['site']}/{t['task']}": t["verdict"] for t in summary["tasks"]}})
         workspace.write_manifest(manifest)

@@ -15,7 +15,7 @@ from typing import Any
 from slmconvert.evaluate.scoring import ALL_METRICS, aggregate, copy_stats, invented_tools, per_argument
 from slmconvert.io import write_parquet_atomic
 
-EVAL_VERSION = 5  # 5: the evidence ceiling; answers decoded under the counting-loop guard (a re-run re-evaluates)
+EVAL_VERSION = 6  # 6: the action head (evaluate.tool_choice: head); 5: the evidence ceiling, the counting-loop guard (a re-run re-evaluates)
 PAPER_ESTIMATE = "40-70% of calls (Belcak et al., 2025, §5)"
 
 
@@ -141,6 +141,7 @@ def summarise(config, tasks_doc, rows, adapters, chosen, problems, judge_stats, 
         "per_argument": {k: {a: round(sum(v) / len(v), 4) for a, v in d.items()} for k, d in per_arg.items()},
         "copying": copy_stats(chosen_rows := [r for r in rows if r["variant"] == "finetuned" and chosen.get(r["site"]) == r["model"]], by_id),
         "invented_tools": invented_tools(chosen_rows, by_id),
+        "action_head": policy_doc.get("action_head"),
         "tasks": tasks_out, "problems": problems, "judge": judge_stats,
         "policy": {**check, "rules": policy_doc["rules"], "requests": policy_doc["requests"], "gate_encoder": policy_doc.get("gate_encoder"),
                    "target_agreement": policy_doc["target_agreement"], "confidence_level": policy_doc["confidence_level"]},

@@ -59,7 +59,7 @@ class SlmEngine:
                  max_concurrency: int = 64, gate_runtime: str = "auto"):
         from slmconvert.cluster.router import load_router
         from slmconvert.compaction import CompactionRecipe
-        from slmconvert.evaluate.stage import FAMILIARITY, POLICY, load_summary
+        from slmconvert.evaluate.stage import FAMILIARITY, HEAD_FILE, POLICY, load_summary
         from slmconvert.finetune.stage import load_artefact
         from slmconvert.finetune.trainer import pick_device
         from slmconvert.io import read_json
@@ -86,6 +86,17 @@ class SlmEngine:
                              "(generations are cached), or use --mode proxy")
         self.policy = policy
         self.familiarity = load_familiarity(workspace.stage_dir("evaluate") / FAMILIARITY)
+        # Which tool a call names, as evaluate verified it (evaluate.tool_choice: head): the action head, applied to the
+        # request gate's vector of the request (so the gate embeds before the engine generates: no overlap then).
+        self.head = None
+        if policy.doc.get("tool_choice") == "head" and policy.doc.get("constrained_decoding") and policy.doc.get("action_head"):
+            from slmconvert.action_head import ActionHead
+
+            self.head = ActionHead.load(workspace.stage_dir("evaluate") / HEAD_FILE)
+            if self.head is None or self.familiarity is None:
+                raise StageError(f"the routing policy was verified with the action head naming each call's tool, but "
+                                 f"{workspace.stage_dir('evaluate') / (HEAD_FILE if self.head is None else FAMILIARITY)} is missing "
+                                 f"or from another slmconvert: re-run `slmconvert evaluate --workspace {workspace.root} --force`")
         fm = workspace.require_manifest("finetune", "serve")
         chosen = summary.get("chosen_adapters", {})
         self.adapters: dict[str, dict[str, Any]] = {}
@@ -242,11 +253,23 @@ class SlmEngine:
         """Some answer of the site may be returned by the SLM."""
         return self.policy.servable(site)
 
-    def familiarity_of(self, site: str, messages: list[dict]) -> float | None:
-        if self.familiarity is None:
-            return None
-        vec = self._gate.submit(None, request_text(messages)).result()
-        return self.familiarity.score(site, vec[None, :])[0]
+    def _gate_vector(self, messages: list[dict]):
+        return None if self.familiarity is None else self._gate.submit(None, request_text(messages)).result()
+
+    def familiarity_of(self, site: str, messages: list[dict], vec=None) -> float | None:
+        vec = self._gate_vector(messages) if vec is None else vec
+        return None if vec is None else self.familiarity.score(site, vec[None, :])[0]
+
+    def _head_pick(self, d: "Decision", site: str, vec, messages: list[dict], specs: list) -> list:
+        """`specs` narrowed to the tool the action head picks (as evaluate narrowed them); the pick goes in the call log."""
+        if self.head is None or vec is None or not specs:
+            return specs
+        from slmconvert.action_head import narrow_specs
+
+        (name, p), = self.head.choose(site, vec[None, :], [messages], [[n for n, _ in specs]])
+        if name is not None:
+            d.extra["head_tool"], d.extra["head_probability"] = name, round(p, 4)
+        return narrow_specs(specs, name)
 
     def _apply_policy(self, d: "Decision", site: str, messages: list[dict], tools, response, ok: bool, text_agent: bool) -> "Decision":
         key = answer_key(response, self.site_tasks.get(site, []), messages)
@@ -289,10 +312,17 @@ class SlmEngine:
 
             return asyncio.run(self.answer_async(messages, tools))
         d, plan = self._plan(messages, tools)
-        if plan is None:
-            return d
+        return d if plan is None else self._answer_planned(d, plan)
+
+    def _head_applies(self, site: str, tools) -> bool:
+        """The action head picks this request's tool (so the gate must embed before the engine generates)."""
+        return self.head is not None and site in self.head.sites and bool(tools)
+
+    def _answer_planned(self, d: "Decision", plan: "_Plan") -> Decision:
+        """The gate, then generation (here or by the engine), then the policy: one request, blocking."""
         site, adapter, messages, tools, text_agent, t0 = plan
-        d.similarity = self.familiarity_of(site, messages)
+        vec = self._gate_vector(messages)
+        d.similarity = self.familiarity_of(site, messages, vec)
         refused = self.policy.admit(site, d.similarity)
         if refused is not None:
             d.reason = refused.reason
@@ -302,18 +332,23 @@ class SlmEngine:
             return d
         prompt, budget = prompt_or_reason
         tok = self._models[adapter["model_key"]][1]
+        from slmconvert.constrained import bounded_specs
+
         if self.backend is not None:
+            grammar_tools = tools
+            if self.head is not None and tools:  # the engine's grammar offers only the head's tool, as evaluate's did
+                picked = {n for n, _ in self._head_pick(d, site, vec, messages, bounded_specs(tools, self.argument_bounds.get(site), messages))}
+                grammar_tools = [t for t in tools if (t.get("function") or t).get("name") in picked] or tools
             try:
-                g = self.backend.generate(site, prompt, self.max_new_tokens, self._stops(tok), self._grammar_fields(site, tools, messages))
+                g = self.backend.generate(site, prompt, self.max_new_tokens, self._stops(tok), self._grammar_fields(site, grammar_tools, messages))
             except BackendError as e:
                 d.reason = str(e)
                 d.seconds = time.perf_counter() - t0
                 return d
             return self._decide(d, g, tok, site, messages, tools, text_agent, t0)
         grammars = self._grammars.get(adapter["model_key"])
-        from slmconvert.constrained import bounded_specs
-
         specs = bounded_specs(tools, self.argument_bounds.get(site), messages) if grammars is not None else []
+        specs = self._head_pick(d, site, vec, messages, specs)
         constraint = grammars.for_specs(specs) if grammars is not None else None
         names = [n for n, _ in specs] if constraint is not None and self.policy.doc.get("tool_choice") == "whole_name" else None
         batcher = self._batchers.get(adapter["model_key"])
@@ -356,17 +391,19 @@ class SlmEngine:
         would spend holding the interpreter lock anyway); only the engine call (a worker thread: urllib3, which
         costs less per call than an asyncio client here) and the gate's embedding leave it, at once, and the
         decision is made when both are back. Each thread hop this saves costs 0.1-0.3 ms, and up to 4 ms at p95 on
-        2 busy cores (benchmarks/serve_load.py). Otherwise (generation in this process, or the gate first) the
-        blocking `answer` runs in a worker thread. This is also what `answer` runs in the overlapped case."""
-        if self._overlap is None:
-            from starlette.concurrency import run_in_threadpool
+        2 busy cores (benchmarks/serve_load.py). Otherwise (generation in this process, or the gate first, or a request
+        whose tool the action head picks: the pick shapes the engine's grammar) the blocking `answer` runs in a worker thread. This is also what `answer` runs in the overlapped case."""
+        from starlette.concurrency import run_in_threadpool
 
+        if self._overlap is None:
             return await run_in_threadpool(self.answer, messages, tools)
         import asyncio
 
         d, plan = self._plan(messages, tools)
         if plan is None:
             return d
+        if self._head_applies(plan.site, plan.tools):  # the head's pick shapes the engine's grammar: the gate first
+            return await run_in_threadpool(self._answer_planned, d, plan)
         site, adapter, messages, tools, text_agent, t0 = plan
         prompt_or_reason = self._prompt(d, adapter, messages, tools)
         if prompt_or_reason is None:

@@ -25,7 +25,7 @@ def tuned_ws(clustered_demo, tmp_path_factory):
     return ws, cfg
 
 
-def copy_ws(tuned_ws, tmp_path):
+def copy_ws(tuned_ws, tmp_path, *sets):
     ws = tmp_path / "ws"
     shutil.copytree(tuned_ws[0], ws)
-    return ws, stage_config(ws, f"finetune.models={json.dumps(tuned_ws[1].finetune.models)}", *SETS)
+    return ws, stage_config(ws, f"finetune.models={json.dumps(tuned_ws[1].finetune.models)}", *SETS, *sets)

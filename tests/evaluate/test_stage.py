@@ -14,7 +14,9 @@ from tests.evaluate.conftest import SETS, copy_ws
 def test_evaluate_writes_results_summary_and_report_that_agree(tuned_ws, tmp_path):
     from slmconvert.evaluate.stage import run
 
-    ws, cfg = copy_ws(tuned_ws, tmp_path)
+    # greedy tool names: with the action head (tests/serve/test_backend.py) most grammars narrow to one tool, so a
+    # change of the argument rules below would change fewer of them than this test counts
+    ws, cfg = copy_ws(tuned_ws, tmp_path, "evaluate.tool_choice=greedy")
     m = run(cfg, Workspace(ws))
     assert m.status == "ran" and m.counts["adapters"] == 3
     rows = pq.read_table(ws / "eval" / "results.parquet").to_pylist()
@@ -70,7 +72,8 @@ def test_evaluate_writes_results_summary_and_report_that_agree(tuned_ws, tmp_pat
     from slmconvert.constrained import bounded_specs
     from slmconvert.store import load_invocations
 
-    looser = stage_config(ws, f"finetune.models={json.dumps(cfg.finetune.models)}", *SETS, "evaluate.no_repeat_share=null")
+    looser = stage_config(ws, f"finetune.models={json.dumps(cfg.finetune.models)}", *SETS, "evaluate.no_repeat_share=null",
+                          "evaluate.tool_choice=greedy")
     m = run(looser, Workspace(ws))
     after = json.loads((ws / "eval" / "policy.json").read_text())["argument_bounds"]
     invs = {i.id: i for i in load_invocations(Workspace(ws))}
@@ -88,7 +91,7 @@ def test_interrupted_evaluation_resumes_from_cached_generations(tuned_ws, tmp_pa
 
     ws, cfg = copy_ws(tuned_ws, tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, Workspace(ws), progress=StopAfter(10))
+        run(cfg, Workspace(ws), progress=StopAfter(10, during="evaluating on the test split"))
     assert Workspace(ws).read_manifest("evaluate") is None  # nothing claims to be done
     done_before = sum(1 for _ in open(ws / "eval" / "generations.jsonl"))
     assert done_before >= 4

@@ -254,8 +254,9 @@ def test_an_external_engine_answers_and_serve_keeps_the_routing(tuned_ws, tmp_pa
 
 def test_the_engine_is_sent_the_grammar_the_policy_was_verified_with(tuned_ws, tmp_path):
     """With a vLLM export's sites.json, the engine gets the structural tag evaluate decoded under: only the
-    request's tools, arguments capped by the policy's bounds. Without it the engine decodes freely, and serve
-    says which sites that leaves unlike what was verified."""
+    request's tools, arguments capped by the policy's bounds (here evaluated with greedy tool names; with the action
+    head, the next test). Without it the engine decodes freely, and serve says which sites that leaves unlike what was
+    verified."""
     import pyarrow.parquet as pq
     import xgrammar as xgr
     from transformers import AutoTokenizer
@@ -267,10 +268,11 @@ def test_the_engine_is_sent_the_grammar_the_policy_was_verified_with(tuned_ws, t
     from slmconvert.store import load_invocations
     from tests.evaluate.conftest import copy_ws
 
-    ws, cfg = copy_ws(tuned_ws, tmp_path)
+    ws, cfg = copy_ws(tuned_ws, tmp_path, "evaluate.tool_choice=greedy")
     evaluate(cfg, Workspace(ws))
     policy = json.loads((ws / "eval" / "policy.json").read_text())
-    assert policy["constrained_decoding"]
+    assert policy["constrained_decoding"] and policy["tool_choice"] == "greedy" and "action_head" not in policy
+    assert not (ws / "eval" / "action_head.joblib").exists()
     assignments = pq.read_table(ws / "clusters" / "assignments.parquet").to_pylist()
     by_id = {i.id: i for i in load_invocations(Workspace(ws), "collect")}
     ours = next(by_id[a["invocation_id"]] for a in assignments
@@ -308,6 +310,64 @@ def test_the_engine_is_sent_the_grammar_the_policy_was_verified_with(tuned_ws, t
 
     with pytest.raises(StageError, match="grammar 'regex'"):
         SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend="http://127.0.0.1:9/v1", backend_sites={site: {"grammar": "regex"}})
+
+
+def test_with_the_action_head_the_engine_and_the_local_slm_may_call_only_the_heads_tool(tuned_ws, tmp_path):
+    """evaluate.tool_choice: head (the default): evaluate fits the head and says how well it names the LLM's tool on
+    held-out sessions; serve narrows the grammar it decodes under (its own SLM's, or the one it sends an engine) to the
+    head's pick, as evaluate did, and logs the pick. A workspace whose head file is gone is refused at start."""
+    import pyarrow.parquet as pq
+    import pytest
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from slmconvert.chat import answer_text
+    from slmconvert.errors import StageError
+    from slmconvert.evaluate.stage import run as evaluate
+    from slmconvert.invocation import Response, ToolCall
+    from slmconvert.serve.engine import SlmEngine
+    from slmconvert.store import load_invocations
+    from tests.evaluate.conftest import copy_ws
+
+    ws, cfg = copy_ws(tuned_ws, tmp_path)
+    evaluate(cfg, Workspace(ws))
+    policy = json.loads((ws / "eval" / "policy.json").read_text())
+    summary = json.loads((ws / "eval" / "summary.json").read_text())
+    assert policy["tool_choice"] == "head" and summary["action_head"] == policy["action_head"]
+    assignments = pq.read_table(ws / "clusters" / "assignments.parquet").to_pylist()
+    by_id = {i.id: i for i in load_invocations(Workspace(ws), "collect")}
+    ours = next(by_id[a["invocation_id"]] for a in assignments
+                if a["split"] == "test" and by_id[a["invocation_id"]].request.tools and by_id[a["invocation_id"]].response.tool_calls)
+    site = next(a["site"] for a in assignments if a["invocation_id"] == ours.id)
+    m = policy["action_head"]["sites"][site]
+    assert m["fitted"] and m["test_calls"] > 0 and 0 <= m["accuracy"] <= 1 and m["train_calls"] >= 20
+    policy["rules"][site] = {"text": {"action": "slm", "min_confidence": None, "reason": "set by hand"}}
+    policy["requests"][site]["min_similarity"] = None
+    (ws / "eval" / "policy.json").write_text(json.dumps(policy))
+    offered = {t["function"]["name"] for t in ours.request.tools}
+    seen: list = []
+    with Uvicorn(fake_backend(seen)) as backend:
+        engine = SlmEngine(cfg, Workspace(ws), max_new_tokens=8, backend=backend.url + "/v1",
+                           backend_sites={site: {"model": "slm-x", "grammar": "structural_tag", "engine": "vllm"}})
+        d = engine.answer(ours.request.messages, ours.request.tools)
+    pick = d.extra["head_tool"]
+    assert pick in offered and 0 < d.extra["head_probability"] <= 1
+    tag = seen[0]["structured_outputs"]["structural_tag"]
+    assert [json.loads(t["begin"][len("<tool_call>"):] + "0}")["name"] for t in json.loads(tag)["format"]["tags"]] == [pick]
+    tok = AutoTokenizer.from_pretrained(next(iter(engine.adapters.values()))["weights"])
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok)).compile_structural_tag(tag)
+    llm_call = ours.response.tool_calls[0]
+    other = next(n for n in sorted(offered) if n != pick)
+    assert xgr.GrammarMatcher(compiled).accept_string(answer_text(ours.response)) == (llm_call.name == pick)
+    elsewhere = Response(content=None, tool_calls=[ToolCall(name=other, arguments=llm_call.arguments)])
+    assert not xgr.GrammarMatcher(compiled).accept_string(answer_text(elsewhere))
+    assert xgr.GrammarMatcher(compiled).accept_string("Sure, one moment.")  # whether to call a tool stays the SLM's
+    # the SLM in this process picks the same tool for the same request
+    local = SlmEngine(cfg, Workspace(ws), max_new_tokens=8)
+    assert local.answer(ours.request.messages, ours.request.tools).extra["head_tool"] == pick
+    (ws / "eval" / "action_head.joblib").unlink()
+    with pytest.raises(StageError, match="action_head.joblib is missing"):
+        SlmEngine(cfg, Workspace(ws), max_new_tokens=8)
 
 
 def test_token_log_probabilities_are_read_in_every_shape_engines_answer_completions_with():
