@@ -129,3 +129,16 @@ def _turn(inv):
     from slmconvert.policy import request_text
 
     return request_text(inv.request.messages)
+
+
+def test_evaluate_prints_how_well_each_sites_head_names_the_tool_and_why_a_site_has_none():
+    from slmconvert.cli.evaluate import head_text
+
+    text = head_text({"sites": {
+        "desk": {"fitted": True, "train_calls": 120, "train_sessions": 40, "tools": 4, "test_calls": 30, "test_sessions": 9,
+                 "accuracy": 0.9, "most_frequent_accuracy": 0.4},
+        "tiny": {"fitted": False, "train_calls": 7, "tools": 2, "why": f"needs {MIN_CALLS} training tool calls of two or more tools"}}})
+    assert "desk: names the LLM's tool on 90.0% of 30 test tool calls of 9 held-out sessions" in text
+    assert "most frequent tool: 40.0%" in text and "fitted on 120 calls of 40 train sessions" in text
+    assert "tiny: none (7 training tool calls of 2 tools" in text and "greedy names" in text
+    assert head_text(None) == "" and head_text({"sites": {}}) == ""
