@@ -91,12 +91,15 @@ class ActionHead:
 
     @staticmethod
     def load(path: Path) -> "ActionHead | None":
-        """The saved head, or None when there is none or it was written by another version of the features."""
+        """The saved head, or None when there is none, it is damaged, or another version of the features wrote it."""
         import joblib
 
         if not path.exists():
             return None
-        bundle = joblib.load(path)  # our own file, written by `evaluate` in this workspace
+        try:
+            bundle = joblib.load(path)  # our own file, written by `evaluate` in this workspace
+        except Exception:  # noqa: BLE001 - a damaged file is as good as none: the caller says to re-run evaluate
+            return None
         if not isinstance(bundle, dict) or bundle.get("version") != VERSION:
             return None
         return ActionHead(bundle["sites"], bundle["encoder"], bundle["meta"])

@@ -95,8 +95,8 @@ class SlmEngine:
             self.head = ActionHead.load(workspace.stage_dir("evaluate") / HEAD_FILE)
             if self.head is None or self.familiarity is None:
                 raise StageError(f"the routing policy was verified with the action head naming each call's tool, but "
-                                 f"{workspace.stage_dir('evaluate') / (HEAD_FILE if self.head is None else FAMILIARITY)} is missing "
-                                 f"or from another slmconvert: re-run `slmconvert evaluate --workspace {workspace.root} --force`")
+                                 f"{workspace.stage_dir('evaluate') / (HEAD_FILE if self.head is None else FAMILIARITY)} is missing, "
+                                 f"damaged or from another slmconvert: re-run `slmconvert evaluate --workspace {workspace.root} --force`")
         fm = workspace.require_manifest("finetune", "serve")
         chosen = summary.get("chosen_adapters", {})
         self.adapters: dict[str, dict[str, Any]] = {}
@@ -392,7 +392,8 @@ class SlmEngine:
         costs less per call than an asyncio client here) and the gate's embedding leave it, at once, and the
         decision is made when both are back. Each thread hop this saves costs 0.1-0.3 ms, and up to 4 ms at p95 on
         2 busy cores (benchmarks/serve_load.py). Otherwise (generation in this process, or the gate first, or a request
-        whose tool the action head picks: the pick shapes the engine's grammar) the blocking `answer` runs in a worker thread. This is also what `answer` runs in the overlapped case."""
+        whose tool the action head picks: the pick shapes the engine's grammar) the blocking `answer` runs in a worker
+        thread. This is also what `answer` runs in the overlapped case."""
         from starlette.concurrency import run_in_threadpool
 
         if self._overlap is None:

@@ -105,6 +105,8 @@ def test_saved_and_loaded_it_chooses_the_same_and_another_version_is_not_loaded(
     joblib.dump({"version": "action-head-v0", "sites": {}}, tmp_path / "old.joblib")
     assert ActionHead.load(tmp_path / "old.joblib") is None
     assert ActionHead.load(tmp_path / "missing.joblib") is None
+    (tmp_path / "torn.joblib").write_bytes((tmp_path / "head.joblib").read_bytes()[:200])  # a copy cut short
+    assert ActionHead.load(tmp_path / "torn.joblib") is None
 
 
 def test_features_read_the_last_speaker_and_the_last_two_actions():
