@@ -185,6 +185,18 @@ def policy_sections(summary: dict[str, Any]) -> list[str]:
                    + "".join(f"<th>{e(x)}</th>" for x in sites) + "</tr>"
                    + "".join(f"<tr><td>{e(name)}</td>" + "".join(f"<td class='n'>{num(v.get(x))}</td>" for x in sites) + "</tr>"
                              for name, v in aur.items()) + "</table>")
+    head = ((summary.get("action_head") or {}).get("sites")) or {}
+    if head:
+        out.append("<p id='action-head'>Which tool a call names (<code>evaluate.tool_choice: head</code>): each site's action "
+                   "head, fitted on the train split's tool calls, measured on every test tool call of held-out sessions.</p>"
+                   "<table id='action-heads'><tr><th>site</th><th>names the LLM's tool</th><th>always the most frequent tool</th>"
+                   "<th>test tool calls (sessions)</th><th>fitted on calls (sessions)</th></tr>"
+                   + "".join(f"<tr><td>{e(site)}</td><td class='n'>{pct(m.get('accuracy'))}</td>"
+                             f"<td class='n'>{pct(m.get('most_frequent_accuracy'))}</td>"
+                             f"<td class='n'>{m.get('test_calls', 0)} ({m.get('test_sessions', 0)})</td>"
+                             f"<td class='n'>{m['train_calls']} ({m.get('train_sessions', '—')})</td></tr>" if m.get("fitted") else
+                             f"<tr><td>{e(site)}</td><td colspan='4'>none: {e(m.get('why', ''))} (greedy names)</td></tr>"
+                             for site, m in sorted(head.items())) + "</table>")
     why = ver["all"].get("not_answered_because") or {}
     if why:
         out.append("<p>Sent to the LLM because: " + ", ".join(f"{e(k)} {n}" for k, n in why.items()) + ".</p>")

@@ -341,6 +341,10 @@ def test_with_the_action_head_the_engine_and_the_local_slm_may_call_only_the_hea
     site = next(a["site"] for a in assignments if a["invocation_id"] == ours.id)
     m = policy["action_head"]["sites"][site]
     assert m["fitted"] and m["test_calls"] > 0 and 0 <= m["accuracy"] <= 1 and m["train_calls"] >= 20
+    from slmconvert.evaluate.report import pct
+
+    page = (ws / "eval" / "report.html").read_text()
+    assert "id='action-heads'" in page and f"<td class='n'>{pct(m['accuracy'])}</td>" in page  # and in the report
     policy["rules"][site] = {"text": {"action": "slm", "min_confidence": None, "reason": "set by hand"}}
     policy["requests"][site]["min_similarity"] = None
     (ws / "eval" / "policy.json").write_text(json.dumps(policy))
