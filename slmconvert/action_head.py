@@ -58,6 +58,10 @@ class ActionHead:
     def __init__(self, sites: dict[str, tuple[Any, Any]], encoder: str, meta: dict[str, dict[str, Any]]):
         self.sites, self.encoder, self.meta = sites, encoder, meta
 
+    def known(self, site: str) -> frozenset[str]:
+        """The tools the site's head can pick: those called in its training calls."""
+        return frozenset(self.sites[site][1].classes_) if site in self.sites else frozenset()
+
     def _matrix(self, site: str, vectors: np.ndarray, messages: Sequence[Sequence[dict]]) -> np.ndarray:
         vec, _ = self.sites[site]
         cats = vec.transform([context_features(m) for m in messages])
@@ -156,7 +160,10 @@ def fit_action_heads(gate, train_by_site: dict[str, list], test_by_site: dict[st
     return head
 
 
-def narrow_specs(specs: list[tuple[str, dict]], name: str | None) -> list[tuple[str, dict]]:
-    """A grammar's offered tools (name, schema) narrowed to the head's pick (all of them where it has none)."""
-    kept = [(n, s) for n, s in specs if n == name] if name is not None else []
+def narrow_specs(specs: list[tuple[str, dict]], name: str | None, known: set[str] | frozenset[str] = frozenset()
+                 ) -> list[tuple[str, dict]]:
+    """A grammar's offered tools (name, schema) narrowed to the head's pick (all of them where it has none), keeping
+    any tool the head does not `know` (never called in its training calls: added to the agent since, say), on which it
+    has no say."""
+    kept = [(n, s) for n, s in specs if n == name or n not in known] if name is not None else []
     return kept or specs

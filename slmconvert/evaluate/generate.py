@@ -222,7 +222,7 @@ def generate_all(config, workspace, adapters, samples: dict[str, list[Sampled]],
                  if grammars is not None else None)
         if specs is not None and head is not None:
             picked = head_choices(head, gate, emb_cache, site, sample, specs, progress)
-            specs = [narrow_specs(sp, name) for sp, name in zip(specs, picked)]
+            specs = [narrow_specs(sp, name, head.known(site)) for sp, name in zip(specs, picked)]
         constraints = [grammars.for_specs(sp) for sp in specs] if specs is not None else None
         for s in sample:
             msgs, tools = make_messages(s.inv)

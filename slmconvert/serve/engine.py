@@ -269,7 +269,7 @@ class SlmEngine:
         (name, p), = self.head.choose(site, vec[None, :], [messages], [[n for n, _ in specs]])
         if name is not None:
             d.extra["head_tool"], d.extra["head_probability"] = name, round(p, 4)
-        return narrow_specs(specs, name)
+        return narrow_specs(specs, name, self.head.known(site))
 
     def _apply_policy(self, d: "Decision", site: str, messages: list[dict], tools, response, ok: bool, text_agent: bool) -> "Decision":
         key = answer_key(response, self.site_tasks.get(site, []), messages)

@@ -120,11 +120,16 @@ def test_features_read_the_last_speaker_and_the_last_two_actions():
     assert context_features(msgs[:1]) == {"last=user": 1.0, "prev=<none>": 1.0, "prev2=<none>": 1.0}
 
 
-def test_narrowing_keeps_the_pick_or_everything_when_there_is_none():
-    specs = [("a", {"type": "object"}), ("b", {"type": "object"})]
-    assert narrow_specs(specs, "b") == [("b", {"type": "object"})]
-    assert narrow_specs(specs, None) == specs
-    assert narrow_specs(specs, "gone") == specs
+def test_narrowing_keeps_the_pick_and_the_tools_the_head_never_saw_or_everything_when_there_is_none(fitted):
+    head, _ = fitted
+    known = head.known("desk")
+    assert known == {"find_order", "track_parcel", "refund_order", "open_ticket"} and head.known("tiny") == frozenset()
+    specs = [("find_order", {"type": "object"}), ("open_ticket", {"type": "object"}), ("added_later", {"type": "object"})]
+    # a tool added to the agent since the head was fitted stays callable: the head has no say on it
+    assert narrow_specs(specs, "open_ticket", known) == [("open_ticket", {"type": "object"}), ("added_later", {"type": "object"})]
+    assert narrow_specs(specs[:2], "open_ticket", known) == [("open_ticket", {"type": "object"})]
+    assert narrow_specs(specs, None, known) == specs
+    assert narrow_specs(specs[:2], "gone", known) == specs[:2]
 
 
 def _turn(inv):
