@@ -86,6 +86,25 @@ def test_only_an_offered_tool_is_chosen_and_one_tool_is_no_choice(fitted, gate):
     assert head.choose("elsewhere", vec, [inv.request.messages], [["find_order", "open_ticket"]]) == [(None, None)]
 
 
+def test_the_probabilities_are_sklearns_own_for_many_tools_and_for_two(fitted, gate):
+    import numpy as np
+
+    head, test = fitted
+    two = fit_action_heads(gate, {"pair": [i for i in test + _more(gate) if i.response.tool_calls[0].name in ("track_parcel", "open_ticket")]}, {})
+    for h, site in ((head, "desk"), (two, "pair")):
+        dv, clf = h.sites[site]
+        feats = [context_features(i.request.messages) for i in test]
+        vecs = gate.encode([_turn(i) for i in test])
+        classes, p = h.probabilities(site, vecs, [i.request.messages for i in test])
+        assert classes == [str(c) for c in clf.classes_] and len(classes) == (4 if site == "desk" else 2)
+        assert np.allclose(p, clf.predict_proba(np.hstack([vecs, dv.transform(feats)])), atol=1e-6)
+
+
+def _more(gate=None):
+    rng = random.Random(11)
+    return [i for k in range(100, 160) for i in _session(k, rng)]
+
+
 def test_a_site_with_too_few_tool_calls_gets_no_head_and_says_why(fitted):
     head, _ = fitted
     assert "tiny" not in head.sites
