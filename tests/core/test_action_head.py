@@ -90,7 +90,7 @@ def test_the_probabilities_are_sklearns_own_for_many_tools_and_for_two(fitted, g
     import numpy as np
 
     head, test = fitted
-    two = fit_action_heads(gate, {"pair": [i for i in test + _more(gate) if i.response.tool_calls[0].name in ("track_parcel", "open_ticket")]}, {})
+    two = fit_action_heads(gate, {"pair": [i for i in test + _more() if i.response.tool_calls[0].name in ("track_parcel", "open_ticket")]}, {})
     for h, site in ((head, "desk"), (two, "pair")):
         dv, clf = h.sites[site]
         feats = [context_features(i.request.messages) for i in test]
@@ -100,7 +100,7 @@ def test_the_probabilities_are_sklearns_own_for_many_tools_and_for_two(fitted, g
         assert np.allclose(p, clf.predict_proba(np.hstack([vecs, dv.transform(feats)])), atol=1e-6)
 
 
-def _more(gate=None):
+def _more():
     rng = random.Random(11)
     return [i for k in range(100, 160) for i in _session(k, rng)]
 
