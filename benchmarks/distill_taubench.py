@@ -105,6 +105,8 @@ def main() -> None:
                     help="with --compare-before: the before arm's settings instead of the before-issue-17 recipe (repeatable), "
                          "e.g. --before-set finetune.history_loss=false measures that one option against today's defaults")
     args = ap.parse_args()
+    if not Path(args.log).is_file():
+        ap.error(f"the τ-bench log {args.log} is not there: put ../shared beside the checkout, or pass --log PATH")
 
     from slmconvert.cluster.stage import run as cluster
     from slmconvert.collect.stage import run as collect
