@@ -61,7 +61,8 @@ class ActionHead:
 
     def _weights(self, site: str) -> tuple:
         """The site's fitted model as arrays (classes, feature index, embedding and feature weights, intercepts): serve
-        scores one request in ~0.1 ms with them, where sklearn's checks around predict_proba take over 1 ms."""
+        scores a request with them in 0.7 ms where predict_proba with sklearn's checks took 5 ms (both measured on a busy
+        2-core machine, features included)."""
         if site not in self._linear:
             dv, clf = self.sites[site]
             dims = clf.coef_.shape[1] - len(dv.feature_names_)
