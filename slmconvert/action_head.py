@@ -151,6 +151,8 @@ def fit_action_heads(gate, train_by_site: dict[str, list], test_by_site: dict[st
         train = _tool_calls(invs)
         labels = [i.response.tool_calls[0].name for i in train]
         counts = Counter(labels)
+        if not train:  # a site that never calls a tool: nothing to name, nothing to say
+            continue
         if len(train) < MIN_CALLS or len(counts) < 2:
             meta[site] = {"fitted": False, "train_calls": len(train), "tools": len(counts),
                           "why": f"needs {MIN_CALLS} training tool calls of two or more tools"}

@@ -55,7 +55,9 @@ def fitted(gate):
     rng = random.Random(7)
     train = [i for k in range(40) for i in _session(k, rng)]
     test = [i for k in range(40, 60) for i in _session(k, rng)]
-    return fit_action_heads(gate, {"desk": train, "tiny": train[:MIN_CALLS - 5]}, {"desk": test}), test
+    chat = [Invocation(id="c0", source=Source("test", "mem", "index 0"), session_id="c", step=0,
+                       request=Request(messages=[{"role": "user", "content": "hello"}]), response=Response(content="Hi!"))]
+    return fit_action_heads(gate, {"desk": train, "tiny": train[:MIN_CALLS - 5], "chat": chat}, {"desk": test}), test
 
 
 def test_the_head_names_the_tool_on_held_out_sessions_far_above_the_most_frequent_tool(fitted):
@@ -109,6 +111,7 @@ def test_a_site_with_too_few_tool_calls_gets_no_head_and_says_why(fitted):
     head, _ = fitted
     assert "tiny" not in head.sites
     assert head.meta["tiny"]["fitted"] is False and str(MIN_CALLS) in head.meta["tiny"]["why"]
+    assert "chat" not in head.meta and "chat" not in head.sites  # a site without tool calls: nothing to say
 
 
 def test_saved_and_loaded_it_chooses_the_same_and_another_version_is_not_loaded(fitted, gate, tmp_path):
